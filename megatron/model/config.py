@@ -1,0 +1,136 @@
+"""The transformer configuration: built once from args, passed down to every layer.
+
+Layers never call get_args(); they read this dataclass. `config_from_args(args)` is the
+single place where flags become model configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class TransformerConfig:
+    """Shape, regularisation, precision and parallel layout of a Megatron transformer."""
+
+    num_layers: int
+    """Number of transformer layers in the whole model (all pipeline stages)."""
+    hidden_size: int
+    """Width h of the residual stream."""
+    num_attention_heads: int
+    """Attention heads in the whole model (split across tensor-parallel ranks)."""
+    padded_vocab_size: int = 0
+    """Vocabulary size padded to a multiple of make-vocab-size-divisible-by x TP."""
+    max_position_embeddings: int = 0
+    """Number of learned position embeddings (>= seq length)."""
+    seq_length: int = 0
+    """Training sequence length."""
+    ffn_hidden_size: Optional[int] = None
+    """MLP inner width; 4h when None."""
+    kv_channels: Optional[int] = None
+    """Per-head projection width; h / heads when None."""
+    hidden_dropout: float = 0.1
+    """Dropout after attention / MLP output projections and on embeddings."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities."""
+    layernorm_epsilon: float = 1e-5
+    """LayerNorm epsilon."""
+    init_method_std: float = 0.02
+    """Std of the normal initialisation; output layers are scaled by 1/sqrt(2 * layers)."""
+    apply_residual_connection_post_layernorm: bool = False
+    """Take the residual from after the layer norm (original BERT) instead of before it."""
+    openai_gelu: bool = False
+    """Use the tanh approximation of GeLU that OpenAI's GPT-2 used."""
+    onnx_safe: bool = False
+    """Use the erf GeLU written out for ONNX export."""
+    bias_gelu_fusion: bool = True
+    """Fuse the MLP bias add into the GeLU."""
+    bias_dropout_fusion: bool = True
+    """Fuse bias add, dropout and residual add."""
+    masked_softmax_fusion: bool = True
+    """Use the fused scaled masked softmax kernels where they apply."""
+    apply_query_key_layer_scaling: bool = True
+    """Scale Q.K^T by 1/layer_number and the softmax input back (fp16 range safety)."""
+    attention_softmax_in_fp32: bool = False
+    """Compute the attention softmax in fp32 when running in half precision."""
+    use_flash_attn: bool = False
+    """Core attention through torch's scaled_dot_product_attention (flash kernels on GPU)."""
+    fp16: bool = False
+    """Half precision (fp16) parameters and activations."""
+    bf16: bool = False
+    """bfloat16 parameters and activations."""
+    fp32_residual_connection: bool = False
+    """Keep the residual stream in fp32 under fp16/bf16."""
+    fp16_lm_cross_entropy: bool = False
+    """Compute the LM cross entropy on half-precision logits."""
+    checkpoint_activations: bool = False
+    """Recompute transformer layers in the backward pass."""
+    checkpoint_num_layers: int = 1
+    """Layers per recomputed chunk."""
+    distribute_checkpointed_activations: bool = False
+    """Split checkpointed activations across tensor-parallel ranks."""
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel degree."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel degree."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline rank (interleaved 1F1B)."""
+    sequence_parallel: bool = False
+    """Split layer-norm and dropout regions along the sequence in the TP group."""
+    use_cpu_initialization: bool = False
+    """Initialise the full weight on CPU and copy this rank's shard (parity with TP=1)."""
+    perform_initialization: bool = True
+    """Run the init methods (off when weights will be loaded anyway)."""
+    parallel_output: bool = True
+    """Keep logits split over the vocab across TP ranks (for the parallel cross entropy)."""
+    num_experts: list = field(default_factory=lambda: [1])
+    """Experts per MoE layer ([1] = dense; one value, or one per MoE layer)."""
+    expert_interval: int = 2
+    """Every expert_interval-th layer is a MoE layer."""
+    mlp_type: str = "standard"
+    """'standard' MoE or 'residual' (PR-MoE)."""
+    topk: int = 1
+    """Experts each token is routed to."""
+    moe_expert_parallel_size: int = 1
+    """Expert-parallel degree."""
+    moe_train_capacity_factor: float = 1.0
+    moe_eval_capacity_factor: float = 1.0
+    moe_min_capacity: int = 4
+    moe_token_dropping: bool = True
+
+    def __post_init__(self):
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"--hidden-size ({self.hidden_size}) is not divisible by "
+                    f"--num-attention-heads ({self.num_attention_heads})"
+                )
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        if self.fp16:
+            return torch.half
+        if self.bf16:
+            return torch.bfloat16
+        return torch.float32
+
+
+def config_from_args(args, **overrides) -> TransformerConfig:
+    """Build the model configuration from parsed Megatron arguments."""
+    names = {f.name for f in dataclasses.fields(TransformerConfig)}
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if hasattr(args, "disable_moe_token_dropping"):
+        values["moe_token_dropping"] = not args.disable_moe_token_dropping
+    if isinstance(values.get("num_experts"), int):
+        values["num_experts"] = [values["num_experts"]]
+    if values.get("num_experts") is None:
+        values["num_experts"] = [1]
+    values.update(overrides)
+    return TransformerConfig(**values)
