@@ -1,6 +1,8 @@
-"""Megatron-DeepSpeed: large transformer training with tensor, pipeline and data parallelism."""
+"""Megatron-DeepSpeed: large transformer training with tensor, pipeline and data parallelism.
 
-import torch
+Importing this package does not import torch, so that tools such as preprocess_data.py
+start fast; the helpers below import it when called.
+"""
 
 from .global_vars import (  # noqa: F401
     get_args,
@@ -14,12 +16,16 @@ from .global_vars import (  # noqa: F401
 
 
 def _rank() -> int:
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return 0
 
 
 def is_last_rank() -> bool:
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
     return True
