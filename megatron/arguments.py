@@ -1,0 +1,812 @@
+"""Megatron arguments: every command-line flag, in groups, and their validation.
+
+`parse_args()` builds the parser (one `_add_*_args` function per flag group, then the
+caller's extra flags, then DeepSpeed's own), parses, and runs `validate_args()`, which
+fills in the derived values (data-parallel size, ffn and kv widths, params dtype, ...)
+and rejects invalid combinations with `ArgumentError`. The derived values come from the
+small pure functions below (numbers in, numbers out), so they can be tested without any
+process group.
+
+Flag spellings and defaults are Megatron-DeepSpeed's, including its misspellings
+(`--no-log-learnig-rate-to-tensorboard`, `--contigious-checkpointing`), because users'
+launch scripts depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+
+class ArgumentError(ValueError):
+    """An invalid flag or combination of flags; the message is one line naming them."""
+
+
+# ----------------------------------------------------------------------------------------
+# Derived values: pure functions of numbers.
+# ----------------------------------------------------------------------------------------
+
+
+def data_parallel_size(world_size: int, tp: int, pp: int) -> int:
+    """dp = world_size / (tp * pp); every rank holds one (tp, pp, dp) coordinate."""
+    if tp < 1 or pp < 1:
+        raise ArgumentError(
+            f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size ({pp}) "
+            "must be >= 1"
+        )
+    if world_size % (tp * pp) != 0:
+        raise ArgumentError(
+            f"world size ({world_size}) is not divisible by --tensor-model-parallel-size "
+            f"({tp}) x --pipeline-model-parallel-size ({pp})"
+        )
+    return world_size // (tp * pp)
+
+
+def num_microbatches(global_batch: int, micro_batch: int, dp: int) -> int:
+    """Micro-batches per iteration: global_batch / (micro_batch * dp)."""
+    if micro_batch < 1 or global_batch < 1:
+        raise ArgumentError(
+            f"--micro-batch-size ({micro_batch}) and --global-batch-size ({global_batch}) "
+            "must be >= 1"
+        )
+    if global_batch % (micro_batch * dp) != 0:
+        raise ArgumentError(
+            f"--global-batch-size ({global_batch}) is not divisible by --micro-batch-size "
+            f"({micro_batch}) x data-parallel size ({dp})"
+        )
+    return global_batch // (micro_batch * dp)
+
+
+def ffn_hidden_size(hidden: int) -> int:
+    """The MLP inner width when --ffn-hidden-size is not given: 4h."""
+    return 4 * hidden
+
+
+def kv_channels(hidden: int, heads: int) -> int:
+    """The per-head width when --kv-channels is not given: h / heads."""
+    if heads < 1 or hidden % heads != 0:
+        raise ArgumentError(
+            f"--hidden-size ({hidden}) is not divisible by --num-attention-heads ({heads}); "
+            "give --kv-channels to choose the per-head width"
+        )
+    return hidden // heads
+
+
+def virtual_pipeline_size(num_layers: int, pp: int, layers_per_virtual_stage: int) -> int:
+    """Model chunks per pipeline rank for interleaved 1F1B.
+
+    Each of the pp stages holds num_layers / pp layers, cut into chunks of
+    layers_per_virtual_stage layers: v = (num_layers / pp) / layers_per_virtual_stage.
+    """
+    if pp < 2:
+        raise ArgumentError(
+            f"--num-layers-per-virtual-pipeline-stage ({layers_per_virtual_stage}) needs "
+            f"--pipeline-model-parallel-size > 1 (got {pp})"
+        )
+    if num_layers % pp != 0:
+        raise ArgumentError(
+            f"--num-layers ({num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})"
+        )
+    per_stage = num_layers // pp
+    if layers_per_virtual_stage < 1 or per_stage % layers_per_virtual_stage != 0:
+        raise ArgumentError(
+            f"layers per pipeline stage ({per_stage} = --num-layers {num_layers} / "
+            f"--pipeline-model-parallel-size {pp}) is not divisible by "
+            f"--num-layers-per-virtual-pipeline-stage ({layers_per_virtual_stage})"
+        )
+    return per_stage // layers_per_virtual_stage
+
+
+def num_moe_layers(num_layers: int, expert_interval: int) -> int:
+    """Layers that are MoE layers: every expert_interval-th one, so num_layers // interval."""
+    if expert_interval < 1:
+        raise ArgumentError(f"--expert-interval ({expert_interval}) must be >= 1")
+    return num_layers // expert_interval
+
+
+# ----------------------------------------------------------------------------------------
+# Parsing.
+# ----------------------------------------------------------------------------------------
+
+
+class _MegatronArgumentParser(argparse.ArgumentParser):
+    """argparse, but errors are one line (the usage of ~200 flags helps no one)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(
+    extra_args_provider: Callable[[argparse.ArgumentParser], object] | None = None,
+    defaults: dict | None = None,
+    ignore_unknown_args: bool = False,
+    args_list: Sequence[str] | None = None,
+) -> argparse.Namespace:
+    """Parse (args_list or sys.argv[1:]), validate, print the arguments on rank 0.
+
+    `defaults` maps dests to values used where the user gave no flag (entry scripts set
+    e.g. tokenizer_type this way). An invalid combination exits with code 2 and one
+    `error:` line on stderr, like any argparse error.
+    """
+    defaults = dict(defaults or {})
+    parser = build_parser(extra_args_provider)
+    # Caller defaults become parser defaults, so they apply exactly where no flag was given.
+    parser.set_defaults(**defaults)
+    argv = list(args_list) if args_list is not None else None
+    if ignore_unknown_args:
+        args, _ = parser.parse_known_args(argv)
+    else:
+        args = parser.parse_args(argv)
+    try:
+        validate_args(args, defaults)
+    except ArgumentError as exc:
+        parser.error(str(exc))
+    print_args(args)
+    return args
+
+
+def build_parser(
+    extra_args_provider: Callable[[argparse.ArgumentParser], object] | None = None,
+) -> argparse.ArgumentParser:
+    """The full Megatron parser: every group, the caller's flags, then DeepSpeed's."""
+    parser = _MegatronArgumentParser(description="Megatron-LM Arguments", allow_abbrev=False)
+    for add_group in (
+        _add_network_size_args,
+        _add_regularization_args,
+        _add_training_args,
+        _add_initialization_args,
+        _add_learning_rate_args,
+        _add_checkpointing_args,
+        _add_mixed_precision_args,
+        _add_distributed_args,
+        _add_validation_args,
+        _add_data_args,
+        _add_autoresume_args,
+        _add_logging_args,
+        _add_zero_args,
+        _add_activation_checkpoint_args,
+        _add_curriculum_args,
+        _add_universal_checkpoint_args,
+    ):
+        add_group(parser)
+    if extra_args_provider is not None:
+        parser = extra_args_provider(parser) or parser
+    _add_deepspeed_args(parser)
+    return parser
+
+
+def _add_deepspeed_args(parser: argparse.ArgumentParser) -> None:
+    """--deepspeed, --deepspeed_config, ... from DeepSpeed itself (imported here: it is slow)."""
+    import deepspeed
+
+    deepspeed.add_config_arguments(parser)
+
+
+def _group(parser: argparse.ArgumentParser, title: str) -> Callable[..., argparse.Action]:
+    """The add_argument of a new titled group (flags without a default default to None)."""
+    return parser.add_argument_group(title=title).add_argument
+
+
+_TRUE, _FALSE = "store_true", "store_false"
+
+
+def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "network size")
+    add("--num-layers", type=int, help="Number of transformer layers.")
+    add("--hidden-size", type=int, help="Transformer hidden size h.")
+    add("--ffn-hidden-size", type=int, help="MLP inner width; 4h if unset.")
+    add("--num-attention-heads", type=int, help="Number of attention heads.")
+    add("--kv-channels", type=int, help="Per-head width; h / heads if unset.")
+    add("--max-position-embeddings", type=int, help="Position embeddings (>= seq length).")
+    add("--make-vocab-size-divisible-by", type=int, default=128, help="Vocab padding (x TP).")
+    add("--layernorm-epsilon", type=float, default=1e-5, help="Layer-norm epsilon.")
+    add("--apply-residual-connection-post-layernorm", action=_TRUE, help="Original BERT order.")
+    add("--openai-gelu", action=_TRUE, help="OpenAI's tanh GeLU approximation.")
+    add("--onnx-safe", action=_TRUE, help="ONNX-exportable GeLU.")
+    add(
+        "--bert-no-binary-head",
+        action=_FALSE,
+        dest="bert_binary_head",
+        help="BERT without the sentence-order (binary) head.",
+    )
+    # Mixture of Experts (DeepSpeed MoE).
+    add(
+        "--num-experts",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="Experts per MoE layer: one value, or one per MoE layer.",
+    )
+    add("--mlp-type", default="standard", choices=["standard", "residual"], help="MoE or PR-MoE.")
+    add("--topk", type=int, default=1, help="Experts each token is routed to.")
+    add("--expert-interval", type=int, default=2, help="Every n-th layer is a MoE layer.")
+    add("--moe-expert-parallel-size", type=int, default=1, help="Expert-parallel size.")
+    add("--moe-train-capacity-factor", type=float, default=1.0, help="Capacity in training.")
+    add("--moe-eval-capacity-factor", type=float, default=1.0, help="Capacity in evaluation.")
+    add("--moe-min-capacity", type=int, default=4, help="Minimum expert capacity.")
+    add("--moe-loss-coeff", type=float, default=0.1, help="Load-balancing loss weight.")
+    add("--create-moe-param-group", action=_TRUE, help="Experts in their own optimizer group.")
+    add("--disable-moe-token-dropping", action=_TRUE, help="Never drop tokens over capacity.")
+
+
+def _add_regularization_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "regularization")
+    add("--attention-dropout", type=float, default=0.1, help="Dropout on attention probs.")
+    add("--hidden-dropout", type=float, default=0.1, help="Dropout on hidden states.")
+    add("--weight-decay", type=float, default=0.01, help="Decoupled weight decay.")
+    add("--clip-grad", type=float, default=1.0, help="Gradient norm clipping (0: off).")
+    add("--adam-beta1", type=float, default=0.9, help="Adam beta1.")
+    add("--adam-beta2", type=float, default=0.999, help="Adam beta2.")
+    add("--adam-eps", type=float, default=1e-08, help="Adam epsilon.")
+    add("--sgd-momentum", type=float, default=0.9, help="SGD momentum.")
+
+
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "training")
+    add("--micro-batch-size", type=int, help="Samples per model replica per step.")
+    add("--batch-size", type=int, help="Deprecated: use --micro-batch-size.")
+    add("--global-batch-size", type=int, help="Samples per iteration; micro x dp if unset.")
+    add("--rampup-batch-size", type=int, nargs="*", help="<start> <increment> <samples>.")
+    add("--checkpoint-activations", action=_TRUE, help="Recompute layers in the backward.")
+    add("--distribute-checkpointed-activations", action=_TRUE, help="Split them over TP ranks.")
+    add("--checkpoint-num-layers", type=int, default=1, help="Layers per checkpointed chunk.")
+    add("--train-iters", type=int, help="Iterations to train for.")
+    add("--train-samples", type=int, help="Samples to train for.")
+    add("--train-tokens", type=int, help="Tokens to train for.")
+    add("--log-interval", type=int, default=100, help="Iterations between log lines.")
+    add("--exit-interval", type=int, help="Exit at an iteration divisible by this.")
+    add("--exit-duration-in-mins", type=int, help="Exit after this many minutes.")
+    add("--exit-signal-handler", action=_TRUE, help="Save and exit on SIGTERM.")
+    add("--tensorboard-dir", type=str, help="TensorBoard log folder.")
+    add(
+        "--no-masked-softmax-fusion",
+        action=_FALSE,
+        dest="masked_softmax_fusion",
+        help="Plain torch scaled masked softmax.",
+    )
+    add(
+        "--no-bias-gelu-fusion", action=_FALSE, dest="bias_gelu_fusion", help="Unfused bias + GeLU."
+    )
+    add(
+        "--no-bias-dropout-fusion",
+        action=_FALSE,
+        dest="bias_dropout_fusion",
+        help="Separate bias add, dropout and residual add.",
+    )
+    add("--optimizer", default="adam", choices=["adam", "sgd"], help="Optimizer.")
+    add("--dataloader-type", choices=["single", "cyclic"], help="Sampler; single if unset.")
+    add("--cpu-optimizer", action=_TRUE, help="DeepSpeed's CPU Adam.")
+    add("--cpu_torch_adam", action=_TRUE, help="torch's Adam on CPU.")
+    add("--no-pipeline-parallel", action=_TRUE, help="No DeepSpeed pipeline engine.")
+    add("--use-flash-attn", action=_TRUE, help="Attention via scaled_dot_product_attention.")
+    add(
+        "--empty-unused-memory-level",
+        type=int,
+        default=0,
+        choices=[0, 1, 2],
+        help="Empty the device cache: 0 never, 1 after each step, 2 also after eval.",
+    )
+
+
+def _add_initialization_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "initialization")
+    add("--seed", type=int, default=1234, help="Random seed.")
+    add("--init-method-std", type=float, default=0.02, help="Std of the normal init.")
+    add("--init-method-xavier-uniform", action=_TRUE, help="Xavier uniform init.")
+
+
+def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "learning rate")
+    add("--lr", type=float, help="Peak learning rate.")
+    add(
+        "--lr-decay-style",
+        default="linear",
+        choices=["constant", "linear", "cosine"],
+        help="Learning-rate decay function after warm-up.",
+    )
+    add("--lr-decay-iters", type=int, help="Iterations to decay over.")
+    add("--lr-decay-samples", type=int, help="Samples to decay over.")
+    add("--lr-decay-tokens", type=int, help="Tokens to decay over.")
+    add("--lr-warmup-fraction", type=float, help="Warm-up as a fraction of the decay span.")
+    add("--lr-warmup-iters", type=int, default=0, help="Warm-up iterations.")
+    add("--lr-warmup-samples", type=int, default=0, help="Warm-up samples.")
+    add("--lr-warmup-tokens", type=int, help="Warm-up tokens.")
+    add("--warmup", type=float, help="Deprecated: use --lr-warmup-fraction.")
+    add("--min-lr", type=float, default=0.0, help="Floor of the decayed learning rate.")
+    add("--override-lr-scheduler", action=_TRUE, help="Schedule from flags, not checkpoint.")
+    add("--use-checkpoint-lr-scheduler", action=_TRUE, help="Schedule from the checkpoint.")
+
+
+def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "checkpointing")
+    add("--save", type=str, help="Folder to save checkpoints to.")
+    add("--save-interval", type=int, help="Iterations between checkpoints.")
+    # default None, not False, so that entry scripts can default them through `defaults`.
+    add("--no-save-optim", action=_TRUE, default=None, help="Do not save optimizer state.")
+    add("--no-save-rng", action=_TRUE, default=None, help="Do not save RNG state.")
+    add("--load", type=str, help="Folder to load checkpoints from.")
+    add("--no-load-optim", action=_TRUE, default=None, help="Do not load optimizer state.")
+    add("--no-load-rng", action=_TRUE, default=None, help="Do not load RNG state.")
+    add("--finetune", action=_TRUE, help="Load the model only; start at iteration 0.")
+
+
+def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "mixed precision")
+    add("--fp16", action=_TRUE, help="fp16 parameters and activations.")
+    add("--bf16", action=_TRUE, help="bfloat16 parameters and activations.")
+    add("--loss-scale", type=float, help="Static loss scale; dynamic if unset.")
+    add("--initial-loss-scale", type=float, default=2**32, help="Initial dynamic scale.")
+    add("--min-loss-scale", type=float, default=1.0, help="Dynamic scale floor.")
+    add("--loss-scale-window", type=float, default=1000, help="Clean steps before growing.")
+    add("--hysteresis", type=int, default=2, help="Overflows tolerated before shrinking.")
+    add("--fp32-residual-connection", action=_TRUE, help="Residual stream in fp32.")
+    add(
+        "--no-query-key-layer-scaling",
+        action=_FALSE,
+        dest="apply_query_key_layer_scaling",
+        help="Do not scale Q.K^T by 1/layer-number (fp16 range safety).",
+    )
+    add("--attention-softmax-in-fp32", action=_TRUE, help="Attention softmax in fp32.")
+    add("--accumulate-allreduce-grads-in-fp32", action=_TRUE, help="fp32 grads and all-reduce.")
+    add("--fp16-lm-cross-entropy", action=_TRUE, help="LM cross entropy on fp16 logits.")
+
+
+def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "distributed")
+    add("--tensor-model-parallel-size", type=int, default=1, help="Tensor-parallel size.")
+    add("--model-parallel-size", type=int, help="Deprecated: --tensor-model-parallel-size.")
+    add("--pipeline-model-parallel-size", type=int, default=1, help="Pipeline-parallel size.")
+    add("--num-layers-per-virtual-pipeline-stage", type=int, help="Layers per chunk.")
+    add("--distributed-backend", choices=["nccl", "gloo"], help="Backend; by device if unset.")
+    add("--DDP-impl", default="local", choices=["local", "torch"], help="Data-parallel wrapper.")
+    add(
+        "--no-contiguous-buffers-in-local-ddp",
+        action=_FALSE,
+        dest="use_contiguous_buffers_in_local_ddp",
+        help="Local DDP without one contiguous gradient buffer.",
+    )
+    add(
+        "--scatter-gather-tensors-in-pipeline",
+        action=_TRUE,
+        default=True,
+        help="Split p2p messages over TP.",
+    )
+    add(
+        "--no-scatter-gather-tensors-in-pipeline",
+        action=_FALSE,
+        dest="scatter_gather_tensors_in_pipeline",
+        help="Every TP rank sends whole pipeline messages.",
+    )
+    # torch.distributed.launch passes --local_rank=N, torchrun-era launchers --local-rank=N.
+    add(
+        "--local_rank", "--local-rank", type=int, dest="local_rank", help="Env LOCAL_RANK if unset."
+    )
+    add("--lazy-mpu-init", action=_TRUE, default=None, help="No process groups yet.")
+    add("--use-cpu-initialization", action=_TRUE, default=None, help="Init on CPU, then shard.")
+    add("--sequence-parallel", action=_TRUE, help="Split norm/dropout regions along the sequence.")
+
+
+def _add_validation_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "validation")
+    add("--eval-iters", type=int, default=100, help="Iterations per evaluation.")
+    add("--eval-interval", type=int, default=1000, help="Iterations between evaluations.")
+
+
+_TOKENIZERS = [
+    "BertWordPieceLowerCase",
+    "BertWordPieceCase",
+    "GPT2BPETokenizer",
+    "SentencePieceTokenizer",
+    "HFTokenizer",
+    "NullTokenizer",
+]
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "data and dataloader")
+    add("--data-path", nargs="*", help="Dataset prefix, or 'weight1 prefix1 weight2 ...'.")
+    add("--split", type=str, default="969, 30, 1", help="Train,valid,test proportions.")
+    add("--train-data-path", nargs="*", help="Training data only.")
+    add("--valid-data-path", nargs="*", help="Validation data only.")
+    add("--test-data-path", nargs="*", help="Test data only.")
+    add("--vocab-file", type=str, help="Vocabulary file.")
+    add("--merge-file", type=str, help="BPE merges file.")
+    add("--vocab-extra-ids", type=int, default=0, help="Sentinel tokens (T5).")
+    add("--seq-length", type=int, help="Sequence length.")
+    add("--encoder-seq-length", type=int, help="Encoder sequence length (sets --seq-length).")
+    add("--decoder-seq-length", type=int, help="Decoder sequence length (T5).")
+    add("--retriever-seq-length", type=int, default=256, help="Retriever sequence length.")
+    add("--sample-rate", type=float, default=1.0, help="Fraction of the data to sample.")
+    add("--mask-prob", type=float, default=0.15, help="Masking probability (BERT/T5).")
+    add("--short-seq-prob", type=float, default=0.1, help="Short-sequence probability (BERT).")
+    add("--mmap-warmup", action=_TRUE, help="Touch the mmap pages at start.")
+    add("--num-workers", type=int, default=2, help="Dataloader workers.")
+    add("--tokenizer-type", choices=_TOKENIZERS, help="Tokenizer.")
+    add("--tokenizer-model", type=str, help="SentencePiece model or HF tokenizer name.")
+    add(
+        "--data-impl",
+        default="infer",
+        choices=["lazy", "cached", "mmap", "infer"],
+        help="Indexed dataset format; infer reads it from the .idx header.",
+    )
+    add("--reset-position-ids", action=_TRUE, help="Restart positions after end-of-document.")
+    add("--reset-attention-mask", action=_TRUE, help="No attention across documents.")
+    add("--eod-mask-loss", action=_TRUE, help="No loss on end-of-document tokens.")
+
+
+def _add_autoresume_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "autoresume")
+    add("--adlr-autoresume", action=_TRUE, help="Cluster auto-resume (userlib module).")
+    add("--adlr-autoresume-interval", type=int, default=1000, help="Steps between checks.")
+
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "logging")
+    add("--log-params-norm", action=_TRUE, help="Log the parameter norm.")
+    add("--log-num-zeros-in-grad", action=_TRUE, help="Log the zeros in the gradient.")
+    add("--tensorboard-log-interval", type=int, default=1, help="Steps between TB writes.")
+    add("--tensorboard-queue-size", type=int, default=1000, help="TB events before a flush.")
+    add("--log-timers-to-tensorboard", action=_TRUE, help="Timers to TensorBoard.")
+    add("--log-batch-size-to-tensorboard", action=_TRUE, help="Batch size to TensorBoard.")
+    add(
+        "--no-log-learnig-rate-to-tensorboard",
+        action=_FALSE,
+        dest="log_learning_rate_to_tensorboard",
+        help="Do not log the learning rate to TensorBoard.",
+    )
+    add(
+        "--no-log-loss-scale-to-tensorboard",
+        action=_FALSE,
+        dest="log_loss_scale_to_tensorboard",
+        help="Do not log the loss scale to TensorBoard.",
+    )
+    add("--log-validation-ppl-to-tensorboard", action=_TRUE, help="Validation perplexity.")
+    add("--log-memory-to-tensorboard", action=_TRUE, help="Device memory to TensorBoard.")
+    add("--log-optimizer-states-to-tensorboard", action=_TRUE, help="Optimizer state norms.")
+
+
+def _add_zero_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "ZeRO")
+    add("--zero-stage", type=int, help="ZeRO stage; the DeepSpeed config decides if unset.")
+    add("--zero-reduce-scatter", action=_TRUE, help="Reduce-scatter instead of all-reduce.")
+    add("--zero-contigious-gradients", action=_TRUE, help="Contiguous gradient buffer.")
+    add("--zero-reduce-bucket-size", type=int, default=0, help="Reduce bucket (elements).")
+    add("--zero-allgather-bucket-size", type=int, default=0, help="All-gather bucket size.")
+    add("--remote-device", default="none", choices=["none", "cpu", "nvme"], help="Offload target.")
+    add("--use-pin-memory", action=_TRUE, help="Pin offloaded memory.")
+    add("--scattered-embeddings", action=_TRUE, help="Split embeddings (ZeRO-3).")
+    add("--split-transformers", action=_TRUE, help="Split transformer layers (ZeRO-3).")
+    add("--memory-centric-tiled-linear", action=_TRUE, help="DeepSpeed TiledLinear.")
+    add("--tile-factor", type=int, default=1, help="Tiles per TiledLinear.")
+
+
+def _add_activation_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "activation checkpointing (DeepSpeed)")
+    add("--deepspeed-activation-checkpointing", action=_TRUE, help="DeepSpeed's checkpointing.")
+    add("--partition-activations", action=_TRUE, help="Partition over model-parallel ranks.")
+    add("--contigious-checkpointing", action=_TRUE, help="Contiguous checkpoint memory.")
+    add("--checkpoint-in-cpu", action=_TRUE, help="Move checkpoints to CPU.")
+    add("--synchronize-each-layer", action=_TRUE, help="Synchronise at each layer.")
+    add("--profile-backward", action=_TRUE, help="Profile the recomputation.")
+
+
+def _add_curriculum_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "curriculum learning")
+    add("--curriculum-learning", action=_TRUE, help="Seq-length curriculum (DeepSpeed config).")
+
+
+def _add_universal_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "universal checkpoint")
+    add("--universal-checkpoint", action=_TRUE, help="Load a DeepSpeed universal checkpoint.")
+
+
+# ----------------------------------------------------------------------------------------
+# Validation.
+# ----------------------------------------------------------------------------------------
+
+_REQUIRED = (
+    ("num_layers", "--num-layers"),
+    ("hidden_size", "--hidden-size"),
+    ("num_attention_heads", "--num-attention-heads"),
+    ("max_position_embeddings", "--max-position-embeddings"),
+    ("micro_batch_size", "--micro-batch-size"),
+)
+
+
+def validate_args(
+    args: argparse.Namespace,
+    defaults: dict | None = None,
+    world_size: int | None = None,
+    rank: int | None = None,
+) -> argparse.Namespace:
+    """Check the flags, fold in deprecated ones and fill in derived values, in place.
+
+    World size and rank default to env WORLD_SIZE / RANK, else 1 / 0. `defaults` are set
+    where the value is still None (a different user value is kept, with a warning).
+    Raises ArgumentError (one line naming the flags) on any invalid combination.
+    """
+    args.world_size = int(os.getenv("WORLD_SIZE", "1")) if world_size is None else world_size
+    args.rank = int(os.getenv("RANK", "0")) if rank is None else rank
+    if getattr(args, "local_rank", None) is None:
+        args.local_rank = int(os.getenv("LOCAL_RANK", "0"))
+    _apply_defaults(args, defaults or {})
+    _fold_deprecated(args)
+    for dest, flag in _REQUIRED:
+        if getattr(args, dest, None) is None:
+            raise ArgumentError(f"{flag} is required")
+    _set_sequence_lengths(args)
+    _set_parallel_layout(args)
+    _set_model_shape(args)
+    _set_batch_sizes(args)
+    _set_precision(args)
+    _check_training_schedule(args)
+    _check_moe(args)
+    _check_activation_checkpointing(args)
+    args.consumed_train_samples = 0
+    args.consumed_valid_samples = 0
+    if args.dataloader_type is None:
+        args.dataloader_type = "single"
+    args.ds_pipeline_enabled = _uses_deepspeed_pipeline(args)
+    return args
+
+
+def _uses_deepspeed_pipeline(args: argparse.Namespace) -> bool:
+    """--deepspeed without --no-pipeline-parallel trains through DeepSpeed's PipelineEngine."""
+    return bool(getattr(args, "deepspeed", False)) and not args.no_pipeline_parallel
+
+
+def _warn(args: argparse.Namespace, message: str) -> None:
+    if args.rank == 0:
+        print(f"WARNING: {message}", flush=True)
+
+
+def _apply_defaults(args: argparse.Namespace, defaults: dict) -> None:
+    for key, value in defaults.items():
+        current = getattr(args, key, None)
+        if current is None:
+            setattr(args, key, value)
+        elif current != value:
+            _warn(args, f"overriding default argument {key}={value!r} with {key}={current!r}")
+
+
+def _fold_deprecated(args: argparse.Namespace) -> None:
+    """--model-parallel-size, --batch-size and --warmup become their new flags."""
+    if getattr(args, "model_parallel_size", None) is not None:
+        if args.tensor_model_parallel_size not in (1, args.model_parallel_size):
+            raise ArgumentError(
+                f"--model-parallel-size ({args.model_parallel_size}) and "
+                f"--tensor-model-parallel-size ({args.tensor_model_parallel_size}) disagree; "
+                "give only --tensor-model-parallel-size"
+            )
+        args.tensor_model_parallel_size = args.model_parallel_size
+        _warn(args, "--model-parallel-size is deprecated, use --tensor-model-parallel-size")
+    if getattr(args, "batch_size", None) is not None:
+        if args.micro_batch_size not in (None, args.batch_size):
+            raise ArgumentError(
+                f"--batch-size ({args.batch_size}) and --micro-batch-size "
+                f"({args.micro_batch_size}) disagree; give only --micro-batch-size"
+            )
+        args.micro_batch_size = args.batch_size
+        _warn(args, "--batch-size is deprecated, use --micro-batch-size")
+    if getattr(args, "warmup", None) is not None:
+        if args.lr_warmup_fraction is not None:
+            raise ArgumentError(
+                f"--warmup ({args.warmup}) and --lr-warmup-fraction "
+                f"({args.lr_warmup_fraction}) both given; give only --lr-warmup-fraction"
+            )
+        args.lr_warmup_fraction = args.warmup
+        _warn(args, "--warmup is deprecated, use --lr-warmup-fraction")
+    for name in ("model_parallel_size", "batch_size", "warmup"):
+        if hasattr(args, name):
+            delattr(args, name)
+
+
+def _set_sequence_lengths(args: argparse.Namespace) -> None:
+    if args.encoder_seq_length is not None:
+        if args.seq_length not in (None, args.encoder_seq_length):
+            raise ArgumentError(
+                f"--seq-length ({args.seq_length}) and --encoder-seq-length "
+                f"({args.encoder_seq_length}) disagree; give one of them"
+            )
+        args.seq_length = args.encoder_seq_length
+    elif args.seq_length is None:
+        raise ArgumentError("--seq-length (or --encoder-seq-length) is required")
+    else:
+        args.encoder_seq_length = args.seq_length
+    for flag, length in (
+        ("--seq-length", args.seq_length),
+        ("--decoder-seq-length", args.decoder_seq_length),
+    ):
+        if length is not None and args.max_position_embeddings < length:
+            raise ArgumentError(
+                f"--max-position-embeddings ({args.max_position_embeddings}) is smaller "
+                f"than {flag} ({length})"
+            )
+
+
+def _set_parallel_layout(args: argparse.Namespace) -> None:
+    """data_parallel_size, virtual pipeline size; layers and heads must split evenly."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    args.data_parallel_size = data_parallel_size(args.world_size, tp, pp)
+    if args.num_attention_heads % tp != 0:
+        raise ArgumentError(
+            f"--num-attention-heads ({args.num_attention_heads}) is not divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+    # DeepSpeed's pipeline engine balances uneven stages itself; Megatron's needs equal ones.
+    if args.num_layers % pp != 0 and not _uses_deepspeed_pipeline(args):
+        raise ArgumentError(
+            f"--num-layers ({args.num_layers}) is not divisible by "
+            f"--pipeline-model-parallel-size ({pp})"
+        )
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        args.virtual_pipeline_model_parallel_size = virtual_pipeline_size(
+            args.num_layers, pp, args.num_layers_per_virtual_pipeline_stage
+        )
+    else:
+        args.virtual_pipeline_model_parallel_size = None
+    if tp == 1 and args.sequence_parallel:
+        args.sequence_parallel = False  # nothing to split the sequence across
+
+
+def _set_model_shape(args: argparse.Namespace) -> None:
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = ffn_hidden_size(args.hidden_size)
+    if args.kv_channels is None:
+        args.kv_channels = kv_channels(args.hidden_size, args.num_attention_heads)
+    tp = args.tensor_model_parallel_size
+    if args.ffn_hidden_size % tp != 0:
+        raise ArgumentError(
+            f"--ffn-hidden-size ({args.ffn_hidden_size}) is not divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+
+
+def _set_batch_sizes(args: argparse.Namespace) -> None:
+    dp = args.data_parallel_size
+    if args.micro_batch_size < 1:
+        raise ArgumentError(f"--micro-batch-size ({args.micro_batch_size}) must be >= 1")
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+        if args.rank == 0:
+            print(f"setting global batch size to {args.global_batch_size}", flush=True)
+    if args.rampup_batch_size is not None:
+        if len(args.rampup_batch_size) != 3:
+            raise ArgumentError(
+                "--rampup-batch-size expects 3 values (<start batch size> <increment> "
+                f"<ramp-up samples>), got {len(args.rampup_batch_size)}: "
+                f"{' '.join(str(v) for v in args.rampup_batch_size)}"
+            )
+        if args.train_iters is not None:
+            raise ArgumentError(
+                "--rampup-batch-size needs sample-based training (--train-samples), "
+                f"got --train-iters ({args.train_iters})"
+            )
+    else:
+        num_microbatches(args.global_batch_size, args.micro_batch_size, dp)
+
+
+def _set_precision(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.fp16 and args.bf16:
+        raise ArgumentError("--fp16 and --bf16 are mutually exclusive; give one")
+    if args.fp16_lm_cross_entropy and not args.fp16:
+        got = " (got --bf16)" if args.bf16 else ""
+        raise ArgumentError(f"--fp16-lm-cross-entropy requires --fp16{got}")
+    if args.fp32_residual_connection and not (args.fp16 or args.bf16):
+        raise ArgumentError("--fp32-residual-connection requires --fp16 or --bf16")
+    args.params_dtype = torch.float
+    if args.fp16:
+        args.params_dtype = torch.half
+    if args.bf16:
+        args.params_dtype = torch.bfloat16
+        # bf16 gradients lose too much when summed in bf16; Megatron's DDP sums in fp32.
+        if args.DDP_impl == "local":
+            args.accumulate_allreduce_grads_in_fp32 = True
+    if args.apply_query_key_layer_scaling:
+        args.attention_softmax_in_fp32 = True
+    uses_deepspeed = bool(getattr(args, "deepspeed", False))
+    if args.accumulate_allreduce_grads_in_fp32 and not uses_deepspeed:
+        if args.DDP_impl != "local":
+            raise ArgumentError(
+                "--accumulate-allreduce-grads-in-fp32 requires --DDP-impl local "
+                f"(got --DDP-impl {args.DDP_impl})"
+            )
+        args.use_contiguous_buffers_in_local_ddp = True
+    if args.DDP_impl == "torch":
+        args.use_contiguous_buffers_in_local_ddp = False
+
+
+def _check_training_schedule(args: argparse.Namespace) -> None:
+    """Iteration-based and sample-based schedules must not be mixed."""
+    if args.train_iters is not None and args.train_samples is not None:
+        raise ArgumentError(
+            f"--train-iters ({args.train_iters}) and --train-samples ({args.train_samples}) "
+            "both given; give one"
+        )
+    if args.train_iters is not None:
+        for flag, value in (
+            ("--lr-decay-samples", args.lr_decay_samples),
+            ("--lr-warmup-samples", args.lr_warmup_samples or None),
+        ):
+            if value is not None:
+                raise ArgumentError(
+                    f"iteration-based training (--train-iters {args.train_iters}) "
+                    f"cannot use {flag} ({value}); use the -iters flag"
+                )
+    if args.train_samples is not None:
+        for flag, value in (
+            ("--lr-decay-iters", args.lr_decay_iters),
+            ("--lr-warmup-iters", args.lr_warmup_iters or None),
+        ):
+            if value is not None:
+                raise ArgumentError(
+                    f"sample-based training (--train-samples {args.train_samples}) "
+                    f"cannot use {flag} ({value}); use the -samples flag"
+                )
+    if args.lr_warmup_fraction is not None:
+        for flag, value in (
+            ("--lr-warmup-iters", args.lr_warmup_iters),
+            ("--lr-warmup-samples", args.lr_warmup_samples),
+        ):
+            if value:
+                raise ArgumentError(
+                    f"--lr-warmup-fraction ({args.lr_warmup_fraction}) and {flag} ({value}) "
+                    "both given; give one"
+                )
+    if args.lr is not None and args.min_lr > args.lr:
+        raise ArgumentError(f"--min-lr ({args.min_lr}) is larger than --lr ({args.lr})")
+
+
+def _check_moe(args: argparse.Namespace) -> None:
+    experts = list(args.num_experts)
+    moe_layers = num_moe_layers(args.num_layers, args.expert_interval)
+    if len(experts) not in (1, moe_layers):
+        raise ArgumentError(
+            f"--num-experts has {len(experts)} values; give 1 or one per MoE layer "
+            f"({moe_layers} = --num-layers {args.num_layers} // --expert-interval "
+            f"{args.expert_interval})"
+        )
+    ep = args.moe_expert_parallel_size
+    if ep < 1 or args.data_parallel_size % ep != 0:
+        raise ArgumentError(
+            f"--moe-expert-parallel-size ({ep}) does not divide the data-parallel size "
+            f"({args.data_parallel_size})"
+        )
+    for n in experts:
+        if n > 1 and n % ep != 0:
+            raise ArgumentError(
+                f"--moe-expert-parallel-size ({ep}) does not divide --num-experts ({n})"
+            )
+
+
+def _check_activation_checkpointing(args: argparse.Namespace) -> None:
+    for flag, given in (
+        ("--distribute-checkpointed-activations", args.distribute_checkpointed_activations),
+        ("--deepspeed-activation-checkpointing", args.deepspeed_activation_checkpointing),
+    ):
+        if given and not args.checkpoint_activations:
+            raise ArgumentError(f"{flag} requires --checkpoint-activations")
+
+
+def print_args(args: argparse.Namespace) -> None:
+    """Print every argument, sorted, between Megatron's banner lines (rank 0 only)."""
+    if getattr(args, "rank", 0) != 0:
+        return
+    lines = [f"  {name} {'.' * (48 - len(name))} {value}" for name, value in vars(args).items()]
+    print("------------------------ arguments ------------------------", flush=True)
+    for line in sorted(lines, key=str.lower):
+        print(line, flush=True)
+    print("-------------------- end of arguments ---------------------", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m megatron.arguments <flags>`: validate a launch command and print it."""
+    parse_args(args_list=argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Small helpers of the model stack: initialisers, the attention mask function, GeLUs."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+
+InitMethod = Callable[[torch.Tensor], torch.Tensor]
+
+
+def jit_script(fn: Callable) -> Callable:
+    """`torch.jit.script(fn)` (kernel fusion on GPU), or `fn` itself where scripting is
+    unavailable; torch's deprecation notice for TorchScript is not repeated per op."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.script(fn)
+    except Exception:  # noqa: BLE001 - any scripting failure leaves the eager function
+        return fn
+
+
+def init_method_normal(sigma: float) -> InitMethod:
+    """Initialiser drawing from N(0, sigma^2)."""
+
+    def init_(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nn.init.normal_(tensor, mean=0.0, std=sigma)
+
+    return init_
+
+
+def scaled_init_method_normal(sigma: float, num_layers: int) -> InitMethod:
+    """Initialiser drawing from N(0, (sigma / sqrt(2 * num_layers))^2), for the output
+    projections that add into the residual stream (two per layer)."""
+    std = sigma / math.sqrt(2.0 * num_layers)
+
+    def init_(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nn.init.normal_(tensor, mean=0.0, std=std)
+
+    return init_
+
+
+def attention_mask_func(attention_scores: torch.Tensor, attention_mask: torch.Tensor):
+    """Set the scores where `attention_mask` is True (masked out) to -10000, in place."""
+    attention_scores.masked_fill_(attention_mask, -10000.0)
+    return attention_scores
+
+
+def get_linear_layer(rows: int, columns: int, init_method: InitMethod) -> torch.nn.Linear:
+    """A plain (not parallel) `rows -> columns` linear layer, weight by `init_method`,
+    bias zero."""
+    layer = torch.nn.Linear(rows, columns)
+    init_method(layer.weight)
+    with torch.no_grad():
+        layer.bias.zero_()
+    return layer
+
+
+def _gelu_impl(x: torch.Tensor) -> torch.Tensor:
+    # tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+
+
+gelu_impl = jit_script(_gelu_impl)
+
+
+def openai_gelu(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of GeLU used by OpenAI's GPT-2 (--openai-gelu)."""
+    return gelu_impl(x)
+
+
+def _erf_gelu(x: torch.Tensor) -> torch.Tensor:
+    # exact GeLU written with erf only, for ONNX export: x * Phi(x)
+    return x * 0.5 * (torch.erf(x / 1.41421) + 1.0)
+
+
+erf_gelu = jit_script(_erf_gelu)

@@ -1,0 +1,373 @@
+"""Tensor-parallel layers: a vocabulary-split embedding and column / row split linears.
+
+Weights use Megatron's [out, in] layout (F.linear computes Y = X W^T + b, so A = W^T).
+
+Initialisation makes parallel equal serial: every tensor-parallel rank builds the FULL
+(master) weight with `init_method`, drawing from the default torch generator of the
+device the parameter lives on (the CPU with `use_cpu_initialization`, the accelerator
+otherwise), then keeps its own slice. With the same seed, the shards of a TP=p layer are
+exactly the slices of the TP=1 layer's weight. Biases start at zero.
+
+Every weight split across ranks carries `tensor_model_parallel=True`, `partition_dim`
+(0 or 1) and `partition_stride`, which checkpoint tools and gradient clipping read.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn import init
+from torch.nn.parameter import Parameter
+
+from megatron.accelerator import current_device
+
+from .initialize import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from .mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from .utils import VocabUtility, divide
+
+__all__ = [
+    "param_is_not_tensor_parallel_duplicate",
+    "set_tensor_model_parallel_attributes",
+    "set_defaults_if_not_set_tensor_model_parallel_attributes",
+    "copy_tensor_model_parallel_attributes",
+    "VocabParallelEmbedding",
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+]
+
+_MODEL_PARALLEL_ATTRIBUTE_DEFAULTS = {
+    "tensor_model_parallel": False,
+    "partition_dim": -1,
+    "partition_stride": 1,
+}
+
+
+def param_is_not_tensor_parallel_duplicate(param: torch.Tensor) -> bool:
+    """True if this rank's copy of `param` must be counted (grad norm, param count): a
+    split parameter on every rank, a replicated one only on tensor-parallel rank 0."""
+    return getattr(param, "tensor_model_parallel", False) or get_tensor_model_parallel_rank() == 0
+
+
+def set_tensor_model_parallel_attributes(
+    tensor: torch.Tensor, is_parallel: bool, dim: int, stride: int
+) -> None:
+    """Mark `tensor` as split (or not) along `dim` with `stride`; it must be unmarked."""
+    for attribute in _MODEL_PARALLEL_ATTRIBUTE_DEFAULTS:
+        if hasattr(tensor, attribute):
+            raise AttributeError(
+                f"megatron/mpu/layers.py: tensor already has attribute {attribute!r}"
+            )
+    tensor.tensor_model_parallel = is_parallel
+    tensor.partition_dim = dim
+    tensor.partition_stride = stride
+
+
+def set_defaults_if_not_set_tensor_model_parallel_attributes(tensor: torch.Tensor) -> None:
+    """Give a replicated parameter the 'not split' attributes it lacks."""
+    for attribute, value in _MODEL_PARALLEL_ATTRIBUTE_DEFAULTS.items():
+        if not hasattr(tensor, attribute):
+            setattr(tensor, attribute, value)
+
+
+def copy_tensor_model_parallel_attributes(
+    destination_tensor: torch.Tensor, source_tensor: torch.Tensor
+) -> None:
+    """Copy the split attributes (e.g. onto an fp32 main copy of a half parameter)."""
+    for attribute in _MODEL_PARALLEL_ATTRIBUTE_DEFAULTS:
+        if hasattr(source_tensor, attribute):
+            setattr(destination_tensor, attribute, getattr(source_tensor, attribute))
+
+
+def _param_device(use_cpu_initialization: bool) -> torch.device:
+    return torch.device("cpu") if use_cpu_initialization else current_device()
+
+
+def _rank_slice(master: torch.Tensor, partition_dim: int, per_partition: int, stride: int):
+    """This rank's part of `master` along `partition_dim`.
+
+    With stride s the dimension is cut into p*s blocks of per_partition/s; rank r keeps
+    blocks r, r+p, r+2p, ... (e.g. fused [q; k; v] split per head group when s = 3).
+    """
+    world_size = get_tensor_model_parallel_world_size()
+    per_stride = divide(per_partition, stride)
+    blocks = torch.split(master, per_stride, dim=partition_dim)
+    mine = blocks[get_tensor_model_parallel_rank() :: world_size]
+    return torch.cat(mine, dim=partition_dim)
+
+
+def _initialize_affine_weight(
+    weight: torch.Tensor,
+    full_shape: Tuple[int, int],
+    partition_dim: int,
+    init_method: Callable[[torch.Tensor], None],
+    stride: int,
+    return_master_weight: bool,
+) -> torch.Tensor | None:
+    """Fill `weight` with this rank's slice of a freshly initialised full weight.
+
+    The full weight is made in fp32 on `weight`'s device from the default generator (the
+    same on every tensor-parallel rank), then cast to `weight`'s dtype.
+    """
+    set_tensor_model_parallel_attributes(weight, True, partition_dim, stride)
+    master = torch.empty(full_shape, dtype=torch.float32, device=weight.device)
+    init_method(master)
+    master = master.to(weight.dtype)
+    shard = _rank_slice(master, partition_dim, weight.size(partition_dim), stride)
+    with torch.no_grad():
+        weight.copy_(shard)
+    return master if return_master_weight else None
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    """Embedding whose vocabulary is split into contiguous ranges across TP ranks.
+
+    Rank r holds rows [r V/p, (r+1) V/p) of the [V, h] table. Each rank looks up the
+    tokens in its range (others give zero rows) and an all-reduce sums the partial
+    results, so every rank gets the full [.., h] embedding. V must divide by p (pad the
+    vocabulary). The backward pass needs no communication: each rank's rows only get
+    gradient from its own tokens.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        init_method: Callable[[torch.Tensor], None] = init.xavier_normal_,
+        params_dtype: torch.dtype = torch.float32,
+        use_cpu_initialization: bool = False,
+        perform_initialization: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        # torch.nn.Embedding options, kept for code that reads them.
+        self.padding_idx = None
+        self.max_norm = None
+        self.norm_type = 2.0
+        self.scale_grad_by_freq = False
+        self.sparse = False
+        self._weight = None
+        self.tensor_model_parallel_size = get_tensor_model_parallel_world_size()
+        self.vocab_start_index, self.vocab_end_index = (
+            VocabUtility.vocab_range_from_global_vocab_size(
+                num_embeddings, get_tensor_model_parallel_rank(), self.tensor_model_parallel_size
+            )
+        )
+        self.num_embeddings_per_partition = self.vocab_end_index - self.vocab_start_index
+
+        self.weight = Parameter(
+            torch.empty(
+                self.num_embeddings_per_partition,
+                embedding_dim,
+                dtype=params_dtype,
+                device=_param_device(use_cpu_initialization),
+            )
+        )
+        if perform_initialization:
+            _initialize_affine_weight(
+                self.weight, (num_embeddings, embedding_dim), 0, init_method, 1, False
+            )
+        else:
+            set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        # input_: [b, s] token ids -> [b, s, h]
+        if self.tensor_model_parallel_size > 1:
+            input_mask = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
+            masked_input = (input_ - self.vocab_start_index).masked_fill(input_mask, 0)
+        else:
+            masked_input = input_
+        output_parallel = F.embedding(
+            masked_input,
+            self.weight,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
+        if self.tensor_model_parallel_size > 1:
+            output_parallel = output_parallel.masked_fill(input_mask.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_model_parallel_region(output_parallel)
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """Y = XA + b with A split by columns across the p tensor-parallel ranks.
+
+    A = [A_1, ..., A_p] (so W = A^T is split along its rows, partition_dim 0) and
+    b = [b_1, ..., b_p]; rank i computes Y_i = X A_i + b_i. The input X is replicated
+    (its gradient is all-reduced in backward), or with `sequence_parallel` arrives
+    split along the first (sequence) dimension and is all-gathered (its gradient
+    reduce-scattered). `gather_output` all-gathers Y = [Y_1, ..., Y_p]; otherwise each
+    rank returns its Y_i, ready for a RowParallelLinear.
+
+    forward returns (output, bias): bias is None unless `skip_bias_add`, in which case
+    b_i is not added and is returned for the caller to fuse.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = True,
+        gather_output: bool = True,
+        init_method: Callable[[torch.Tensor], None] = init.xavier_normal_,
+        stride: int = 1,
+        keep_master_weight_for_test: bool = False,
+        skip_bias_add: bool = False,
+        params_dtype: torch.dtype = torch.float32,
+        use_cpu_initialization: bool = False,
+        perform_initialization: bool = True,
+        sequence_parallel: bool = False,
+    ) -> None:
+        super().__init__()
+        if sequence_parallel and gather_output:
+            raise ValueError(
+                "megatron/mpu/layers.py: ColumnParallelLinear cannot gather_output "
+                "with sequence_parallel"
+            )
+        self.input_size = input_size
+        self.output_size = output_size
+        self.gather_output = gather_output
+        self.skip_bias_add = skip_bias_add
+        self.sequence_parallel = sequence_parallel
+        world_size = get_tensor_model_parallel_world_size()
+        self.output_size_per_partition = divide(output_size, world_size)
+        device = _param_device(use_cpu_initialization)
+
+        self.weight = Parameter(
+            torch.empty(
+                self.output_size_per_partition, input_size, dtype=params_dtype, device=device
+            )
+        )
+        self.master_weight = None
+        if perform_initialization:
+            self.master_weight = _initialize_affine_weight(
+                self.weight,
+                (output_size, input_size),
+                0,
+                init_method,
+                stride,
+                keep_master_weight_for_test,
+            )
+        else:
+            set_tensor_model_parallel_attributes(self.weight, True, 0, stride)
+
+        if bias:
+            self.bias = Parameter(
+                torch.zeros(self.output_size_per_partition, dtype=params_dtype, device=device)
+            )
+            set_tensor_model_parallel_attributes(self.bias, True, 0, stride)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, input_: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor | None]:
+        # input_: [s, b, h] ([s/p, b, h] with sequence_parallel)
+        if self.sequence_parallel:
+            input_parallel = gather_from_sequence_parallel_region(input_)  # [s, b, h]
+        else:
+            input_parallel = copy_to_tensor_model_parallel_region(input_)
+        bias = self.bias if not self.skip_bias_add else None
+        output_parallel = F.linear(input_parallel, self.weight, bias)  # [s, b, out/p]
+        if self.gather_output:
+            output = gather_from_tensor_model_parallel_region(output_parallel)  # [s, b, out]
+        else:
+            output = output_parallel
+        output_bias = self.bias if self.skip_bias_add else None
+        return output, output_bias
+
+
+class RowParallelLinear(torch.nn.Module):
+    """Y = XA + b with A split by rows and X split by columns across p ranks.
+
+        A = [A_1; ...; A_p],  X = [X_1, ..., X_p],  Y = sum_i X_i A_i + b
+
+    (W = A^T is split along its columns, partition_dim 1.) Rank i computes X_i A_i and
+    an all-reduce sums them; with `sequence_parallel` a reduce-scatter sums them and
+    leaves each rank its chunk of the first (sequence) dimension. The bias is
+    replicated and added after the reduction. `input_is_parallel` says X arrives split
+    (from a ColumnParallelLinear); otherwise it is split here.
+
+    forward returns (output, bias): bias is None unless `skip_bias_add`.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = True,
+        input_is_parallel: bool = False,
+        init_method: Callable[[torch.Tensor], None] = init.xavier_normal_,
+        stride: int = 1,
+        keep_master_weight_for_test: bool = False,
+        skip_bias_add: bool = False,
+        params_dtype: torch.dtype = torch.float32,
+        use_cpu_initialization: bool = False,
+        perform_initialization: bool = True,
+        sequence_parallel: bool = False,
+    ) -> None:
+        super().__init__()
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError(
+                "megatron/mpu/layers.py: RowParallelLinear with sequence_parallel needs "
+                "input_is_parallel=True"
+            )
+        self.input_size = input_size
+        self.output_size = output_size
+        self.input_is_parallel = input_is_parallel
+        self.skip_bias_add = skip_bias_add
+        self.sequence_parallel = sequence_parallel
+        world_size = get_tensor_model_parallel_world_size()
+        self.input_size_per_partition = divide(input_size, world_size)
+        device = _param_device(use_cpu_initialization)
+
+        self.weight = Parameter(
+            torch.empty(
+                output_size, self.input_size_per_partition, dtype=params_dtype, device=device
+            )
+        )
+        self.master_weight = None
+        if perform_initialization:
+            self.master_weight = _initialize_affine_weight(
+                self.weight,
+                (output_size, input_size),
+                1,
+                init_method,
+                stride,
+                keep_master_weight_for_test,
+            )
+        else:
+            set_tensor_model_parallel_attributes(self.weight, True, 1, stride)
+
+        if bias:
+            self.bias = Parameter(torch.zeros(output_size, dtype=params_dtype, device=device))
+            # Under sequence parallelism each rank's bias gradient covers only its
+            # sequence chunk; the optimizer all-reduces params marked like this.
+            self.bias.sequence_parallel = sequence_parallel
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, input_: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor | None]:
+        # input_: [s, b, in/p] if input_is_parallel else [s, b, in]
+        if self.input_is_parallel:
+            input_parallel = input_
+        else:
+            input_parallel = scatter_to_tensor_model_parallel_region(input_)  # [s, b, in/p]
+        output_parallel = F.linear(input_parallel, self.weight)  # [s, b, out], partial sum
+        if self.sequence_parallel:
+            output_ = reduce_scatter_to_sequence_parallel_region(output_parallel)  # [s/p, b, out]
+        else:
+            output_ = reduce_from_tensor_model_parallel_region(output_parallel)
+        if self.skip_bias_add:
+            return output_, self.bias
+        output = output_ + self.bias if self.bias is not None else output_
+        return output, None

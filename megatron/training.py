@@ -1,0 +1,644 @@
+"""pretrain(): the training loop shared by pretrain_gpt.py, pretrain_bert.py, pretrain_t5.py.
+
+DeepSpeed stays behind one seam: `setup_model_and_optimizer` hands the model to
+megatron.deepspeed_engine when --deepspeed is given, and the few places where the engine
+steps differently call functions of that module. Everything else is one code path.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from datetime import datetime
+
+import torch
+
+from . import (
+    get_args,
+    get_current_global_batch_size,
+    get_num_microbatches,
+    get_tensorboard_writer,
+    get_timers,
+    is_last_rank,
+    mpu,
+    print_rank_0,
+    print_rank_last,
+    update_num_microbatches,
+)
+from .accelerator import current_device, get_accelerator
+from .checkpointing import load_checkpoint, save_checkpoint
+from .initialize import initialize_megatron, set_jit_fusion_options
+from .learning_rates import AnnealingLR
+from .schedules import get_forward_backward_func
+from .utils import (
+    calc_params_l2_norm,
+    num_floating_point_operations,
+    report_memory,
+    unwrap_model,
+)
+
+_TRAIN_START_TIME = time.time()
+
+
+def print_datetime(string: str) -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    print_rank_0(f"[{string}] datetime: {datetime.now().strftime('%Y-%m-%d %H:%M:%S')} ")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf (not an fp16 gradient overflow)."""
+
+
+def pretrain(train_valid_test_dataset_provider, model_provider, forward_step_func,
+             extra_args_provider=None, args_defaults=None, args_list=None):
+    """Initialise, build model, optimizer and data, train, evaluate, save.
+
+    train_valid_test_dataset_provider(train_val_test_num_samples) -> (train, valid, test)
+    model_provider(pre_process=True, post_process=True) -> model for this pipeline stage
+    forward_step_func(data_iterator, model) -> (output_tensor, loss_func)
+    """
+    initialize_megatron(extra_args_provider=extra_args_provider,
+                        args_defaults=args_defaults or {}, args_list=args_list)
+    set_jit_fusion_options()
+    args = get_args()
+    update_train_iters(args)
+    print_datetime("after megatron is initialized")
+    timers = get_timers()
+    _install_signal_handler(args)
+
+    timers("model-and-optimizer-setup").start()
+    model, optimizer, lr_scheduler = setup_model_and_optimizer(model_provider)
+    timers("model-and-optimizer-setup").stop()
+    print_datetime("after model, optimizer, and learning rate scheduler are built")
+
+    timers("train/valid/test-data-iterators-setup").start()
+    if args.virtual_pipeline_model_parallel_size is not None:
+        iterators = [build_train_valid_test_data_iterators(train_valid_test_dataset_provider)
+                     for _ in range(len(model))]
+        train_data_iterator = [it[0] for it in iterators]
+        valid_data_iterator = [it[1] for it in iterators]
+        test_data_iterator = [it[2] for it in iterators]
+    else:
+        train_data_iterator, valid_data_iterator, test_data_iterator = (
+            build_train_valid_test_data_iterators(train_valid_test_dataset_provider))
+    timers("train/valid/test-data-iterators-setup").stop()
+    print_datetime("after dataloaders are built")
+    print_rank_0("done with setup ...")
+    timers.log(["model-and-optimizer-setup", "train/valid/test-data-iterators-setup"])
+    print_rank_0("training ...")
+
+    iteration = 0
+    if args.do_train and args.train_iters > 0:
+        iteration = train(forward_step_func, model, optimizer, lr_scheduler,
+                          train_data_iterator, valid_data_iterator)
+    print_datetime("after training is done")
+
+    if args.do_valid:
+        evaluate_and_print_results("the end of training for val data", forward_step_func,
+                                   valid_data_iterator, model, iteration, False)
+    if args.save and iteration != 0 and iteration != args.last_saved_iteration:
+        save_checkpoint_and_time(iteration, model, optimizer, lr_scheduler)
+    if args.do_test:
+        evaluate_and_print_results("the end of training for test data", forward_step_func,
+                                   test_data_iterator, model, 0, True)
+    writer = get_tensorboard_writer()
+    if writer is not None:
+        writer.flush()
+    return model
+
+
+def update_train_iters(args) -> None:
+    """With --train-samples, derive train_iters (walking the batch-size ramp-up)."""
+    if args.train_iters is not None:
+        return
+    if args.rampup_batch_size is None:
+        args.train_iters = args.train_samples // args.global_batch_size
+        return
+    iterations, consumed = 0, 0
+    while consumed <= int(args.rampup_batch_size[2]):
+        update_num_microbatches(consumed, consistency_check=False)
+        consumed += get_current_global_batch_size()
+        iterations += 1
+    update_num_microbatches(0, consistency_check=False)
+    iterations += (args.train_samples - consumed) // args.global_batch_size
+    args.train_iters = iterations
+    print_rank_0(f"setting training iterations to {args.train_iters}")
+
+
+def get_model(model_provider_func):
+    """Build this rank's model chunk(s), move to the device, wrap for fp16/bf16 and DDP."""
+    args = get_args()
+    pp = mpu.get_pipeline_model_parallel_world_size()
+    if pp > 1 and args.virtual_pipeline_model_parallel_size is not None:
+        model = []
+        for i in range(args.virtual_pipeline_model_parallel_size):
+            mpu.set_virtual_pipeline_model_parallel_rank(i)
+            model.append(model_provider_func(pre_process=mpu.is_pipeline_first_stage(),
+                                             post_process=mpu.is_pipeline_last_stage()))
+        mpu.set_virtual_pipeline_model_parallel_rank(0)
+    else:
+        model = [model_provider_func(pre_process=mpu.is_pipeline_first_stage(),
+                                     post_process=mpu.is_pipeline_last_stage())]
+    for chunk in model:
+        for param in chunk.parameters():
+            mpu.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+    if mpu.get_data_parallel_rank() == 0:
+        n = sum(sum(p.nelement() for p in chunk.parameters()) for chunk in model)
+        print(f" > number of parameters on (tensor, pipeline) model parallel rank "
+              f"({mpu.get_tensor_model_parallel_rank()}, "
+              f"{mpu.get_pipeline_model_parallel_rank()}): {n}", flush=True)
+    device = current_device()
+    for chunk in model:
+        chunk.to(device)
+    if args.fp16 or args.bf16:
+        from .model import Float16Module
+
+        model = [Float16Module(chunk, fp16=args.fp16, bf16=args.bf16) for chunk in model]
+    if args.DDP_impl == "torch":
+        model = [torch.nn.parallel.DistributedDataParallel(
+            chunk, device_ids=[device.index] if device.type != "cpu" else None,
+            process_group=mpu.get_data_parallel_group()) for chunk in model]
+    elif args.DDP_impl == "local":
+        from .model.distributed import DistributedDataParallel as LocalDDP
+
+        model = [LocalDDP(chunk, args.accumulate_allreduce_grads_in_fp32,
+                          args.use_contiguous_buffers_in_local_ddp) for chunk in model]
+    else:
+        raise ValueError(f"unknown --DDP-impl {args.DDP_impl!r}: choose local or torch")
+    return model
+
+
+def get_learning_rate_scheduler(optimizer):
+    """AnnealingLR counted in iterations or in samples, as the flags say."""
+    args = get_args()
+    if args.train_iters:
+        decay_steps = args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters
+        decay_steps *= args.global_batch_size
+        if args.lr_warmup_fraction is not None:
+            warmup_steps = args.lr_warmup_fraction * decay_steps
+        else:
+            warmup_steps = args.lr_warmup_iters * args.global_batch_size
+    elif args.train_samples:
+        decay_steps = (args.lr_decay_samples if args.lr_decay_samples is not None
+                       else args.train_samples)
+        if args.lr_warmup_fraction is not None:
+            warmup_steps = args.lr_warmup_fraction * decay_steps
+        else:
+            warmup_steps = args.lr_warmup_samples
+    else:
+        raise ValueError("either --train-iters or --train-samples must be given")
+    return AnnealingLR(
+        optimizer, max_lr=args.lr, min_lr=args.min_lr, warmup_steps=warmup_steps,
+        decay_steps=decay_steps, decay_style=args.lr_decay_style,
+        use_checkpoint_lr_scheduler=args.use_checkpoint_lr_scheduler,
+        override_lr_scheduler=args.override_lr_scheduler,
+    )
+
+
+def setup_model_and_optimizer(model_provider_func):
+    """Model chunks, optimizer and lr scheduler, with the checkpoint loaded."""
+    args = get_args()
+    if args.deepspeed:
+        from .deepspeed_engine import setup_deepspeed_model_and_optimizer
+
+        return setup_deepspeed_model_and_optimizer(model_provider_func, get_model,
+                                                   get_learning_rate_scheduler)
+    from .optimizer import get_megatron_optimizer
+
+    model = get_model(model_provider_func)
+    optimizer = get_megatron_optimizer(unwrap_model(model))
+    lr_scheduler = get_learning_rate_scheduler(optimizer)
+    args.iteration = 0
+    if args.load is not None:
+        timers = get_timers()
+        timers("load-checkpoint").start()
+        args.iteration = load_checkpoint(model, optimizer, lr_scheduler)
+        timers("load-checkpoint").stop()
+        timers.log(["load-checkpoint"])
+    if args.iteration == 0 and len(unwrap_model(model)) == 1 and hasattr(
+            unwrap_model(model)[0], "init_state_dict_from_bert"):
+        unwrap_model(model)[0].init_state_dict_from_bert()
+    return model, optimizer, lr_scheduler
+
+
+def _allreduce_embedding_grads(model) -> None:
+    """Sum the tied word-embedding gradients of the first and last pipeline stage."""
+    if (mpu.get_pipeline_model_parallel_world_size() == 1
+            or not mpu.is_rank_in_embedding_group(ignore_virtual=True)):
+        return
+    if mpu.is_pipeline_first_stage(ignore_virtual=True):
+        unwrapped = unwrap_model(model[0])
+    elif mpu.is_pipeline_last_stage(ignore_virtual=True):
+        unwrapped = unwrap_model(model[-1])
+    else:
+        return
+    if not getattr(unwrapped, "share_word_embeddings", True):
+        return
+    weight = unwrapped.word_embeddings_weight()
+    grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
+    if grad is not None:
+        torch.distributed.all_reduce(grad, group=mpu.get_embedding_group())
+
+
+def _loss_is_finite(losses_reduced) -> bool:
+    """All ranks agree whether every micro-batch loss was finite."""
+    finite = all(torch.isfinite(v).all().item() if torch.is_tensor(v) else math.isfinite(v)
+                 for d in losses_reduced for v in d.values())
+    flag = torch.tensor([0.0 if finite else 1.0], device=current_device())
+    torch.distributed.all_reduce(flag)
+    return flag.item() == 0.0
+
+
+def train_step(forward_step_func, data_iterator, model, optimizer, lr_scheduler):
+    """One iteration: forward-backward over the micro-batches, gradient reduction,
+    optimizer step. Returns (loss dict, skipped_iter, grad_norm, num_zeros_in_grad)."""
+    args = get_args()
+    timers = get_timers()
+    if args.deepspeed:
+        from .deepspeed_engine import deepspeed_train_step
+
+        return deepspeed_train_step(forward_step_func, data_iterator, model, lr_scheduler)
+
+    if args.DDP_impl == "local" and args.use_contiguous_buffers_in_local_ddp:
+        for chunk in model:
+            chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+
+    forward_backward_func = get_forward_backward_func()
+    losses_reduced = forward_backward_func(forward_step_func, data_iterator, model, optimizer,
+                                           timers, forward_only=False)
+    if not _loss_is_finite(losses_reduced):
+        if args.fp16 and args.loss_scale is None:
+            # an fp16 forward that overflowed: skip the step like a gradient overflow
+            optimizer.zero_grad()
+            return {}, 1, None, None, True
+        raise NonFiniteLossError(
+            f"iteration {args.iteration + 1}: the loss is NaN or inf "
+            f"({[{k: float(v) for k, v in d.items()} for d in losses_reduced][:4]}); "
+            "stopping before the optimizer step so that the weights stay finite"
+        )
+
+    timers("backward-params-all-reduce").start()
+    if args.DDP_impl == "local":
+        for chunk in model:
+            chunk.allreduce_gradients()
+    timers("backward-params-all-reduce").stop()
+    timers("backward-embedding-all-reduce").start()
+    _allreduce_embedding_grads(model)
+    timers("backward-embedding-all-reduce").stop()
+
+    timers("optimizer").start()
+    update_successful, grad_norm, num_zeros_in_grad = optimizer.step()
+    timers("optimizer").stop()
+    if update_successful:
+        increment = get_num_microbatches() * args.micro_batch_size * args.data_parallel_size
+        lr_scheduler.step(increment=increment)
+        skipped_iter = 0
+    else:
+        skipped_iter = 1
+
+    if mpu.is_pipeline_last_stage(ignore_virtual=True):
+        loss_reduced = {}
+        for key in losses_reduced[0]:
+            values = [d[key] for d in losses_reduced]
+            loss_reduced[key] = sum(values) / len(values)
+        return loss_reduced, skipped_iter, grad_norm, num_zeros_in_grad, False
+    return {}, skipped_iter, grad_norm, num_zeros_in_grad, False
+
+
+def _format_log_line(args, iteration, elapsed_ms, lr, batch_size, avg_losses, loss_scale,
+                     grad_norm, num_zeros, params_norm, skipped, nan, extra=None) -> str:
+    """DESIGN.md's log line."""
+    seq_len = getattr(args, "curriculum_seqlen", None) or args.seq_length
+    tokens_per_sec = batch_size * seq_len / (elapsed_ms / 1000.0)
+    flops = num_floating_point_operations(
+        batch_size, seq_len, args.num_layers, args.hidden_size, args.padded_vocab_size,
+        recompute=args.checkpoint_activations)
+    tflops = flops / (elapsed_ms / 1000.0) / args.world_size / 1e12
+    s = f" iteration {iteration:8d}/{args.train_iters:8d} |"
+    s += f" consumed samples: {args.consumed_train_samples:12d} |"
+    s += f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
+    s += f" learning rate: {lr:.3E} |"
+    s += f" global batch size: {batch_size:5d} |"
+    for key, value in avg_losses.items():
+        s += f" {key}: {value:.6E} |"
+    s += f" loss scale: {loss_scale:.1f} |"
+    if grad_norm is not None:
+        s += f" grad norm: {grad_norm:.3f} |"
+    if num_zeros is not None:
+        s += f" num zeros: {num_zeros:.1f} |"
+    if params_norm is not None:
+        s += f" params norm: {params_norm:.3f} |"
+    if extra:
+        for key, value in extra.items():
+            s += f" {key}: {value} |"
+    s += f" number of skipped iterations: {skipped:3d} |"
+    s += f" number of nan iterations: {nan:3d} |"
+    s += f" tokens per second: {tokens_per_sec:.1f} |"
+    s += f" TFLOP/s per GPU: {tflops:.1f} |"
+    return s
+
+
+class _LogState:
+    """Sums between two log lines."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.losses: dict[str, float] = {}
+        self.iters = 0
+        self.skipped = 0
+        self.nan = 0
+
+
+def training_log(loss_dict, log_state, learning_rate, iteration, loss_scale, report_memory_flag,
+                 skipped_iter, got_nan, grad_norm, params_norm, num_zeros_in_grad,
+                 extra_columns=None):
+    """Accumulate this iteration and print the log line every --log-interval iterations."""
+    args = get_args()
+    timers = get_timers()
+    writer = get_tensorboard_writer()
+    log_state.skipped += skipped_iter
+    log_state.nan += int(got_nan)
+    log_state.iters += 1
+    if not skipped_iter:
+        for key, value in loss_dict.items():
+            log_state.losses[key] = log_state.losses.get(key, 0.0) + float(value)
+
+    batch_size = args.micro_batch_size * args.data_parallel_size * get_num_microbatches()
+    if writer is not None and iteration % args.tensorboard_log_interval == 0:
+        if not args.no_log_learnig_rate_to_tensorboard:
+            writer.add_scalar("learning-rate", learning_rate, iteration)
+            writer.add_scalar("learning-rate vs samples", learning_rate,
+                              args.consumed_train_samples)
+        if args.log_batch_size_to_tensorboard:
+            writer.add_scalar("batch-size", batch_size, iteration)
+        for key, value in loss_dict.items():
+            writer.add_scalar(key, float(value), iteration)
+            writer.add_scalar(key + " vs samples", float(value), args.consumed_train_samples)
+        if not args.no_log_loss_scale_to_tensorboard:
+            writer.add_scalar("loss-scale", loss_scale, iteration)
+        if grad_norm is not None:
+            writer.add_scalar("grad-norm", grad_norm, iteration)
+        if params_norm is not None:
+            writer.add_scalar("params-norm", params_norm, iteration)
+
+    if iteration % args.log_interval == 0:
+        elapsed = timers("interval-time").elapsed()
+        elapsed_ms = elapsed * 1000.0 / log_state.iters
+        if writer is not None:
+            writer.add_scalar("iteration-time", elapsed_ms / 1000.0, iteration)
+        counted = max(1, log_state.iters - log_state.skipped)
+        avg = {k: v / counted for k, v in log_state.losses.items()}
+        line = _format_log_line(args, iteration, elapsed_ms, learning_rate, batch_size, avg,
+                                loss_scale, grad_norm, num_zeros_in_grad, params_norm,
+                                log_state.skipped, log_state.nan, extra_columns)
+        print_rank_last(line)
+        if report_memory_flag:
+            report_memory(f"(after {iteration} iterations)")
+            report_memory_flag = False
+        log_state.reset()
+    return report_memory_flag
+
+
+def save_checkpoint_and_time(iteration, model, optimizer, lr_scheduler) -> None:
+    args = get_args()
+    timers = get_timers()
+    timers("save-checkpoint").start()
+    save_checkpoint(iteration, model, optimizer, lr_scheduler)
+    timers("save-checkpoint").stop()
+    timers.log(["save-checkpoint"])
+    args.last_saved_iteration = iteration
+
+
+_SIGNAL_RECEIVED = None
+
+
+def _install_signal_handler(args) -> None:
+    """--exit-signal-handler: on SIGTERM, save a checkpoint after the current iteration
+    and exit 0."""
+    if not args.exit_signal_handler:
+        return
+
+    def handler(signum, frame):
+        global _SIGNAL_RECEIVED
+        _SIGNAL_RECEIVED = signum
+        print(f"received signal {signum}: will save a checkpoint and exit after this "
+              "iteration", flush=True)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _any_rank_true(flag: bool) -> bool:
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=current_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _should_exit(args, iteration, model, optimizer, lr_scheduler) -> bool:
+    """Signal, duration and interval exits, each saving first."""
+    reason = None
+    if args.exit_signal_handler and _any_rank_true(_SIGNAL_RECEIVED is not None):
+        reason = "exiting on signal"
+    elif args.exit_duration_in_mins:
+        minutes = (time.time() - _TRAIN_START_TIME) / 60.0
+        if _any_rank_true(minutes > args.exit_duration_in_mins):
+            reason = f"exiting program after {minutes:.1f} minutes"
+    if reason is None and args.exit_interval and iteration % args.exit_interval == 0:
+        reason = f"exiting program at iteration {iteration}"
+    if reason is None:
+        return False
+    if args.save and iteration != args.last_saved_iteration:
+        save_checkpoint_and_time(iteration, model, optimizer, lr_scheduler)
+    print_datetime(reason)
+    return True
+
+
+def train(forward_step_func, model, optimizer, lr_scheduler, train_data_iterator,
+          valid_data_iterator) -> int:
+    """The training loop; returns the last iteration."""
+    args = get_args()
+    timers = get_timers()
+    for chunk in model:
+        chunk.train()
+    iteration = args.iteration
+    args.last_saved_iteration = iteration if args.load else None
+    log_state = _LogState()
+    timers("interval-time").start()
+    print_datetime("before the start of training step")
+    report_memory_flag = True
+    while iteration < args.train_iters:
+        update_num_microbatches(args.consumed_train_samples)
+        args.curriculum_seqlen = _curriculum_seqlen(args, iteration, model)
+        loss_dict, skipped_iter, grad_norm, num_zeros, got_nan = train_step(
+            forward_step_func, train_data_iterator, model, optimizer, lr_scheduler)
+        iteration += 1
+        args.iteration = iteration
+        args.consumed_train_samples += (mpu.get_data_parallel_world_size()
+                                        * args.micro_batch_size * get_num_microbatches())
+        loss_scale = _loss_scale(args, model, optimizer)
+        params_norm = calc_params_l2_norm(model) if args.log_params_norm else None
+        report_memory_flag = training_log(
+            loss_dict, log_state, _current_lr(model, optimizer), iteration, loss_scale,
+            report_memory_flag, skipped_iter, got_nan, grad_norm, params_norm, num_zeros,
+            _extra_log_columns(args))
+
+        if args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid:
+            evaluate_and_print_results(f"iteration {iteration}", forward_step_func,
+                                       valid_data_iterator, model, iteration, False)
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            save_checkpoint_and_time(iteration, model, optimizer, lr_scheduler)
+        if _should_exit(args, iteration, model, optimizer, lr_scheduler):
+            sys.exit(0)
+    return iteration
+
+
+def _curriculum_seqlen(args, iteration, model):
+    if args.deepspeed and getattr(args, "curriculum_learning", False):
+        from .deepspeed_engine import curriculum_seqlen
+
+        return curriculum_seqlen(model, iteration + 1)
+    return None
+
+
+def _extra_log_columns(args):
+    if args.deepspeed:
+        from .deepspeed_engine import extra_log_columns
+
+        return extra_log_columns(args)
+    return None
+
+
+def _loss_scale(args, model, optimizer) -> float:
+    if args.deepspeed:
+        from .deepspeed_engine import loss_scale
+
+        return loss_scale(model)
+    return float(optimizer.get_loss_scale())
+
+
+def _current_lr(model, optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"]) if optimizer is not None else float(
+        model[0].optimizer.param_groups[0]["lr"])
+
+
+def evaluate(forward_step_func, data_iterator, model, verbose=False):
+    """Average losses over --eval-iters iterations of the global batch."""
+    args = get_args()
+    for chunk in model:
+        chunk.eval()
+    total = {}
+    with torch.no_grad():
+        for it in range(args.eval_iters):
+            if verbose and it % args.log_interval == 0:
+                print_rank_0(f"Evaluating iter {it}/{args.eval_iters}")
+            forward_backward_func = get_forward_backward_func()
+            if args.deepspeed and getattr(args, "ds_pipeline_enabled", False):
+                from .deepspeed_engine import deepspeed_eval_batch
+
+                losses = deepspeed_eval_batch(model, data_iterator)
+            else:
+                losses = forward_backward_func(forward_step_func, data_iterator, model, None,
+                                               None, forward_only=True)
+            if mpu.is_pipeline_last_stage(ignore_virtual=True):
+                for d in losses:
+                    for key, value in d.items():
+                        total[key] = total.get(key, 0.0) + float(value)
+            args.consumed_valid_samples += (mpu.get_data_parallel_world_size()
+                                            * args.micro_batch_size * get_num_microbatches())
+    for chunk in model:
+        chunk.train()
+    n = args.eval_iters * get_num_microbatches()
+    return {k: v / n for k, v in total.items()}
+
+
+def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, iteration,
+                               verbose=False):
+    """Print ' validation loss at {prefix} | lm loss value: ... | lm loss PPL: ... |'."""
+    if data_iterator is None:
+        return {}
+    args = get_args()
+    writer = get_tensorboard_writer()
+    results = evaluate(forward_step_func, data_iterator, model, verbose)
+    string = f" validation loss at {prefix} | "
+    for key, value in results.items():
+        ppl = math.exp(min(20.0, value))
+        string += f"{key} value: {value:.6E} | {key} PPL: {ppl:.6E} | "
+        if writer is not None and is_last_rank():
+            writer.add_scalar(f"{key} validation", value, iteration)
+            writer.add_scalar(f"{key} validation vs samples", value, args.consumed_train_samples)
+            if args.log_validation_ppl_to_tensorboard:
+                writer.add_scalar(f"{key} validation ppl", ppl, iteration)
+    length = len(string) + 1
+    print_rank_last("-" * length)
+    print_rank_last(string)
+    print_rank_last("-" * length)
+    return results
+
+
+def cyclic_iter(iterable):
+    while True:
+        yield from iterable
+
+
+def build_train_valid_test_data_iterators(build_train_valid_test_datasets_provider):
+    """Datasets on TP rank 0 of each pipeline stage that reads data, data loaders resuming
+    at the consumed sample counts, and the do_train/do_valid/do_test flags on every rank."""
+    from .data.data_samplers import build_pretraining_data_loader
+
+    args = get_args()
+    train_dataloader = valid_dataloader = test_dataloader = None
+    print_rank_0("> building train, validation, and test datasets ...")
+    if args.iteration > 0 and args.consumed_train_samples == 0:
+        args.consumed_train_samples = args.iteration * args.global_batch_size
+    if args.iteration > 0 and args.consumed_valid_samples == 0 and args.train_samples is None:
+        args.consumed_valid_samples = ((args.iteration // args.eval_interval)
+                                       * args.eval_iters * args.global_batch_size)
+
+    if mpu.get_tensor_model_parallel_rank() == 0:
+        if args.train_samples:
+            train_samples = args.train_samples
+        else:
+            train_samples = args.train_iters * args.global_batch_size
+        eval_iters = (args.train_iters // args.eval_interval + 1) * args.eval_iters
+        test_iters = args.eval_iters
+        num_samples = [train_samples, eval_iters * args.global_batch_size,
+                       test_iters * args.global_batch_size]
+        print_rank_0(" > datasets target sizes (minimum size):")
+        print_rank_0(f"    train:      {num_samples[0]}")
+        print_rank_0(f"    validation: {num_samples[1]}")
+        print_rank_0(f"    test:       {num_samples[2]}")
+        train_ds, valid_ds, test_ds = build_train_valid_test_datasets_provider(num_samples)
+        train_dataloader = build_pretraining_data_loader(train_ds, args.consumed_train_samples)
+        valid_dataloader = build_pretraining_data_loader(valid_ds, args.consumed_valid_samples)
+        test_dataloader = build_pretraining_data_loader(test_ds, 0)
+        flags = torch.tensor([
+            int(train_dataloader is not None and args.train_iters > 0),
+            int(valid_dataloader is not None and args.eval_iters > 0),
+            int(test_dataloader is not None and args.eval_iters > 0)],
+            dtype=torch.long, device=current_device())
+    else:
+        flags = torch.tensor([0, 0, 0], dtype=torch.long, device=current_device())
+    torch.distributed.broadcast(flags, mpu.get_tensor_model_parallel_src_rank(),
+                                group=mpu.get_tensor_model_parallel_group())
+    args.do_train, args.do_valid, args.do_test = (bool(v) for v in flags.tolist())
+
+    def _iterator(loader):
+        if loader is None:
+            return None
+        return iter(loader) if args.dataloader_type == "single" else iter(cyclic_iter(loader))
+
+    return _iterator(train_dataloader), _iterator(valid_dataloader), _iterator(test_dataloader)
+
+
+def _empty_cache() -> None:
+    get_accelerator().empty_cache()
+
+
+__all__ = ["pretrain", "train", "train_step", "evaluate", "get_model",
+           "setup_model_and_optimizer", "build_train_valid_test_data_iterators",
+           "NonFiniteLossError"]

@@ -1,0 +1,150 @@
+"""Small utilities shared by training, entry scripts and tasks."""
+
+from __future__ import annotations
+
+import torch
+
+from . import print_rank_0
+
+
+def unwrap_model(model, module_instances=None):
+    """Strip DDP / Float16Module / DeepSpeed wrappers (a model or a list of chunks)."""
+    from .model import Float16Module
+    from .model.distributed import DistributedDataParallel as LocalDDP
+
+    if module_instances is None:
+        module_instances = (torch.nn.parallel.DistributedDataParallel, LocalDDP, Float16Module)
+    return_list = isinstance(model, list)
+    models = model if return_list else [model]
+    unwrapped = []
+    for m in models:
+        while isinstance(m, module_instances) or type(m).__name__ == "DeepSpeedEngine":
+            m = m.module
+        unwrapped.append(m)
+    return unwrapped if return_list else unwrapped[0]
+
+
+def average_losses_across_data_parallel_group(losses):
+    """Mean of each loss over the data-parallel group (for logging)."""
+    from . import mpu
+
+    averaged = torch.cat([loss.clone().detach().view(1) for loss in losses])
+    torch.distributed.all_reduce(averaged, group=mpu.get_data_parallel_group())
+    return averaged / torch.distributed.get_world_size(group=mpu.get_data_parallel_group())
+
+
+def get_ltor_masks_and_position_ids(data, eod_token: int, reset_position_ids: bool,
+                                    reset_attention_mask: bool, eod_mask_loss: bool):
+    """Left-to-right masks and position ids for a [b, s] batch of token ids.
+
+    Returns (attention_mask [b or 1, 1, s, s] bool, True = masked out; loss_mask [b, s]
+    float; position_ids [b, s]). With reset_position_ids / reset_attention_mask, positions
+    restart and attention is blocked after every end-of-document token, so documents packed
+    into one sample do not attend to each other.
+    """
+    micro_batch_size, seq_length = data.size()
+    att_mask_batch = micro_batch_size if reset_attention_mask else 1
+    attention_mask = torch.tril(
+        torch.ones((att_mask_batch, seq_length, seq_length), device=data.device)
+    ).view(att_mask_batch, 1, seq_length, seq_length)
+
+    loss_mask = torch.ones(data.size(), dtype=torch.float, device=data.device)
+    if eod_mask_loss:
+        loss_mask[data == eod_token] = 0.0
+
+    position_ids = torch.arange(seq_length, dtype=torch.long, device=data.device)
+    position_ids = position_ids.unsqueeze(0).expand_as(data)
+    if reset_position_ids:
+        position_ids = position_ids.clone()
+
+    if reset_position_ids or reset_attention_mask:
+        for b in range(micro_batch_size):
+            eod_index = position_ids[b, data[b] == eod_token]
+            if reset_position_ids:
+                eod_index = eod_index.clone()
+            prev_index = 0
+            for j in range(eod_index.size(0)):
+                i = int(eod_index[j])
+                if reset_attention_mask:
+                    attention_mask[b, 0, (i + 1):, : (i + 1)] = 0
+                if reset_position_ids:
+                    position_ids[b, (i + 1):] -= i + 1 - prev_index
+                    prev_index = i + 1
+
+    attention_mask = attention_mask < 0.5
+    return attention_mask, loss_mask, position_ids
+
+
+def num_floating_point_operations(batch_size: int, seq_length: int, num_layers: int,
+                                  hidden_size: int, vocab_size: int,
+                                  recompute: bool = False) -> float:
+    """Model FLOPs of one iteration, Megatron paper formula:
+    c·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)) with c = 72 (forward + backward), 96 with full
+    activation recompute."""
+    c = 96 if recompute else 72
+    return (c * batch_size * seq_length * num_layers * hidden_size ** 2
+            * (1.0 + seq_length / (6.0 * hidden_size)
+               + vocab_size / (16.0 * num_layers * hidden_size)))
+
+
+def calc_params_l2_norm(model) -> float:
+    """L2 norm of the parameters across the model-parallel group (duplicates counted once)."""
+    from . import mpu
+    from .mpu.layers import param_is_not_tensor_parallel_duplicate
+
+    models = model if isinstance(model, list) else [model]
+    params = []
+    for m in models:
+        for p in m.parameters():
+            if not getattr(p, "shared", False) and param_is_not_tensor_parallel_duplicate(p):
+                params.append(p.detach().float())
+    norm = torch.zeros((), dtype=torch.float, device=params[0].device if params else "cpu")
+    for p in params:
+        norm += p.norm() ** 2
+    torch.distributed.all_reduce(norm, group=mpu.get_model_parallel_group())
+    return norm.item() ** 0.5
+
+
+def report_memory(name: str) -> str:
+    """One line of device memory use in MB (allocated, max allocated, reserved)."""
+    from .accelerator import get_accelerator, is_gpu
+
+    if not is_gpu():
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        string = f"{name} memory (MB) | max rss: {rss:.1f}"
+    else:
+        acc = get_accelerator()
+        mb = 1024.0 * 1024.0
+        string = (f"{name} memory (MB) | allocated: {acc.memory_allocated() / mb:.1f} | "
+                  f"max allocated: {acc.max_memory_allocated() / mb:.1f} | "
+                  f"reserved: {acc.memory_reserved() / mb:.1f} | "
+                  f"max reserved: {acc.max_memory_reserved() / mb:.1f}")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    print(f"[Rank {rank}] {string}", flush=True)
+    return string
+
+
+def print_params_min_max_norm(optimizer, iteration: int) -> None:
+    """Debug print of every parameter's min, max and norm."""
+    index = 0
+    rank = torch.distributed.get_rank()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            index += 1
+            print(f"iteration {iteration} rank {rank} param {index} "
+                  f"min {p.min().item():.6E} max {p.max().item():.6E} "
+                  f"norm {torch.linalg.norm(p.data).item():.6E}", flush=True)
+
+
+__all__ = [
+    "unwrap_model",
+    "average_losses_across_data_parallel_group",
+    "get_ltor_masks_and_position_ids",
+    "num_floating_point_operations",
+    "calc_params_l2_norm",
+    "report_memory",
+    "print_params_min_max_norm",
+    "print_rank_0",
+]

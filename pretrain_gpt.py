@@ -1,0 +1,98 @@
+"""Pretrain GPT."""
+
+from functools import partial
+
+import torch
+
+from megatron import get_args, get_timers, get_tokenizer, mpu, print_rank_0
+from megatron.data.gpt_dataset import build_train_valid_test_datasets
+from megatron.model import GPTModel
+from megatron.model.config import config_from_args
+from megatron.training import pretrain
+from megatron.utils import average_losses_across_data_parallel_group, get_ltor_masks_and_position_ids
+
+
+def model_provider(pre_process=True, post_process=True):
+    """Build the GPT model for this pipeline stage (GPTModelPipe under DeepSpeed's
+    pipeline engine)."""
+    print_rank_0("building GPT model ...")
+    args = get_args()
+    config = config_from_args(args)
+    if args.deepspeed and args.pipeline_model_parallel_size > 1 and args.ds_pipeline_enabled:
+        from megatron.model.gpt_model_pipe import GPTModelPipe
+
+        return GPTModelPipe(config, num_tokentypes=0, parallel_output=True)
+    if args.deepspeed and args.zero_stage == 3:
+        from megatron.deepspeed_engine import zero3_init_context
+
+        with zero3_init_context(args):
+            return GPTModel(config, num_tokentypes=0, parallel_output=True,
+                            pre_process=pre_process, post_process=post_process)
+    return GPTModel(config, num_tokentypes=0, parallel_output=True,
+                    pre_process=pre_process, post_process=post_process)
+
+
+def get_batch(data_iterator):
+    """Tokens, labels, loss mask, attention mask and position ids of one micro-batch,
+    broadcast from tensor-parallel rank 0."""
+    args = get_args()
+    tokenizer = get_tokenizer()
+    keys = ["text"]
+    data = next(data_iterator) if data_iterator is not None else None
+    data_b = mpu.broadcast_data(keys, data, torch.int64)
+    tokens_ = data_b["text"].long()  # [b, s+1]
+    labels = tokens_[:, 1:].contiguous()
+    tokens = tokens_[:, :-1].contiguous()
+    attention_mask, loss_mask, position_ids = get_ltor_masks_and_position_ids(
+        tokens, tokenizer.eod, args.reset_position_ids, args.reset_attention_mask,
+        args.eod_mask_loss)
+    return tokens, labels, loss_mask, attention_mask, position_ids
+
+
+def loss_func(loss_mask, output_tensor):
+    """Masked mean of the per-token losses; the data-parallel mean for logging."""
+    losses = output_tensor.float()
+    loss_mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses.view(-1) * loss_mask) / loss_mask.sum()
+    averaged_loss = average_losses_across_data_parallel_group([loss])
+    return loss, {"lm loss": averaged_loss[0]}
+
+
+def forward_step(data_iterator, model):
+    """Forward one micro-batch; returns the per-token loss and the loss function."""
+    timers = get_timers()
+    timers("batch-generator").start()
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
+    timers("batch-generator").stop()
+    args = get_args()
+    curriculum_seqlen = getattr(args, "curriculum_seqlen", None)
+    if curriculum_seqlen is not None and curriculum_seqlen < tokens.size(1):
+        tokens = tokens[:, :curriculum_seqlen].contiguous()
+        position_ids = position_ids[:, :curriculum_seqlen].contiguous()
+        labels = labels[:, :curriculum_seqlen].contiguous()
+        loss_mask = loss_mask[:, :curriculum_seqlen].contiguous()
+        attention_mask = attention_mask[:, :, :curriculum_seqlen, :curriculum_seqlen]
+    output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
+    return output_tensor, partial(loss_func, loss_mask)
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples):
+    """Build train, validation and test datasets from --data-path."""
+    args = get_args()
+    print_rank_0("> building train, validation, and test datasets for GPT ...")
+    train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
+        data_prefix=args.data_path,
+        data_impl=args.data_impl,
+        splits_string=args.split,
+        train_valid_test_num_samples=train_val_test_num_samples,
+        seq_length=args.seq_length,
+        seed=args.seed,
+        skip_warmup=(not args.mmap_warmup),
+    )
+    print_rank_0("> finished creating GPT datasets ...")
+    return train_ds, valid_ds, test_ds
+
+
+if __name__ == "__main__":
+    pretrain(train_valid_test_datasets_provider, model_provider, forward_step,
+             args_defaults={"tokenizer_type": "GPT2BPETokenizer"})

@@ -1,0 +1,81 @@
+"""Run pretrain_gpt.py like a user would, on a tiny GPT, and read its log lines."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+CORPUS = os.path.join(ROOT, "tests", "data", "corpus_small.jsonl")
+
+LOG_RE = re.compile(
+    r"iteration\s+(\d+)/\s*(\d+) \| consumed samples:\s+(\d+) \|.*?learning rate: ([0-9.E+-]+) \|"
+    r".*?lm loss: ([0-9.E+-]+|nan|inf) \| loss scale: ([0-9.E+-]+|inf) \|"
+    r".*?number of skipped iterations:\s+(\d+) \| number of nan iterations:\s+(\d+)"
+)
+
+
+def preprocess(tmp_dir: str, vocab_dir: str) -> str:
+    """Preprocess the small test corpus with the real GPT-2 vocabulary; return the prefix."""
+    prefix = os.path.join(tmp_dir, "my-gpt2")
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"),
+         "--input", CORPUS, "--output-prefix", prefix,
+         "--vocab", os.path.join(vocab_dir, "gpt2-vocab.json"),
+         "--merge-file", os.path.join(vocab_dir, "gpt2-merges.txt"),
+         "--dataset-impl", "mmap", "--tokenizer-type", "GPT2BPETokenizer", "--append-eod"],
+        check=True, capture_output=True, text=True, cwd=ROOT,
+    )
+    return prefix + "_text_document"
+
+
+def tiny_gpt_args(data_path: str, vocab_dir: str, train_iters: int = 50) -> list[str]:
+    """A tiny GPT (2 layers, hidden 64) that trains in a fraction of a second per step."""
+    return [
+        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--seq-length", "32", "--max-position-embeddings", "32",
+        "--micro-batch-size", "4", "--global-batch-size", "8",
+        "--lr", "0.001", "--min-lr", "0.0001", "--lr-decay-style", "cosine",
+        "--lr-decay-iters", "50", "--lr-warmup-iters", "5", "--train-iters", str(train_iters),
+        "--weight-decay", "0.01", "--clip-grad", "1.0", "--seed", "1234",
+        "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
+        "--vocab-file", os.path.join(vocab_dir, "gpt2-vocab.json"),
+        "--merge-file", os.path.join(vocab_dir, "gpt2-merges.txt"),
+        "--tokenizer-type", "GPT2BPETokenizer",
+        "--data-path", data_path, "--split", "949,50,1",
+        "--log-interval", "1", "--eval-interval", "25", "--eval-iters", "2",
+        "--num-workers", "0",
+    ]
+
+
+def run_pretrain(args: list[str], timeout: float = 300, check: bool = True,
+                 extra_env: dict | None = None, script: list[str] | None = None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    env.pop("MASTER_ADDR", None)
+    env.update(extra_env or {})
+    cmd = script or [sys.executable, os.path.join(ROOT, "pretrain_gpt.py")]
+    proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"pretrain_gpt.py exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
+            f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def parse_log(stdout: str) -> dict[int, dict]:
+    """{iteration: {'loss', 'lr', 'consumed', 'scale', 'skipped', 'nan'}} from log lines."""
+    rows = {}
+    for m in LOG_RE.finditer(stdout):
+        rows[int(m.group(1))] = {
+            "consumed": int(m.group(3)),
+            "lr": m.group(4),
+            "loss": m.group(5),
+            "scale": float(m.group(6)),
+            "skipped": int(m.group(7)),
+            "nan": int(m.group(8)),
+        }
+    return rows
