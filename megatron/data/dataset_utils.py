@@ -46,7 +46,9 @@ def get_train_valid_test_split_(splits_string: str, size: int) -> list[int]:
     try:
         splits = [float(s) for s in splits_string.split(sep)]
     except ValueError:
-        raise ValueError(f"--split: cannot parse {splits_string!r} (expected e.g. 949,50,1)") from None
+        raise ValueError(
+            f"--split: cannot parse {splits_string!r} (expected e.g. 949,50,1)"
+        ) from None
     if len(splits) > 3 or any(s < 0 for s in splits) or sum(splits) <= 0:
         raise ValueError(
             f"--split: {splits_string!r} must be at most three non-negative weights "
@@ -75,9 +77,7 @@ def get_datasets_weights_and_num_samples(
     try:
         weights = [float(w) for w in data_prefix[0::2]]
     except ValueError:
-        raise ValueError(
-            f"--data-path: weights in {list(data_prefix)} must be numbers"
-        ) from None
+        raise ValueError(f"--data-path: weights in {list(data_prefix)} must be numbers") from None
     prefixes = [p.strip() for p in data_prefix[1::2]]
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"--data-path: weights {weights} must be >= 0 with a positive sum")
@@ -349,9 +349,7 @@ def create_masked_lm_predictions(
     if masking_style not in ("bert", "t5"):
         raise ValueError(f"masking_style must be 'bert' or 't5', got {masking_style!r}")
     token_boundary = [
-        1
-        if t in (cls_id, sep_id) or is_start_piece(vocab_id_to_token_dict.get(t, ""))
-        else 0
+        1 if t in (cls_id, sep_id) or is_start_piece(vocab_id_to_token_dict.get(t, "")) else 0
         for t in tokens
     ]
     cand_indexes = _candidate_words(
@@ -394,9 +392,7 @@ def create_masked_lm_predictions(
                 tokens[index], vocab_id_list, mask_id, masking_style, np_rng
             )
             masked_lms.append(MaskedLmInstance(index=index, label=tokens[index]))
-        masked_spans.append(
-            MaskedLmInstance(index=index_set, label=[tokens[i] for i in index_set])
-        )
+        masked_spans.append(MaskedLmInstance(index=index_set, label=[tokens[i] for i in index_set]))
     masked_lms.sort(key=lambda x: x.index)
     masked_spans.sort(key=lambda x: x.index[0])
     positions = [m.index for m in masked_lms]

@@ -93,7 +93,9 @@ def build_dataset_group(
     named ``dataset_group_name``: corpus i contributes the part of its documents that its
     own split string ``splits[i]`` gives that split, with weight ``weights[i]``."""
     if train_valid_test not in _SPLIT_NAMES:
-        raise ValueError(f"train_valid_test must be one of {_SPLIT_NAMES}, got {train_valid_test!r}")
+        raise ValueError(
+            f"train_valid_test must be one of {_SPLIT_NAMES}, got {train_valid_test!r}"
+        )
     if not (len(paths) == len(weights) == len(splits)) or not paths:
         raise ValueError(
             f"dataset group {dataset_group_name}: paths, weights and splits must be non-empty "
@@ -110,8 +112,10 @@ def build_dataset_group(
         bounds = get_train_valid_test_split_(split, indexed_dataset.sizes.shape[0])
         documents = np.arange(bounds[index], bounds[index + 1], dtype=np.int32)
         if documents.size == 0:
-            raise ValueError(f"dataset group {dataset_group_name}: split {split!r} of {path} "
-                             f"gives no documents to {train_valid_test}")
+            raise ValueError(
+                f"dataset group {dataset_group_name}: split {split!r} of {path} "
+                f"gives no documents to {train_valid_test}"
+            )
         name = f"{dataset_group_name}_{train_valid_test}"
         datasets.append(GPTDataset(name, path, documents, indexed_dataset,
                                    num_samples[index], seq_length, seed))  # fmt: skip
