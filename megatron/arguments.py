@@ -425,6 +425,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     add("--num-workers", type=int, default=2, help="Dataloader workers.")
     add("--tokenizer-type", choices=_TOKENIZERS, help="Tokenizer.")
     add("--tokenizer-model", type=str, help="SentencePiece model or HF tokenizer name.")
+    add("--vocab-size", type=int, default=None,
+        help="Vocabulary size of the NullTokenizer (ids are whitespace-separated integers).")
     add(
         "--data-impl",
         default="infer",
@@ -630,7 +632,7 @@ def _set_parallel_layout(args: argparse.Namespace) -> None:
     """data_parallel_size, virtual pipeline size; layers and heads must split evenly."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     args.data_parallel_size = data_parallel_size(args.world_size, tp, pp)
-    if False:
+    if args.num_attention_heads % tp != 0:
         raise ArgumentError(
             f"--num-attention-heads ({args.num_attention_heads}) is not divisible by "
             f"--tensor-model-parallel-size ({tp})"
@@ -648,7 +650,7 @@ def _set_parallel_layout(args: argparse.Namespace) -> None:
     else:
         args.virtual_pipeline_model_parallel_size = None
     if tp == 1 and args.sequence_parallel:
-        pass  # nothing to split the sequence across
+        args.sequence_parallel = False  # nothing to split the sequence across
 
 
 def _set_model_shape(args: argparse.Namespace) -> None:

@@ -371,7 +371,7 @@ def training_log(loss_dict, log_state, learning_rate, iteration, loss_scale, rep
 
     batch_size = args.micro_batch_size * args.data_parallel_size * get_num_microbatches()
     if writer is not None and iteration % args.tensorboard_log_interval == 0:
-        if not args.no_log_learnig_rate_to_tensorboard:
+        if args.log_learning_rate_to_tensorboard:
             writer.add_scalar("learning-rate", learning_rate, iteration)
             writer.add_scalar("learning-rate vs samples", learning_rate,
                               args.consumed_train_samples)
@@ -380,7 +380,7 @@ def training_log(loss_dict, log_state, learning_rate, iteration, loss_scale, rep
         for key, value in loss_dict.items():
             writer.add_scalar(key, float(value), iteration)
             writer.add_scalar(key + " vs samples", float(value), args.consumed_train_samples)
-        if not args.no_log_loss_scale_to_tensorboard:
+        if args.log_loss_scale_to_tensorboard:
             writer.add_scalar("loss-scale", loss_scale, iteration)
         if grad_norm is not None:
             writer.add_scalar("grad-norm", grad_norm, iteration)

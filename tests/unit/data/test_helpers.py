@@ -219,7 +219,9 @@ def test_build_blending_indices_rejects_wrong_output_dtype():
         )
 
 
-@pytest.mark.parametrize("min_sent,prob,max_samples", [(2, 0.1, 10**9), (1, 0.3, 10**9), (2, 0.0, 50)])
+@pytest.mark.parametrize(
+    "min_sent,prob,max_samples", [(2, 0.1, 10**9), (1, 0.3, 10**9), (2, 0.0, 50)]
+)
 def test_build_mapping_matches_reference(min_sent, prob, max_samples):
     rng = np.random.default_rng(2)
     docs, sizes = random_corpus(rng, 120)

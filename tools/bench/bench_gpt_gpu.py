@@ -1,0 +1,288 @@
+"""Training-step throughput of pretrain_gpt.py's model against two peers, same shapes.
+
+    python tools/bench/bench_gpt_gpu.py --shape 1.3B --impls megatron,hf,compact,compact-compiled
+
+Each implementation runs in its own process (a clean device and allocator), for the same
+shape, batch and precision (bf16, flash attention, dropout 0, AdamW):
+
+* megatron          GPTModel + Megatron's bf16 optimizer (fp32 master weights) through
+                    megatron.training.train_step, the code path of pretrain_gpt.py;
+* hf                transformers' GPT2LMHeadModel, sdpa attention, bf16 autocast, fused AdamW;
+* compact           a plain-torch GPT (below), bf16 autocast, fused AdamW, eager;
+* compact-compiled  the same under torch.compile.
+
+Prints one JSON line per implementation (tokens/s, TFLOP/s per GPU with the Megatron paper
+formula, peak memory) and a markdown table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, ROOT)
+
+SHAPES = {
+    # name: (layers, hidden, heads, seq, micro batch, vocab)
+    "1.3B": (24, 2048, 16, 2048, 8, 51200),
+    "125M": (12, 768, 12, 1024, 16, 51200),
+    "tiny": (2, 64, 4, 64, 2, 512),
+}
+
+
+def model_flops(layers, hidden, seq, batch, vocab) -> float:
+    """72·B·s·l·h²·(1 + s/6h + V/16lh): forward + backward model FLOPs of one step."""
+    return 72 * batch * seq * layers * hidden ** 2 * (
+        1 + seq / (6 * hidden) + vocab / (16 * layers * hidden))
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return float("nan")
+
+
+def _time_steps(step, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        step()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    _sync()
+    return (time.perf_counter() - t0) / iters
+
+
+# ----------------------------------------------------------------------------- megatron
+def run_megatron(shape, warmup, iters, extra_flags=()):
+    import torch
+
+    layers, hidden, heads, seq, mbs, vocab = SHAPES[shape]
+    from megatron import get_args, global_vars
+    from megatron.initialize import initialize_megatron
+    from megatron.optimizer import get_megatron_optimizer
+    from megatron.training import get_learning_rate_scheduler, get_model, train_step
+    from megatron.utils import unwrap_model
+
+    flags = [
+        "--num-layers", str(layers), "--hidden-size", str(hidden),
+        "--num-attention-heads", str(heads), "--seq-length", str(seq),
+        "--max-position-embeddings", str(seq), "--micro-batch-size", str(mbs),
+        "--global-batch-size", str(mbs), "--lr", "1e-4", "--train-iters", "1000",
+        "--hidden-dropout", "0", "--attention-dropout", "0", "--clip-grad", "1.0",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab),
+        "--make-vocab-size-divisible-by", "128",
+    ]
+    if _device().type == "cuda":
+        flags += ["--bf16", "--use-flash-attn"]
+    flags += list(extra_flags)
+    initialize_megatron(args_list=flags)
+    args = get_args()
+    args.iteration = 0
+    import pretrain_gpt
+
+    model = get_model(pretrain_gpt.model_provider)
+    optimizer = get_megatron_optimizer(unwrap_model(model))
+    scheduler = get_learning_rate_scheduler(optimizer)
+
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield {"text": torch.randint(0, vocab - 1, (mbs, seq + 1), generator=g)}
+
+    it = batches()
+    assert global_vars.get_tokenizer() is not None
+
+    def step():
+        train_step(pretrain_gpt.forward_step, it, model, optimizer, scheduler)
+
+    sec = _time_steps(step, warmup, iters)
+    return sec, sum(p.numel() for p in unwrap_model(model)[0].parameters())
+
+
+# ----------------------------------------------------------------------------- compact GPT
+def build_compact(layers, hidden, heads, seq, vocab):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1 = nn.LayerNorm(hidden)
+            self.qkv = nn.Linear(hidden, 3 * hidden)
+            self.proj = nn.Linear(hidden, hidden)
+            self.ln2 = nn.LayerNorm(hidden)
+            self.fc = nn.Linear(hidden, 4 * hidden)
+            self.out = nn.Linear(4 * hidden, hidden)
+
+        def forward(self, x):  # x: (B, T, C)
+            B, T, C = x.shape
+            q, k, v = self.qkv(self.ln1(x)).split(hidden, dim=2)
+            q, k, v = (t.view(B, T, heads, C // heads).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+            x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+            return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+
+    class CompactGPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(vocab, hidden)
+            self.wpe = nn.Embedding(seq, hidden)
+            self.blocks = nn.ModuleList(Block() for _ in range(layers))
+            self.ln_f = nn.LayerNorm(hidden)
+
+        def forward(self, idx, targets):
+            pos = torch.arange(idx.size(1), device=idx.device)
+            x = self.wte(idx) + self.wpe(pos)
+            for block in self.blocks:
+                x = block(x)
+            logits = self.ln_f(x) @ self.wte.weight.t()
+            return F.cross_entropy(logits.float().view(-1, vocab), targets.reshape(-1))
+
+    return CompactGPT()
+
+
+def run_peer(impl, shape, warmup, iters):
+    import torch
+
+    layers, hidden, heads, seq, mbs, vocab = SHAPES[shape]
+    device = _device()
+    torch.manual_seed(0)
+    if impl == "hf":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=hidden, n_layer=layers,
+                         n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = GPT2LMHeadModel(cfg, attn_implementation="sdpa").to(device)
+
+        def loss_fn(x, y):
+            return model(input_ids=x, labels=y).loss
+    else:
+        model = build_compact(layers, hidden, heads, seq, vocab).to(device)
+        fwd = torch.compile(model) if impl == "compact-compiled" else model
+
+        def loss_fn(x, y):
+            return fwd(x, y)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
+                            fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=device.type == "cuda")
+
+    def step():
+        tokens = torch.randint(0, vocab - 1, (mbs, seq + 1), generator=g).to(device)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        if impl == "hf":
+            y = tokens[:, :-1]  # GPT2LMHeadModel shifts the labels itself
+        with autocast:
+            loss = loss_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sec = _time_steps(step, warmup, iters)
+    return sec, sum(p.numel() for p in model.parameters())
+
+
+def run_matmul():
+    import torch
+
+    if not torch.cuda.is_available():
+        return float("nan")
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    _sync()
+    return 2 * n ** 3 / ((time.perf_counter() - t0) / 20) / 1e12
+
+
+def child(impl, shape, warmup, iters, extra):
+    layers, hidden, heads, seq, mbs, vocab = SHAPES[shape]
+    if impl == "matmul":
+        print("RESULT " + json.dumps({"impl": "matmul", "tflops": run_matmul()}), flush=True)
+        return
+    if impl.startswith("megatron"):
+        sec, params = run_megatron(shape, warmup, iters, extra)
+    else:
+        sec, params = run_peer(impl, shape, warmup, iters)
+    tokens = mbs * seq / sec
+    tflops = model_flops(layers, hidden, seq, mbs, vocab) / sec / 1e12
+    print("RESULT " + json.dumps({
+        "impl": impl, "shape": shape, "params": params, "step_ms": sec * 1000,
+        "tokens_per_s": tokens, "tflops_per_gpu": tflops, "peak_mem_gib": _peak_gib()}),
+        flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="1.3B", choices=sorted(SHAPES))
+    p.add_argument("--impls", default="matmul,megatron,hf,compact,compact-compiled")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--megatron-flags", default="", help="extra pretrain_gpt.py flags")
+    p.add_argument("--json", help="append the results to this JSON-lines file")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    extra = a.megatron_flags.split()
+    if a.child:
+        child(a.child, a.shape, a.warmup, a.iters, extra)
+        return
+    results = []
+    for impl in a.impls.split(","):
+        cmd = [sys.executable, __file__, "--child", impl, "--shape", a.shape,
+               "--warmup", str(a.warmup), "--iters", str(a.iters),
+               "--megatron-flags", a.megatron_flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"{impl}: failed (exit {proc.returncode})\n{proc.stdout[-3000:]}\n"
+                  f"{proc.stderr[-3000:]}", flush=True)
+            continue
+        r = json.loads(lines[-1][7:])
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    print(f"\n| impl | shape | tokens/s | TFLOP/s per GPU | step (ms) | peak memory (GiB) |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        if r["impl"] == "matmul":
+            print(f"| bf16 matmul 8192³ | - | - | {r['tflops']:.0f} | - | - |")
+            continue
+        print(f"| {r['impl']} | {r['shape']} | {r['tokens_per_s']:.0f} | "
+              f"{r['tflops_per_gpu']:.1f} | {r['step_ms']:.1f} | "
+              f"{r['peak_mem_gib'] if not math.isnan(r['peak_mem_gib']) else '-'} |")
+
+
+if __name__ == "__main__":
+    main()
