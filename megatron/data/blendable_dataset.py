@@ -33,8 +33,8 @@ class BlendableDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"BlendableDataset: {len(datasets)} datasets but {len(weights)} weights"
             )
-        if len(datasets) > 255:
-            raise ValueError(f"BlendableDataset: at most 255 datasets, got {len(datasets)}")
+        if len(datasets) > 256:  # dataset_index is uint8
+            raise ValueError(f"BlendableDataset: at most 256 datasets, got {len(datasets)}")
         weights = np.array(weights, dtype=np.float64)
         if np.any(weights < 0) or weights.sum() <= 0:
             raise ValueError(f"BlendableDataset: weights {weights.tolist()} must be >= 0, sum > 0")

@@ -101,9 +101,24 @@ def global_rank() -> int:
 
 
 def _barrier() -> None:
+    """Wait until global rank 0 has written the caches.
+
+    Without model parallelism every rank builds datasets: a global barrier. With
+    tensor parallelism only tensor-parallel rank 0 of each group builds them (as in
+    Megatron's training loop), so those ranks meet over the data-parallel group, then
+    over the pipeline group: rank (dp=i, pp=j) waits for (i, 0), which waited for
+    (0, 0) = global rank 0.
+    """
     import torch
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    from megatron import mpu
+
+    if mpu.model_parallel_is_initialized() and mpu.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.barrier(group=mpu.get_data_parallel_group())
+        torch.distributed.barrier(group=mpu.get_pipeline_model_parallel_group())
+    else:
         torch.distributed.barrier()
 
 
@@ -316,6 +331,22 @@ def _replacement(token, vocab_id_list, mask_id, masking_style, np_rng):
     return vocab_id_list[np_rng.randint(0, len(vocab_id_list))]
 
 
+def _pick_span(cand_index_set, budget, ngrams, pvals, geometric_dist, np_rng) -> list[int]:
+    """Positions of an n-gram of words from ``cand_index_set`` (its n-grams for n = 1..):
+    n drawn from ``pvals`` or min(Geometric(0.2), max n), then shortened while the span
+    exceeds ``budget`` (it may still exceed it at n = 1). N-grams starting near the last
+    word are cut short by the slicing that built them."""
+    if geometric_dist:
+        n = min(int(np_rng.geometric(0.2)), len(ngrams))
+    else:
+        n = int(np_rng.choice(ngrams, p=pvals))
+    index_set = sum(cand_index_set[n - 1], [])
+    while len(index_set) > budget and n > 1:
+        n -= 1
+        index_set = sum(cand_index_set[n - 1], [])
+    return index_set
+
+
 def create_masked_lm_predictions(
     tokens: list[int],
     vocab_id_list: Sequence[int],
@@ -373,18 +404,9 @@ def create_masked_lm_predictions(
     for cand_index_set in ngram_indexes:
         if len(masked_lms) >= num_to_predict:
             break
-        # (n-grams starting near the last word are cut short by the slice)
-        if geometric_dist:
-            n = min(int(np_rng.geometric(0.2)), max_ngrams)
-        else:
-            n = int(np_rng.choice(ngrams, p=pvals))
-        index_set = sum(cand_index_set[n - 1], [])
-        while len(masked_lms) + len(index_set) > num_to_predict and n > 1:
-            n -= 1
-            index_set = sum(cand_index_set[n - 1], [])
-        if len(masked_lms) + len(index_set) > num_to_predict:
-            continue
-        if any(index in covered for index in index_set):
+        budget = num_to_predict - len(masked_lms)
+        index_set = _pick_span(cand_index_set, budget, ngrams, pvals, geometric_dist, np_rng)
+        if len(index_set) > budget or any(index in covered for index in index_set):
             continue
         for index in index_set:
             covered.add(index)
@@ -566,6 +588,8 @@ def build_train_valid_test_datasets(
         dataset_type=dataset_type,
         vocab=vocab,
     )
+    if isinstance(data_prefix, str):
+        data_prefix = [data_prefix]
     if len(data_prefix) == 1:
         return _build_train_valid_test_datasets(
             data_prefix[0], train_valid_test_num_samples=train_valid_test_num_samples, **kwargs

@@ -45,6 +45,8 @@ def build_train_valid_test_datasets(
     into documents by ``splits_string``. Alternatively ``train/valid/test_data_prefix``
     (``--train-data-path`` etc.) give each split its own, whole, corpora.
     """
+    if isinstance(data_prefix, str):
+        data_prefix = [data_prefix]
     if data_prefix:
         if len(data_prefix) == 1:
             return _build_train_valid_test_datasets(

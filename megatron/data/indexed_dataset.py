@@ -35,6 +35,7 @@ This module does not import torch; `add_item` accepts torch tensors all the same
 from __future__ import annotations
 
 import array
+import functools
 import os
 import shutil
 import struct
@@ -42,24 +43,6 @@ import sys
 from typing import Any, Callable
 
 import numpy as np
-
-__all__ = [
-    "IndexedDatasetError",
-    "IndexedDataset",
-    "IndexedCachedDataset",
-    "IndexedDatasetBuilder",
-    "MMapIndexedDataset",
-    "MMapIndexedDatasetBuilder",
-    "best_fitting_dtype",
-    "code",
-    "data_file_path",
-    "dataset_exists",
-    "dtypes",
-    "index_file_path",
-    "infer_dataset_impl",
-    "make_builder",
-    "make_dataset",
-]
 
 dtypes: dict[int, type] = {
     1: np.uint8,
@@ -135,26 +118,37 @@ def _warmup_file(path: str) -> None:
             pass
 
 
+@functools.cache
+def _needs_range_check(src: np.dtype, dst: np.dtype) -> tuple[int, int] | None:
+    """Bounds of integer `dst` when casting from `src` can lose values, else None."""
+    if dst.kind not in "iu" or np.can_cast(src, dst, "safe"):
+        return None
+    info = np.iinfo(dst)
+    return int(info.min), int(info.max)
+
+
 def _to_dtype(data: Any, dtype: np.dtype, where: str) -> np.ndarray:
     """`data` (array, list or tensor) as a C-contiguous array of `dtype`.
 
     Integer targets are range-checked: a token id that does not fit is an error, never a
     silent wrap-around.
     """
-    if not isinstance(data, np.ndarray) and hasattr(data, "detach"):
-        data = data.detach().cpu().numpy()  # torch tensor
-    arr = np.asarray(data)
-    if arr.dtype != dtype:
-        if arr.size and np.issubdtype(dtype, np.integer):
-            if arr.dtype.kind == "f" and not np.all(np.mod(arr, 1) == 0):
-                raise ValueError(f"{where}: non-integral values cannot be stored as {dtype}")
-            info = np.iinfo(dtype)
-            lo, hi = arr.min(), arr.max()
-            if lo < info.min or hi > info.max:
-                bad = lo if lo < info.min else hi
-                raise ValueError(f"{where}: value {bad} does not fit in {dtype}")
-        arr = arr.astype(dtype)
-    return np.ascontiguousarray(arr)
+    if not isinstance(data, np.ndarray):
+        if hasattr(data, "detach"):
+            data = data.detach().cpu().numpy()  # torch tensor
+        data = np.asarray(data)
+    if data.dtype == dtype:
+        return data if data.flags.c_contiguous else np.ascontiguousarray(data)
+    bounds = _needs_range_check(data.dtype, dtype) if data.size else None
+    if bounds is not None:
+        if data.dtype.kind == "f" and not np.all(np.mod(data, 1) == 0):
+            raise ValueError(f"{where}: non-integral values cannot be stored as {dtype}")
+        lo, hi = data.min(), data.max()
+        if lo < bounds[0] or hi > bounds[1]:
+            raise ValueError(
+                f"{where}: value {lo if lo < bounds[0] else hi} does not fit in {dtype}"
+            )
+    return np.ascontiguousarray(data.astype(dtype))
 
 
 def _file_size(path: str) -> int:
@@ -227,6 +221,18 @@ class _AtomicBuilder:
 
     def _write(self, arr: np.ndarray) -> None:
         self._data_file.write(memoryview(arr.reshape(-1)).cast("B"))
+
+    def _write_doc(self, tensor: Any, sizes: Any, dtype: Any) -> np.ndarray:
+        """Write a document's concatenated items in one go; return its item lengths (int64)."""
+        self._check_open()
+        arr = _to_dtype(tensor, np.dtype(dtype), self._out_file).reshape(-1)
+        lens = np.asarray(sizes, dtype=np.int64).reshape(-1)
+        if int(lens.sum()) != arr.size or (lens.size and lens.min() < 0):
+            raise ValueError(
+                f"{self._out_file}: add_doc sizes sum to {int(lens.sum())}, tokens hold {arr.size}"
+            )
+        self._write(arr)
+        return lens
 
     def _copy_data_from(self, path: str) -> None:
         with open(path, "rb") as src:
@@ -306,14 +312,7 @@ class MMapIndexedDatasetBuilder(_AtomicBuilder):
 
         One write for the document, then its end is recorded as by `end_document()`.
         """
-        self._check_open()
-        arr = _to_dtype(tensor, np.dtype(self._dtype), self._out_file).reshape(-1)
-        lens = np.asarray(sizes, dtype=np.int64).reshape(-1)
-        if int(lens.sum()) != arr.size or (lens.size and lens.min() < 0):
-            raise ValueError(
-                f"{self._out_file}: add_doc sizes sum to {int(lens.sum())}, tokens hold {arr.size}"
-            )
-        self._write(arr)
+        lens = self._write_doc(tensor, sizes, self._dtype)
         self._sizes.frombytes(lens.tobytes())
         self._doc_idx.append(len(self._sizes))
 
@@ -374,14 +373,7 @@ class IndexedDatasetBuilder(_AtomicBuilder):
 
     def add_doc(self, tensor: Any, sizes: Any) -> None:
         """Append a document of 1-D items (`tensor` concatenated, `sizes` their lengths)."""
-        self._check_open()
-        arr = _to_dtype(tensor, np.dtype(self.dtype), self._out_file).reshape(-1)
-        lens = np.asarray(sizes, dtype=np.int64).reshape(-1)
-        if int(lens.sum()) != arr.size or (lens.size and lens.min() < 0):
-            raise ValueError(
-                f"{self._out_file}: add_doc sizes sum to {int(lens.sum())}, tokens hold {arr.size}"
-            )
-        self._write(arr)
+        lens = self._write_doc(tensor, sizes, self.dtype)
         self.data_offsets.frombytes((self.data_offsets[-1] + np.cumsum(lens)).tobytes())
         self.dim_offsets.frombytes((self.dim_offsets[-1] + np.arange(1, lens.size + 1)).tobytes())
         self.sizes.frombytes(lens.tobytes())

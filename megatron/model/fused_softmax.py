@@ -54,21 +54,24 @@ class ScaledUpperTriangMaskedSoftmax(torch.autograd.Function):
 
 class ScaledMaskedSoftmax(torch.autograd.Function):
     """Fused softmax of scale * x with an explicit boolean mask (True = masked) over
-    [b, np, sq, sk]; the mask is [b or 1, 1, sq, sk]."""
+    [b, np, sq, sk]; the mask is [b or 1, 1, sq, sk]. The input grad is as for the causal
+    kernel, and 0 at masked keys (as the torch path's masked_fill gives)."""
 
     @staticmethod
     def forward(ctx, inputs: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
         kernels = fused_kernels.get_module("scaled_masked_softmax_cuda")
         softmax_results = kernels.forward(inputs.contiguous(), mask.contiguous(), float(scale))
         ctx.scale = float(scale)
-        ctx.save_for_backward(softmax_results)
+        ctx.save_for_backward(softmax_results, mask)
         return softmax_results
 
     @staticmethod
     def backward(ctx, output_grads: torch.Tensor):
         kernels = fused_kernels.get_module("scaled_masked_softmax_cuda")
-        (softmax_results,) = ctx.saved_tensors
-        input_grads = kernels.backward(output_grads.contiguous(), softmax_results, ctx.scale)
+        softmax_results, mask = ctx.saved_tensors
+        input_grads = kernels.backward(
+            output_grads.contiguous(), softmax_results, mask.contiguous(), ctx.scale
+        )
         return input_grads, None, None
 
 
@@ -124,6 +127,8 @@ class FusedScaleMaskSoftmax(torch.nn.Module):
             raise ValueError(f"FusedScaleMaskSoftmax: expected [b, np, sq, sk], got {input.shape}")
         if self.is_kernel_available(mask, *input.size()):
             return self.forward_fused_softmax(input, mask)
+        if self.scaled_masked_softmax_fusion and input.is_cuda and not fused_kernels.is_loaded():
+            _log_fallback_once()
         return self.forward_torch_softmax(input, mask)
 
     def is_kernel_available(
@@ -141,10 +146,7 @@ class FusedScaleMaskSoftmax(torch.nn.Module):
             return False
         elif mask.size(1) != 1 or tuple(mask.shape[2:]) != (sq, sk):
             return False
-        if not fused_kernels.is_loaded():
-            _log_fallback_once()
-            return False
-        return True
+        return fused_kernels.is_loaded()
 
     def forward_fused_softmax(
         self, input: torch.Tensor, mask: Optional[torch.Tensor]
@@ -168,8 +170,3 @@ class FusedScaleMaskSoftmax(torch.nn.Module):
         if self.input_in_float16 and self.softmax_in_fp32:
             probs = probs.half() if self.input_in_fp16 else probs.bfloat16()
         return probs
-
-    @staticmethod
-    def get_batch_per_block(sq: int, sk: int, b: int, np: int) -> int:
-        """Rows of scores one CUDA block handles (the kernels run one warp per row)."""
-        return fused_kernels.ROWS_PER_BLOCK

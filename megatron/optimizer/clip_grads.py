@@ -108,10 +108,10 @@ def count_zeros_fp32(
     model_parallel_group: torch.distributed.ProcessGroup | None = None,
 ) -> int:
     """Number of exactly-zero gradient elements in the whole model (same counting rules)."""
-    _, grads_for_norm = _split_grads(parameters)
+    grads, grads_for_norm = _split_grads(parameters)
     from megatron.accelerator import current_device
 
-    device = grads_for_norm[0].device if grads_for_norm else current_device()
+    device = grads[0].device if grads else current_device()
     total = torch.zeros(1, dtype=torch.int64, device=device)  # exact for any model size
     for grad in grads_for_norm:
         total += grad.numel() - torch.count_nonzero(grad)

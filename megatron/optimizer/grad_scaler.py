@@ -14,14 +14,13 @@ from megatron.accelerator import current_device
 
 
 class MegatronGradScaler(ABC):
-    """A loss scale held as a 1-element fp32 tensor on the current device."""
+    """A loss scale held as a 1-element fp32 tensor on ``device`` (default: the accelerator)."""
 
-    def __init__(self, initial_scale: float) -> None:
+    def __init__(self, initial_scale: float, device: torch.device | str | None = None) -> None:
         if initial_scale <= 0.0:
             raise ValueError(f"grad_scaler.py: loss scale must be > 0, got {initial_scale}")
-        self._scale = torch.tensor(
-            [float(initial_scale)], dtype=torch.float, device=current_device()
-        )
+        device = device if device is not None else current_device()
+        self._scale = torch.tensor([float(initial_scale)], dtype=torch.float, device=device)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -73,8 +72,9 @@ class DynamicGradScaler(MegatronGradScaler):
         backoff_factor: float = 0.5,
         growth_interval: int = 1000,
         hysteresis: int = 2,
+        device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(initial_scale)
+        super().__init__(initial_scale, device)
         if not 0.0 < min_scale <= initial_scale:
             raise ValueError(
                 f"grad_scaler.py: --min-loss-scale ({min_scale}) must be > 0 and <= "

@@ -89,6 +89,15 @@ class MegatronOptimizer(ABC):
         self.log_num_zeros_in_grad = bool(log_num_zeros_in_grad)
         self.params_have_main_grad = bool(params_have_main_grad)
 
+    def _device(self) -> torch.device:
+        """Where the params (and so the grads) live; the accelerator when there are none."""
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                return param.device
+        from megatron.accelerator import current_device
+
+        return current_device()
+
     def get_parameters(self) -> List[torch.Tensor]:
         """Every param the inner optimizer updates (fp32 masters under fp16/bf16)."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -158,9 +167,7 @@ class FP32Optimizer(MegatronOptimizer):
         params_have_main_grad: bool,
     ) -> None:
         super().__init__(optimizer, clip_grad, log_num_zeros_in_grad, params_have_main_grad)
-        from megatron.accelerator import current_device
-
-        self._scale = torch.tensor([1.0], dtype=torch.float, device=current_device())
+        self._scale = torch.tensor([1.0], dtype=torch.float, device=self._device())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.optimizer.param_groups:
@@ -213,9 +220,7 @@ class Float16OptimizerWithFloat16Params(MegatronOptimizer):
         self.grad_scaler = grad_scaler
         if self.grad_scaler is None and not self.bf16:
             raise ValueError("optimizer.py: fp16 training needs a grad scaler")
-        from megatron.accelerator import current_device
-
-        device = current_device()
+        device = self._device()
         self.found_inf = torch.tensor([0.0], dtype=torch.float, device=device)
         # bf16 without a scaler still answers get_loss_scale().
         self._scale_one = torch.tensor([1.0], dtype=torch.float, device=device)

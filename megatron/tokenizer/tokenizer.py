@@ -386,3 +386,301 @@ def _fast_bert(reference, lower_case: bool):
     )
     fast.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     return fast
+
+
+class _SentencePieceTokenizer(AbstractTokenizer):
+    """A sentencepiece .model plus Megatron's special tokens.
+
+    '<CLS>', '<SEP>', '<EOD>', '<MASK>', the model's pad/bos/eos pieces (or '<PAD>', '<BOS>',
+    '<EOS>' when the model has none) and vocab_extra_ids sentinels '<extra_id_N>' get the
+    model's id when the model has that piece, else the next free id. tokenize() cuts the text
+    at occurrences of these special strings (earliest first; at equal positions the one added
+    first), encodes the pieces in between with sentencepiece and emits the special ids.
+    """
+
+    def __init__(self, model_file: str, vocab_extra_ids: int = 0):
+        super().__init__("SentencePieceTokenizer")
+        _check_file(model_file, "--tokenizer-model")
+        import sentencepiece
+
+        self.tokenizer = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        n = self.tokenizer.get_piece_size()
+        self._inv_vocab = {i: self.tokenizer.id_to_piece(i) for i in range(n)}
+        self._vocab = {piece: i for i, piece in self._inv_vocab.items()}
+        self._special_tokens: dict[str, int] = {}
+        self._cls_id = self._add_special_token("<CLS>")
+        self._sep_id = self._add_special_token("<SEP>")
+        self._eod_id = self._add_special_token("<EOD>")
+        self._mask_id = self._add_special_token("<MASK>")
+        self._pad_id = self._add_special_token(self._model_piece(self.tokenizer.pad_id(), "<PAD>"))
+        self._bos_id = self._add_special_token(self._model_piece(self.tokenizer.bos_id(), "<BOS>"))
+        self._eos_id = self._add_special_token(self._model_piece(self.tokenizer.eos_id(), "<EOS>"))
+        self._t5_tokens = [f"<extra_id_{i}>" for i in range(vocab_extra_ids)]
+        for token in self._t5_tokens:
+            self._add_special_token(token)
+        self._inv_special_tokens = {v: k for k, v in self._special_tokens.items()}
+        import re
+
+        # Alternation order = insertion order, so equal-position ties go to the earlier token.
+        self._special_re = re.compile("|".join(re.escape(t) for t in self._special_tokens))
+
+    def _model_piece(self, piece_id: int, default: str) -> str:
+        if 0 <= piece_id < self.tokenizer.get_piece_size():
+            return self.tokenizer.id_to_piece(piece_id)
+        return default
+
+    def _add_special_token(self, token: str) -> int:
+        if token not in self._vocab:
+            new_id = len(self._vocab)
+            self._vocab[token] = new_id
+            self._inv_vocab[new_id] = token
+        self._special_tokens[token] = self._vocab[token]
+        return self._vocab[token]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    @property
+    def vocab(self) -> dict:
+        return self._vocab
+
+    @property
+    def inv_vocab(self) -> dict:
+        return self._inv_vocab
+
+    def tokenize(self, text: str) -> list[int]:
+        ids: list[int] = []
+        start = 0
+        for match in self._special_re.finditer(text):
+            ids.extend(self.tokenizer.encode_as_ids(text[start : match.start()]))
+            ids.append(self._special_tokens[match.group()])
+            start = match.end()
+        ids.extend(self.tokenizer.encode_as_ids(text[start:]))
+        return ids
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        plain = [i for i, t in enumerate(texts) if not self._special_re.search(t)]
+        out: list = [None] * len(texts)
+        if plain:
+            for i, ids in zip(plain, self.tokenizer.encode([texts[i] for i in plain])):
+                out[i] = ids
+        for i, t in enumerate(texts):
+            if out[i] is None:
+                out[i] = self.tokenize(t)
+        return out
+
+    def detokenize(self, ids: list[int]) -> str:
+        """sentencepiece text of the runs between special ids; special tokens are written
+        as their text surrounded by single spaces; the result is stripped."""
+        parts = []
+        last = 0
+        for i, token_id in enumerate(ids):
+            if token_id in self._inv_special_tokens:
+                parts.append(self.tokenizer.decode_ids(list(ids[last:i])) + " ")
+                parts.append(self._inv_special_tokens[token_id] + " ")
+                last = i + 1
+        parts.append(self.tokenizer.decode_ids(list(ids[last:])))
+        return "".join(parts).strip()
+
+    @property
+    def cls(self) -> int:
+        return self._cls_id
+
+    @property
+    def sep(self) -> int:
+        return self._sep_id
+
+    @property
+    def pad(self) -> int:
+        return self._pad_id
+
+    @property
+    def bos(self) -> int:
+        return self._bos_id
+
+    @property
+    def bos_token_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eod(self) -> int:
+        return self._eod_id
+
+    @property
+    def eos(self) -> int:
+        return self._eos_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def mask(self) -> int:
+        return self._mask_id
+
+    @property
+    def additional_special_tokens_ids(self) -> list[int]:
+        return [self._vocab[t] for t in self._t5_tokens]
+
+
+# Special tokens recognised as end-of-document / padding / begin when no tokenizer_config.json
+# names them, in order of preference.
+_HF_EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[SEP]")
+_HF_PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
+_HF_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "[CLS]")
+
+
+class _HFTokenizer(AbstractTokenizer):
+    """A `tokenizers` tokenizer.json (the file, or a folder holding it).
+
+    tokenize() runs the full pipeline including its post-processor (e.g. a BOS prepended),
+    like transformers' encode(); detokenize() keeps special tokens. eod/pad/bos come from a
+    tokenizer_config.json next to the file ('eos_token', 'pad_token', 'bos_token') when
+    present, else from the first special token found among the usual names.
+    """
+
+    def __init__(self, tokenizer_model: str):
+        super().__init__("HFTokenizer")
+        path = tokenizer_model
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        _check_file(path, "--tokenizer-model (tokenizer.json)")
+        from tokenizers import Tokenizer
+
+        try:
+            self.tokenizer = Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"{path}: not a `tokenizers` tokenizer.json ({e})") from None
+        self.encoder = self.tokenizer.get_vocab(with_added_tokens=True)
+        self.decoder = {v: k for k, v in self.encoder.items()}
+        config = _read_hf_config(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
+        self._eod_id = self._special_id(config.get("eos_token"), _HF_EOD_NAMES)
+        self._pad_id = self._special_id(config.get("pad_token"), _HF_PAD_NAMES)
+        self._bos_id = self._special_id(config.get("bos_token"), _HF_BOS_NAMES)
+
+    def _special_id(self, configured, names: tuple[str, ...]) -> int | None:
+        if isinstance(configured, dict):
+            configured = configured.get("content")
+        candidates = (configured,) if configured else names
+        for name in candidates:
+            if name in self.encoder:
+                return self.encoder[name]
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.tokenizer.get_vocab_size(with_added_tokens=True), max(self.decoder) + 1)
+
+    @property
+    def vocab(self) -> dict:
+        return self.encoder
+
+    @property
+    def inv_vocab(self) -> dict:
+        return self.decoder
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+
+    def _known(self, value: int | None, what: str) -> int:
+        if value is None:
+            return self._missing(what)
+        return value
+
+    @property
+    def eod(self) -> int:
+        return self._known(self._eod_id, "EOD")
+
+    @property
+    def eos(self) -> int:
+        return self._known(self._eod_id, "EOS")
+
+    @property
+    def pad(self) -> int:
+        return self._known(self._pad_id, "PAD")
+
+    @property
+    def bos(self) -> int:
+        return self._known(self._bos_id, "BOS")
+
+
+def _read_hf_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e})") from None
+    return config if isinstance(config, dict) else {}
+
+
+class _NullTokenizer(AbstractTokenizer):
+    """Text is already ids: whitespace-separated integers in [0, vocab_size].
+
+    vocab_size (the flag) ids are data ids; one more id, vocab_size itself, is eod.
+    """
+
+    def __init__(self, vocab_size: int):
+        super().__init__("NullTokenizer")
+        vocab_size = int(vocab_size)
+        if vocab_size < 1:
+            raise ValueError(f"--vocab-size must be >= 1 for NullTokenizer, got {vocab_size}")
+        self._eod_id = vocab_size
+        self._vocab_size = vocab_size + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def vocab(self) -> dict:
+        return {str(i): i for i in range(self._vocab_size)}
+
+    @property
+    def inv_vocab(self) -> dict:
+        return {i: str(i) for i in range(self._vocab_size)}
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = []
+        for word in text.split():
+            try:
+                token_id = int(word)
+            except ValueError:
+                raise ValueError(f"NullTokenizer: {word!r} is not an integer id") from None
+            if not 0 <= token_id < self._vocab_size:
+                raise ValueError(f"NullTokenizer: id {token_id} outside [0, {self._vocab_size})")
+            ids.append(token_id)
+        return ids
+
+    def detokenize(self, ids: list[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    @property
+    def eod(self) -> int:
+        return self._eod_id
+
+    @property
+    def cls(self) -> int:
+        return -1
+
+    @property
+    def sep(self) -> int:
+        return -1
+
+    @property
+    def mask(self) -> int:
+        return -1
+
+    @property
+    def additional_special_tokens_ids(self):
+        return None

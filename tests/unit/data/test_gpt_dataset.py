@@ -35,7 +35,9 @@ def write_corpus(prefix, documents, vocab_size=1000):
 
 def random_docs(num_docs, seed, low=0, high=1000, max_len=30):
     rng = np.random.RandomState(seed)
-    return [[rng.randint(low, high, size=rng.randint(1, max_len)).tolist()] for _ in range(num_docs)]
+    return [
+        [rng.randint(low, high, size=rng.randint(1, max_len)).tolist()] for _ in range(num_docs)
+    ]
 
 
 @pytest.fixture
@@ -148,10 +150,21 @@ def _two_rank_build(rank, world_size, tmp_dir):
     if rank == 1:
         # only rank 0 may build; rank 1 must find the files rank 0 wrote
         gpt_dataset._build_doc_idx = None
-        assert not os.path.exists(cache_files(prefix, "train", 40, 6, 5)[0])
     ds = GPTDataset("train", prefix, np.arange(10, dtype=np.int32), indexed, 40, 6, seed=5)
     mapping = get_samples_mapping(indexed, prefix, None, 20, 16, 0.1, 5, "train", False)
-    return [np.array(a) for a in (ds.doc_idx, ds.sample_idx, ds.shuffle_idx, mapping)]
+    out = [np.array(a) for a in (ds.doc_idx, ds.sample_idx, ds.shuffle_idx, mapping)]
+
+    # with tensor parallelism only tensor-parallel rank 0 builds datasets: no hang
+    from megatron import mpu
+
+    mpu.initialize_model_parallel(tensor_model_parallel_size=2)
+    try:
+        if mpu.get_tensor_model_parallel_rank() == 0:
+            tp_ds = GPTDataset("valid", prefix, np.arange(10, dtype=np.int32), indexed, 9, 6, 5)
+            assert len(tp_ds) >= 9
+    finally:
+        mpu.destroy_model_parallel()
+    return out
 
 
 def test_rank_0_builds_while_rank_1_waits(tmp_path):

@@ -105,7 +105,11 @@ def test_single_process_defaults_and_overrides():
 
 
 def _expected_groups(rank, layout):
-    return {key: next(g for g in groups if rank in g) for key, groups in layout.items()}
+    mine = {key: next(g for g in layout[key] if rank in g) for key in ("tensor", "pipeline")}
+    mine.update({key: next(g for g in layout[key] if rank in g) for key in ("data", "model")})
+    # middle pipeline stages belong to no embedding group; take their pipeline's one
+    mine["embedding"] = layout["embedding"][layout["pipeline"].index(mine["pipeline"])]
+    return mine
 
 
 def _group_members(group):
