@@ -10,15 +10,14 @@ parameters' dtype, so that it feeds the half-precision linear layers that follow
 
 from __future__ import annotations
 
-import logging
 import numbers
 from typing import Sequence, Union
 
 import torch
+
+from megatron import print_rank_0
 from torch.nn import init
 from torch.nn.parameter import Parameter
-
-logger = logging.getLogger(__name__)
 
 try:  # apex is optional (DESIGN.md decision 2)
     from apex.normalization.fused_layer_norm import fused_layer_norm_affine as _apex_layer_norm
@@ -33,7 +32,7 @@ def _log_backend_once() -> None:
     if not _LOGGED:
         _LOGGED = True
         if _apex_layer_norm is None:
-            logger.info("apex is not available: MixedFusedLayerNorm runs torch's layer norm")
+            print_rank_0("apex is not available: MixedFusedLayerNorm runs torch's layer norm")
 
 
 class MixedFusedLayerNorm(torch.nn.Module):

@@ -17,16 +17,13 @@ megatron/fused_kernels). The fused kernels compute in fp32 and return the input 
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Optional
 
 import torch
 
-from megatron import fused_kernels
+from megatron import fused_kernels, print_rank_0
 
 from .enums import AttnMaskType
-
-logger = logging.getLogger(__name__)
 
 _MAX_FUSED_KEYS = 4096
 _FALLBACK_LOGGED = False
@@ -79,7 +76,7 @@ def _log_fallback_once() -> None:
     global _FALLBACK_LOGGED
     if not _FALLBACK_LOGGED:
         _FALLBACK_LOGGED = True
-        logger.info(
+        print_rank_0(
             "fused softmax kernels are not loaded (megatron/fused_kernels): "
             "the attention softmax runs in torch"
         )
