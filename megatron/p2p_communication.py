@@ -48,13 +48,13 @@ def _communicate(tensor_send_next, tensor_send_prev, recv_prev: bool, recv_next:
     comm_shape = (numel // mpu.get_tensor_model_parallel_world_size(),) if scatter_gather else shape
     device = current_device()
 
+    # Receive buffers are plain tensors: the backend writes into them in place, and only
+    # then do they become autograd leaves (requires_grad) for the backward pass.
     tensor_recv_prev = tensor_recv_next = None
     if recv_prev:
-        tensor_recv_prev = torch.empty(comm_shape, requires_grad=True, device=device,
-                                       dtype=dtype)
+        tensor_recv_prev = torch.empty(comm_shape, device=device, dtype=dtype)
     if recv_next:
-        tensor_recv_next = torch.empty(comm_shape, requires_grad=True, device=device,
-                                       dtype=dtype)
+        tensor_recv_next = torch.empty(comm_shape, device=device, dtype=dtype)
     if scatter_gather:
         if tensor_send_next is not None:
             tensor_send_next = mpu.split_tensor_into_1d_equal_chunks(tensor_send_next)
@@ -82,11 +82,13 @@ def _communicate(tensor_send_next, tensor_send_prev, recv_prev: bool, recv_next:
             req.wait()
     if scatter_gather:
         if recv_prev:
-            tensor_recv_prev = mpu.gather_split_1d_tensor(tensor_recv_prev).view(
-                shape).requires_grad_()
+            tensor_recv_prev = mpu.gather_split_1d_tensor(tensor_recv_prev).view(shape)
         if recv_next:
-            tensor_recv_next = mpu.gather_split_1d_tensor(tensor_recv_next).view(
-                shape).requires_grad_()
+            tensor_recv_next = mpu.gather_split_1d_tensor(tensor_recv_next).view(shape)
+    if tensor_recv_prev is not None:
+        tensor_recv_prev.requires_grad_()
+    if tensor_recv_next is not None:
+        tensor_recv_next.requires_grad_()
     return tensor_recv_prev, tensor_recv_next
 
 

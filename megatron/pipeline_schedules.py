@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from . import get_args, get_num_microbatches, mpu
 from . import p2p_communication as p2p
-from .schedules import backward_step, forward_step
+from .schedules import (
+    allreduce_torch_ddp_grads,
+    backward_step,
+    forward_step,
+    torch_ddp_no_sync,
+)
 
 
 def get_tensor_shapes():
@@ -28,10 +33,19 @@ def forward_backward_pipelining_without_interleaving(forward_step_func, data_ite
                                                      optimizer, timers, forward_only: bool):
     """1F1B without interleaving; returns the loss dicts on the last stage."""
     if isinstance(model, list):
-        assert len(model) == 1, "non-interleaved pipelining takes a single model chunk"
+        if len(model) != 1:
+            raise ValueError(f"non-interleaved pipelining takes one model chunk, got {len(model)}")
         model = model[0]
     if isinstance(data_iterator, list):
         data_iterator = data_iterator[0]
+    with torch_ddp_no_sync([model]):
+        losses = _one_f_one_b(forward_step_func, data_iterator, model, optimizer, forward_only)
+    if not forward_only:
+        allreduce_torch_ddp_grads([model])
+    return losses
+
+
+def _one_f_one_b(forward_step_func, data_iterator, model, optimizer, forward_only: bool):
     shape = get_tensor_shapes()
     num_microbatches = get_num_microbatches()
     num_warmup = (num_microbatches if forward_only else min(
@@ -131,7 +145,19 @@ class _Interleaved:
 
 def forward_backward_pipelining_with_interleaving(forward_step_func, data_iterator, model,
                                                   optimizer, timers, forward_only: bool):
-    """Interleaved 1F1B over len(model) chunks per rank."""
+    """Interleaved 1F1B over len(model) chunks per rank (data_iterator: one per chunk)."""
+    if not isinstance(data_iterator, list):
+        data_iterator = [data_iterator] * len(model)
+    with torch_ddp_no_sync(model):
+        losses = _interleaved_one_f_one_b(forward_step_func, data_iterator, model, optimizer,
+                                          forward_only)
+    if not forward_only:
+        allreduce_torch_ddp_grads(model)
+    return losses
+
+
+def _interleaved_one_f_one_b(forward_step_func, data_iterator, model, optimizer,
+                             forward_only: bool):
     st = _Interleaved(forward_step_func, data_iterator, model, optimizer, forward_only)
     shape = get_tensor_shapes()
     pp, pp_rank, v = st.pp, mpu.get_pipeline_model_parallel_rank(), st.num_chunks

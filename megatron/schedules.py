@@ -37,6 +37,48 @@ def get_forward_backward_func():
     return forward_backward_no_pipelining
 
 
+def is_torch_ddp(model) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+@contextlib.contextmanager
+def torch_ddp_no_sync(model_chunks):
+    """Suspend torch DDP's all-reduce inside backward on every chunk.
+
+    Pipeline schedules run several forwards before their backwards, which torch DDP does
+    not allow while it synchronises (its reducer expects forward, backward, forward, ...);
+    they accumulate gradients locally and call allreduce_torch_ddp_grads at the end."""
+    with contextlib.ExitStack() as stack:
+        for chunk in model_chunks:
+            if is_torch_ddp(chunk):
+                stack.enter_context(chunk.no_sync())
+        yield
+
+
+def allreduce_torch_ddp_grads(model_chunks) -> None:
+    """Average the accumulated .grad of torch-DDP chunks over their data-parallel group,
+    g = (1 / DP) * sum over ranks of g_rank, one flat all-reduce per gradient dtype."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for chunk in model_chunks:
+        if not is_torch_ddp(chunk):
+            continue
+        group = chunk.process_group
+        world = torch.distributed.get_world_size(group=group)
+        if world == 1:
+            continue
+        by_dtype = {}
+        for param in chunk.module.parameters():
+            if param.requires_grad and param.grad is not None:
+                by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
+        for grads in by_dtype.values():
+            flat = _flatten_dense_tensors(grads)
+            torch.distributed.all_reduce(flat, group=group)
+            flat /= world
+            for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(synced)
+
+
 def _unwrapped(model):
     from .utils import unwrap_model
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -29,9 +28,9 @@ class TransformerConfig:
     """Number of learned position embeddings (>= seq length)."""
     seq_length: int = 0
     """Training sequence length."""
-    ffn_hidden_size: Optional[int] = None
+    ffn_hidden_size: int | None = None
     """MLP inner width; 4h when None."""
-    kv_channels: Optional[int] = None
+    kv_channels: int | None = None
     """Per-head projection width; h / heads when None."""
     hidden_dropout: float = 0.1
     """Dropout after attention / MLP output projections and on embeddings."""
@@ -77,7 +76,7 @@ class TransformerConfig:
     """Tensor-parallel degree."""
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel degree."""
-    virtual_pipeline_model_parallel_size: Optional[int] = None
+    virtual_pipeline_model_parallel_size: int | None = None
     """Model chunks per pipeline rank (interleaved 1F1B)."""
     sequence_parallel: bool = False
     """Split layer-norm and dropout regions along the sequence in the TP group."""
@@ -87,6 +86,9 @@ class TransformerConfig:
     """Run the init methods (off when weights will be loaded anyway)."""
     parallel_output: bool = True
     """Keep logits split over the vocab across TP ranks (for the parallel cross entropy)."""
+    seed: int = 1234
+    """Base seed (--seed): each transformer layer, the embedding and the pooler initialise
+    their weights from a generator seeded from (seed, component), see model/utils.py."""
     num_experts: list = field(default_factory=lambda: [1])
     """Experts per MoE layer ([1] = dense; one value, or one per MoE layer)."""
     expert_interval: int = 2

@@ -27,6 +27,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from megatron import mpu
 from megatron.accelerator import current_device
 
+from .module import MegatronModule
+
 # Buffers are keyed by (grad dtype, expert group name or None for dense params).
 BufferKey = Tuple[torch.dtype, str | None]
 
@@ -55,7 +57,7 @@ class MemoryBuffer:
         return self.data[start_index:end_index].view(shape)
 
 
-class DistributedDataParallelBase(torch.nn.Module, ABC):
+class DistributedDataParallelBase(MegatronModule, ABC):
     """Wraps a module; checkpoints hold the inner module's keys (no ``module.`` prefix)."""
 
     def __init__(self, module: torch.nn.Module):
@@ -71,15 +73,11 @@ class DistributedDataParallelBase(torch.nn.Module, ABC):
     def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):
         return self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
 
-    def state_dict_for_save_checkpoint(
-        self, destination=None, prefix: str = "", keep_vars: bool = False
-    ):
+    def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False):
         inner = getattr(self.module, "state_dict_for_save_checkpoint", None)
         if inner is None:
-            return self.module.state_dict(
-                destination=destination, prefix=prefix, keep_vars=keep_vars
-            )
-        return inner(destination=destination, prefix=prefix, keep_vars=keep_vars)
+            return self.module.state_dict(prefix=prefix, keep_vars=keep_vars)
+        return inner(prefix=prefix, keep_vars=keep_vars)
 
     def load_state_dict(self, state_dict, strict: bool = True):
         return self.module.load_state_dict(state_dict, strict=strict)

@@ -11,13 +11,13 @@ parameters' dtype, so that it feeds the half-precision linear layers that follow
 from __future__ import annotations
 
 import numbers
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
-
-from megatron import print_rank_0
 from torch.nn import init
 from torch.nn.parameter import Parameter
+
+from megatron import print_rank_0
 
 try:  # apex is optional (DESIGN.md decision 2)
     from apex.normalization.fused_layer_norm import fused_layer_norm_affine as _apex_layer_norm
@@ -43,7 +43,7 @@ class MixedFusedLayerNorm(torch.nn.Module):
 
     def __init__(
         self,
-        normalized_shape: Union[int, Sequence[int]],
+        normalized_shape: int | Sequence[int],
         eps: float = 1e-5,
         sequence_parallel: bool = False,
     ) -> None:

@@ -17,7 +17,7 @@ megatron/fused_kernels). The fused kernels compute in fp32 and return the input 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -102,7 +102,7 @@ class FusedScaleMaskSoftmax(torch.nn.Module):
         scaled_masked_softmax_fusion: bool,
         mask_func: Callable,
         softmax_in_fp32: bool,
-        scale: Optional[float],
+        scale: float | None,
     ) -> None:
         super().__init__()
         if input_in_fp16 and input_in_bf16:
@@ -118,7 +118,7 @@ class FusedScaleMaskSoftmax(torch.nn.Module):
         self.softmax_in_fp32 = softmax_in_fp32
         self.scale = scale
 
-    def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """input [b, np, sq, sk] -> probabilities [b, np, sq, sk] (input dtype)."""
         if input.dim() != 4:
             raise ValueError(f"FusedScaleMaskSoftmax: expected [b, np, sq, sk], got {input.shape}")
@@ -129,7 +129,7 @@ class FusedScaleMaskSoftmax(torch.nn.Module):
         return self.forward_torch_softmax(input, mask)
 
     def is_kernel_available(
-        self, mask: Optional[torch.Tensor], b: int, np: int, sq: int, sk: int
+        self, mask: torch.Tensor | None, b: int, np: int, sq: int, sk: int
     ) -> bool:
         """True when a fused kernel computes this call (see the module docstring)."""
         if not (self.scaled_masked_softmax_fusion and self.input_in_float16):
@@ -145,9 +145,7 @@ class FusedScaleMaskSoftmax(torch.nn.Module):
             return False
         return fused_kernels.is_loaded()
 
-    def forward_fused_softmax(
-        self, input: torch.Tensor, mask: Optional[torch.Tensor]
-    ) -> torch.Tensor:
+    def forward_fused_softmax(self, input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, np, sq, sk = input.size()
         scale = self.scale if self.scale is not None else 1.0
         if self.attn_mask_type == AttnMaskType.causal:
@@ -155,9 +153,7 @@ class FusedScaleMaskSoftmax(torch.nn.Module):
             return probs.view(b, np, sq, sk)
         return ScaledMaskedSoftmax.apply(input, mask.to(torch.bool), scale)
 
-    def forward_torch_softmax(
-        self, input: torch.Tensor, mask: Optional[torch.Tensor]
-    ) -> torch.Tensor:
+    def forward_torch_softmax(self, input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.input_in_float16 and self.softmax_in_fp32:
             input = input.float()
         if self.scale is not None:

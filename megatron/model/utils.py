@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -77,3 +78,44 @@ def _erf_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 erf_gelu = jit_script(_erf_gelu)
+
+
+# Initialisation seeds. Each transformer layer, the embedding and the pooler draw their
+# initial weights from a generator seeded from (base seed, component), not from the
+# running default generator, so that a component's initial weights do not depend on the
+# pipeline stage that builds it or on what was built before it: a model split over PP
+# stages starts from exactly the weights of the unsplit model (Megatron itself does not
+# give this). Tensor-parallel layers build the full weight from that generator and keep
+# their slice, so TP shards are slices of the TP=1 weights as well.
+INIT_SALT_EMBEDDING = 0
+INIT_SALT_POOLER = 1
+INIT_SALT_HEAD = 2
+_INIT_SALT_ENCODER_LAYER = 1_000
+_INIT_SALT_DECODER_LAYER = 1_000_000
+
+
+def layer_init_salt(layer_number: int, decoder: bool = False) -> int:
+    """The seed salt of the layer with global (1-based) number `layer_number`."""
+    base = _INIT_SALT_DECODER_LAYER if decoder else _INIT_SALT_ENCODER_LAYER
+    return base + layer_number
+
+
+def derived_seed(seed: int, salt: int) -> int:
+    """A 63-bit seed for component `salt` of a model seeded with `seed`."""
+    return (seed * 1_000_003 + salt * 7_919 + 104_729) % (2**63 - 1)
+
+
+@contextlib.contextmanager
+def init_rng(seed: int, salt: int) -> Iterator[None]:
+    """Inside the block the CPU generator and this rank's accelerator generator are
+    seeded with derived_seed(seed, salt); both are restored on exit."""
+    from megatron.accelerator import device_name, get_accelerator
+
+    device_type = device_name()
+    devices = [] if device_type == "cpu" else [get_accelerator().current_device()]
+    with torch.random.fork_rng(devices=devices, device_type=device_type):
+        value = derived_seed(seed, salt)
+        torch.default_generator.manual_seed(value)
+        if devices:
+            get_accelerator().manual_seed(value)
+        yield

@@ -23,11 +23,7 @@ from typing import Iterable, List
 import torch
 
 from megatron import mpu
-
-
-def param_is_not_shared(param: torch.Tensor) -> bool:
-    """False for the tied-embedding copy (``shared=True``) that another stage owns."""
-    return not getattr(param, "shared", False)
+from megatron.model.module import param_is_not_shared
 
 
 def _model_parallel_group(group):

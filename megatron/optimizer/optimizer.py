@@ -181,7 +181,8 @@ class FP32Optimizer(MegatronOptimizer):
             # The local DDP accumulated (and reduced) into main_grad; point .grad at it.
             for param in self.get_parameters():
                 main_grad = getattr(param, "main_grad", None)
-                param.grad = main_grad
+                if main_grad is not None:
+                    param.grad = main_grad
         grad_norm, num_zeros = self._clip_and_count()
         self.optimizer.step()
         return True, grad_norm, num_zeros
@@ -284,7 +285,8 @@ class Float16OptimizerWithFloat16Params(MegatronOptimizer):
         if self.params_have_main_grad:
             for group in self.fp32_from_fp32_groups:
                 for param in group:
-                    param.grad = getattr(param, "main_grad", None)
+                    if getattr(param, "main_grad", None) is not None:
+                        param.grad = param.main_grad
 
     def _main_grads(self) -> List[torch.Tensor]:
         grads = []

@@ -4,13 +4,22 @@ import torch
 
 from megatron import mpu
 from megatron.model.distributed import DistributedDataParallel, MemoryBuffer
+from megatron.model.module import MegatronModule
 from megatron.optimizer import FP32Optimizer
 from tests.dist_utils import run_distributed
 
 MICRO_BATCHES = 2
 
 
-class _Tiny(torch.nn.Module):
+def _assert_close(actual, expected, rtol=1e-5, atol=1e-6):
+    # torch.testing.assert_close imports torch.distributed.tensor: seconds per spawned rank.
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.allclose(actual.float(), expected.float(), rtol=rtol, atol=atol), (
+        (actual.float() - expected.float()).abs().max().item()
+    )
+
+
+class _Tiny(MegatronModule):
     def __init__(self):
         super().__init__()
         self.dense = torch.nn.Linear(6, 8)
@@ -58,7 +67,7 @@ def _check_contiguous_buffers(rank, world_size, ref_grads):
         assert all(p.grad is None for p in ddp.parameters())  # moved into main_grad
         ddp.allreduce_gradients()
         for param, ref in zip(ddp.parameters(), ref_grads):
-            torch.testing.assert_close(param.main_grad, ref, rtol=1e-5, atol=1e-6)
+            _assert_close(param.main_grad, ref, rtol=1e-5, atol=1e-6)
     # every main_grad is a view into one flat buffer, the last param at the front
     (buffer,) = ddp._grad_buffers.values()
     assert buffer.data.numel() == sum(p.numel() for p in ddp.parameters())
@@ -73,7 +82,7 @@ def _check_optimizer_step_from_main_grad(ddp, ref_model):
     assert opt.step()[0]
     ref_opt.step()
     for param, ref in zip(ddp.parameters(), ref_model.parameters()):
-        torch.testing.assert_close(param, ref, rtol=1e-5, atol=1e-6)
+        _assert_close(param, ref, rtol=1e-5, atol=1e-6)
     gathered = [torch.empty_like(ddp.module.dense.weight) for _ in range(2)]
     torch.distributed.all_gather(gathered, ddp.module.dense.weight.detach())
     assert torch.equal(gathered[0], gathered[1])  # replicas stay identical
@@ -85,7 +94,7 @@ def _check_bucketed_without_buffers(rank, world_size, ref_grads):
     ddp.allreduce_gradients()
     for param, ref in zip(ddp.parameters(), ref_grads):
         assert param.main_grad is param.grad
-        torch.testing.assert_close(param.grad, ref, rtol=1e-5, atol=1e-6)
+        _assert_close(param.grad, ref, rtol=1e-5, atol=1e-6)
 
 
 def _check_fp32_accumulation_of_bf16_grads(rank, world_size, ref_grads):
@@ -95,7 +104,7 @@ def _check_fp32_accumulation_of_bf16_grads(rank, world_size, ref_grads):
     ddp.allreduce_gradients()
     for param, ref in zip(ddp.parameters(), ref_grads):
         assert param.dtype == torch.bfloat16 and param.main_grad.dtype == torch.float32
-        torch.testing.assert_close(param.main_grad, ref, rtol=5e-2, atol=5e-2)
+        _assert_close(param.main_grad, ref, rtol=5e-2, atol=5e-2)
 
 
 def _check_state_dict_passthrough():

@@ -1,11 +1,13 @@
-"""Tensor-parallel layers, communication mappings and cross entropy equal their serial
-versions, on 4 gloo ranks laid out as TP=2 x PP=2 and then TP=4."""
+"""Tensor-parallel layers, communication mappings, cross entropy and broadcast_data equal
+their serial versions, on 4 gloo ranks laid out as TP=2 x PP=2 and then TP=4; the same
+world also checks every group layout of 4 ranks."""
 
 import torch
 import torch.nn.functional as F
 
 from megatron import mpu
 from tests.dist_utils import run_distributed
+from tests.unit.mpu.group_checks import check_groups
 
 SEED = 1234
 ATOL = 1e-5
@@ -121,12 +123,8 @@ def _check_sequence_parallel_mlp(tp, r):
     """Column -> gelu -> Row with sequence parallelism equals the serial MLP."""
     col_ref = _serial(mpu.ColumnParallelLinear, 8, 16, gather_output=False)
     row_ref = _serial(mpu.RowParallelLinear, 16, 8, input_is_parallel=True)
-    col = _parallel(
-        mpu.ColumnParallelLinear, 8, 16, gather_output=False, sequence_parallel=True
-    )
-    row = _parallel(
-        mpu.RowParallelLinear, 16, 8, input_is_parallel=True, sequence_parallel=True
-    )
+    col = _parallel(mpu.ColumnParallelLinear, 8, 16, gather_output=False, sequence_parallel=True)
+    row = _parallel(mpu.RowParallelLinear, 16, 8, input_is_parallel=True, sequence_parallel=True)
     assert row.bias.sequence_parallel
     x_full = _data(8, 2, 8)  # [s, b, h]
     x_ref = x_full.clone().requires_grad_()
@@ -134,7 +132,9 @@ def _check_sequence_parallel_mlp(tp, r):
     grad = _data(8, 2, 8, seed=5)
 
     y = row(F.gelu(col(x)[0]))[0]  # [s/p, b, h]
-    y_ref = row_ref(F.gelu(col_ref(x_ref)[0]))[0]
+    # the reference layers' own forward would communicate (TP is 2 again): use F.linear
+    y_ref = F.linear(F.gelu(F.linear(x_ref, col_ref.weight, col_ref.bias)), row_ref.weight)
+    y_ref = y_ref + row_ref.bias
     _close(y, y_ref.chunk(tp, 0)[r], "sequence-parallel MLP forward")
     (y * grad.chunk(tp, 0)[r]).sum().backward()
     (y_ref * grad).sum().backward()
@@ -265,6 +265,7 @@ def _run_tp_checks(rank, world_size, tp, pp):
 
 
 def _check_world(rank, world_size):
+    check_groups(rank, world_size)  # one spawned world serves both (ranks are slow to start)
     _run_tp_checks(rank, world_size, 2, 2)
     _run_tp_checks(rank, world_size, 4, 1)
 

@@ -1,0 +1,630 @@
+"""The Megatron transformer: tensor-parallel attention and MLP, layers, and the stack.
+
+Layout: activations inside the transformer are [s, b, h] (sequence, batch, hidden)
+throughout, as in Megatron; with sequence parallelism each tensor-parallel rank holds
+[s/p, b, h] outside the attention and MLP blocks. Notation below: p = tensor-parallel
+size, np = attention heads on this rank, hn = per-head width, hp = np * hn.
+
+Every layer takes a TransformerConfig; nothing here reads global arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from megatron import mpu
+
+from .config import TransformerConfig
+from .enums import AttnMaskType, AttnType, LayerType
+from .fused_bias_gelu import bias_gelu_impl
+from .fused_layer_norm import MixedFusedLayerNorm as LayerNorm
+from .fused_softmax import FusedScaleMaskSoftmax
+from .module import MegatronModule
+from .utils import attention_mask_func, erf_gelu, init_rng, jit_script, layer_init_salt, openai_gelu
+
+
+def _linear_kwargs(config: TransformerConfig) -> dict:
+    return dict(
+        params_dtype=config.params_dtype,
+        use_cpu_initialization=config.use_cpu_initialization,
+        perform_initialization=config.perform_initialization,
+    )
+
+
+class ParallelMLP(MegatronModule):
+    """h -> ffn -> h with GeLU: Y = gelu(X A + a) B + b.
+
+    A [h, ffn] is split by columns (each rank computes its ffn/p features, no
+    communication); B [ffn, h] by rows (partial products summed by an all-reduce, or a
+    reduce-scatter under sequence parallelism). The output bias b is returned unadded so
+    that it fuses into the bias-dropout-add that follows.
+    """
+
+    def __init__(
+        self, config: TransformerConfig, init_method: Callable, output_layer_init_method: Callable
+    ) -> None:
+        super().__init__()
+        self.dense_h_to_4h = mpu.ColumnParallelLinear(
+            config.hidden_size,
+            config.ffn_hidden_size,
+            gather_output=False,
+            init_method=init_method,
+            skip_bias_add=True,
+            sequence_parallel=config.sequence_parallel,
+            **_linear_kwargs(config),
+        )
+        self.bias_gelu_fusion = config.bias_gelu_fusion
+        self.activation_func = F.gelu
+        if config.openai_gelu:
+            self.activation_func = openai_gelu
+        elif config.onnx_safe:
+            self.activation_func = erf_gelu
+        self.dense_4h_to_h = mpu.RowParallelLinear(
+            config.ffn_hidden_size,
+            config.hidden_size,
+            input_is_parallel=True,
+            init_method=output_layer_init_method,
+            skip_bias_add=True,
+            sequence_parallel=config.sequence_parallel,
+            **_linear_kwargs(config),
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # hidden_states: [s, b, h] -> intermediate [s, b, ffn/p]
+        intermediate_parallel, bias_parallel = self.dense_h_to_4h(hidden_states)
+        if self.bias_gelu_fusion:
+            intermediate_parallel = bias_gelu_impl(intermediate_parallel, bias_parallel)
+        else:
+            intermediate_parallel = self.activation_func(intermediate_parallel + bias_parallel)
+        output, output_bias = self.dense_4h_to_h(intermediate_parallel)  # [s, b, h]
+        return output, output_bias
+
+
+_CAUSAL_CACHE: dict = {}
+
+
+def is_plain_causal_mask(attention_mask: torch.Tensor | None) -> bool:
+    """True when `attention_mask` ([.., s, s], True = masked) masks exactly the keys after
+    each query for every batch entry (or is None), so is_causal attention may replace it.
+    A custom mask (e.g. --reset-attention-mask) gives False."""
+    if attention_mask is None:
+        return True
+    s_q, s_k = attention_mask.shape[-2:]
+    if s_q != s_k:
+        return False
+    key = (s_q, attention_mask.device)
+    causal = _CAUSAL_CACHE.get(key)
+    if causal is None:
+        causal = torch.ones(s_q, s_k, dtype=torch.bool, device=attention_mask.device).triu_(1)
+        _CAUSAL_CACHE.clear()
+        _CAUSAL_CACHE[key] = causal
+    return bool((attention_mask.bool() == causal).all())
+
+
+class ParallelAttention(MegatronModule):
+    """Multi-head attention over heads split across tensor-parallel ranks.
+
+    Self-attention projects [s, b, h] with one column-parallel `query_key_value` whose
+    output is laid out per head as [np, 3 * hn] (q, k, v of head 0, then of head 1, ...),
+    Megatron's layout, so its rows split by heads across ranks and checkpoints load as
+    they are. Cross-attention (T5 decoder) uses `query` on the input and `key_value` on
+    the encoder output. Core attention:
+
+        scores = Q K^T / sqrt(hn),  probs = dropout(softmax(mask(scores))),  ctx = probs V
+
+    either with baddbmm and FusedScaleMaskSoftmax (with apply_query_key_layer_scaling the
+    scores are divided by layer_number more and the softmax multiplies them back, which
+    keeps fp16 in range and is exact in fp32), or with config.use_flash_attn through
+    torch's scaled_dot_product_attention. The row-parallel `dense` projects back to h.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        init_method: Callable,
+        output_layer_init_method: Callable,
+        layer_number: int,
+        attention_type: AttnType = AttnType.self_attn,
+        attn_mask_type: AttnMaskType = AttnMaskType.padding,
+    ) -> None:
+        super().__init__()
+        self.fp16, self.bf16 = config.fp16, config.bf16
+        self.layer_number = max(1, layer_number)
+        self.attention_type = attention_type
+        self.attn_mask_type = attn_mask_type
+        self.use_flash_attn = config.use_flash_attn
+        self.sequence_parallel = config.sequence_parallel
+        self.attention_dropout_p = config.attention_dropout
+        projection_size = config.kv_channels * config.num_attention_heads
+        world_size = mpu.get_tensor_model_parallel_world_size()
+        self.hidden_size_per_partition = mpu.divide(projection_size, world_size)
+        self.hidden_size_per_attention_head = config.kv_channels
+        self.num_attention_heads_per_partition = mpu.divide(config.num_attention_heads, world_size)
+        common = dict(
+            gather_output=False,
+            init_method=init_method,
+            sequence_parallel=config.sequence_parallel,
+            **_linear_kwargs(config),
+        )
+        if attention_type == AttnType.self_attn:
+            self.query_key_value = mpu.ColumnParallelLinear(
+                config.hidden_size, 3 * projection_size, **common
+            )
+        else:
+            self.query = mpu.ColumnParallelLinear(config.hidden_size, projection_size, **common)
+            self.key_value = mpu.ColumnParallelLinear(
+                config.hidden_size, 2 * projection_size, **common
+            )
+
+        coeff = None
+        self.norm_factor = math.sqrt(self.hidden_size_per_attention_head)
+        softmax_in_fp32 = config.attention_softmax_in_fp32
+        if config.apply_query_key_layer_scaling:
+            coeff = self.layer_number
+            self.norm_factor *= coeff
+            softmax_in_fp32 = True
+        self.scale_mask_softmax = FusedScaleMaskSoftmax(
+            self.fp16,
+            self.bf16,
+            self.attn_mask_type,
+            config.masked_softmax_fusion,
+            attention_mask_func,
+            softmax_in_fp32,
+            coeff,
+        )
+        self.attention_dropout = torch.nn.Dropout(config.attention_dropout)
+        self.dense = mpu.RowParallelLinear(
+            projection_size,
+            config.hidden_size,
+            input_is_parallel=True,
+            init_method=output_layer_init_method,
+            skip_bias_add=True,
+            sequence_parallel=config.sequence_parallel,
+            **_linear_kwargs(config),
+        )
+
+    def _dropout_rng(self, active: bool):
+        """Attention-probability dropout draws from the tracker's per-rank stream (each
+        rank holds other heads); under sequence parallelism the whole layer already runs
+        inside that stream (ParallelTransformer.forward)."""
+        if active and not self.sequence_parallel:
+            return mpu.get_cuda_rng_tracker().fork()
+        return contextlib.nullcontext()
+
+    def _project(self, hidden_states, encoder_output):
+        """q [sq, b, np, hn], k and v [sk, b, np, hn]."""
+        np_, hn = self.num_attention_heads_per_partition, self.hidden_size_per_attention_head
+        if self.attention_type == AttnType.self_attn:
+            mixed_x_layer, _ = self.query_key_value(hidden_states)  # [sq, b, np * 3 * hn]
+            mixed_x_layer = mixed_x_layer.view(*mixed_x_layer.shape[:-1], np_, 3 * hn)
+            return torch.split(mixed_x_layer, hn, dim=-1)
+        mixed_kv_layer, _ = self.key_value(encoder_output)  # [sk, b, np * 2 * hn]
+        mixed_kv_layer = mixed_kv_layer.view(*mixed_kv_layer.shape[:-1], np_, 2 * hn)
+        key_layer, value_layer = torch.split(mixed_kv_layer, hn, dim=-1)
+        query_layer, _ = self.query(hidden_states)  # [sq, b, np * hn]
+        query_layer = query_layer.view(*query_layer.shape[:-1], np_, hn)
+        return query_layer, key_layer, value_layer
+
+    def core_attention(self, query_layer, key_layer, value_layer, attention_mask):
+        """Scores by baddbmm, FusedScaleMaskSoftmax, dropout, probs @ V -> [sq, b, hp]."""
+        sq, b, np_, hn = query_layer.shape
+        sk = key_layer.size(0)
+        query_layer = query_layer.reshape(sq, b * np_, hn)
+        key_layer = key_layer.reshape(sk, b * np_, hn)
+        matmul_result = torch.empty(
+            b * np_, sq, sk, dtype=query_layer.dtype, device=query_layer.device
+        )
+        matmul_result = torch.baddbmm(
+            matmul_result,
+            query_layer.transpose(0, 1),  # [b * np, sq, hn]
+            key_layer.transpose(0, 1).transpose(1, 2),  # [b * np, hn, sk]
+            beta=0.0,
+            alpha=1.0 / self.norm_factor,
+        )
+        attention_scores = matmul_result.view(b, np_, sq, sk)
+        attention_probs = self.scale_mask_softmax(attention_scores, attention_mask)
+        with self._dropout_rng(self.training and self.attention_dropout_p > 0):
+            attention_probs = self.attention_dropout(attention_probs)
+        value_layer = value_layer.reshape(sk, b * np_, hn)
+        attention_probs = attention_probs.view(b * np_, sq, sk)
+        context_layer = torch.bmm(attention_probs, value_layer.transpose(0, 1))  # [b*np, sq, hn]
+        context_layer = context_layer.view(b, np_, sq, hn).permute(2, 0, 1, 3).contiguous()
+        return context_layer.view(sq, b, np_ * hn)  # [sq, b, hp]
+
+    def flash_attention(
+        self, query_layer, key_layer, value_layer, attention_mask, attention_mask_is_causal
+    ):
+        """The same attention through scaled_dot_product_attention -> [sq, b, hp]."""
+        sq, b, np_, hn = query_layer.shape
+        sk = key_layer.size(0)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query_layer, key_layer, value_layer))
+        mask, is_causal = None, False
+        if self.attn_mask_type == AttnMaskType.causal and sq == sk:
+            if attention_mask_is_causal is None:
+                attention_mask_is_causal = is_plain_causal_mask(attention_mask)
+            is_causal = attention_mask_is_causal
+        if not is_causal and attention_mask is not None:
+            mask = ~attention_mask.bool()  # SDPA: True = attend
+        dropout_p = self.attention_dropout_p if self.training else 0.0
+        with self._dropout_rng(dropout_p > 0):
+            context = F.scaled_dot_product_attention(
+                q,  # [b, np, sq, hn]
+                k,  # [b, np, sk, hn]
+                v,
+                attn_mask=mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=1.0 / math.sqrt(hn),
+            )
+        return context.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)  # [sq, b, hp]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        layer_past: Tuple[torch.Tensor, torch.Tensor] | None = None,
+        get_key_value: bool = False,
+        encoder_output: torch.Tensor | None = None,
+        attention_mask_is_causal: bool | None = None,
+    ):
+        """hidden_states [sq, b, h] -> (output [sq, b, h], dense bias [h]).
+
+        With get_key_value the first element is [output, (key, value)], key and value
+        [sk, b, np, hn] including `layer_past` (incremental generation).
+        `attention_mask_is_causal` (flash path) saves re-checking the mask per layer.
+        """
+        query_layer, key_layer, value_layer = self._project(hidden_states, encoder_output)
+        if layer_past is not None:
+            past_key, past_value = layer_past
+            key_layer = torch.cat((past_key.type_as(key_layer), key_layer), dim=0)
+            value_layer = torch.cat((past_value.type_as(value_layer), value_layer), dim=0)
+        present = (key_layer, value_layer) if get_key_value else None
+        if get_key_value and attention_mask is not None:
+            sq, sk = query_layer.size(0), key_layer.size(0)
+            with torch.no_grad():  # the new queries are the last sq of the sk positions
+                attention_mask = attention_mask[..., sk - sq : sk, :sk]
+            attention_mask_is_causal = None
+        if self.use_flash_attn:
+            context_layer = self.flash_attention(
+                query_layer, key_layer, value_layer, attention_mask, attention_mask_is_causal
+            )
+        else:
+            context_layer = self.core_attention(query_layer, key_layer, value_layer, attention_mask)
+        output, bias = self.dense(context_layer)  # [sq, b, h]
+        if get_key_value:
+            output = [output, present]
+        return output, bias
+
+
+def bias_dropout_add(
+    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, prob: float, training: bool
+) -> torch.Tensor:
+    """residual + dropout(x + bias)."""
+    out = F.dropout(x + bias, p=prob, training=training)
+    return residual + out
+
+
+def get_bias_dropout_add(training: bool) -> Callable:
+    """The unfused bias-dropout-add with `training` bound."""
+
+    def _bias_dropout_add(x, bias, residual, prob):
+        return bias_dropout_add(x, bias, residual, prob, training)
+
+    return _bias_dropout_add
+
+
+def _bias_dropout_add_fused_train(
+    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, prob: float
+) -> torch.Tensor:
+    return bias_dropout_add(x, bias, residual, prob, True)
+
+
+def _bias_dropout_add_fused_inference(
+    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, prob: float
+) -> torch.Tensor:
+    return bias_dropout_add(x, bias, residual, prob, False)
+
+
+bias_dropout_add_fused_train = jit_script(_bias_dropout_add_fused_train)
+bias_dropout_add_fused_inference = jit_script(_bias_dropout_add_fused_inference)
+
+
+class ParallelTransformerLayer(MegatronModule):
+    """One pre-LN transformer layer: x [s, b, h] ->
+
+        a = x + dropout(attention(LN1(x)))        (residual from LN1(x) with
+        y = a + dropout(mlp(LN2(a)))               apply_residual_connection_post_layernorm)
+
+    with cross-attention on the encoder output between the two for decoder layers.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        init_method: Callable,
+        output_layer_init_method: Callable,
+        layer_number: int,
+        layer_type: LayerType = LayerType.encoder,
+        self_attn_mask_type: AttnMaskType = AttnMaskType.padding,
+    ) -> None:
+        super().__init__()
+        self.layer_number = layer_number
+        self.layer_type = layer_type
+        self.apply_residual_connection_post_layernorm = (
+            config.apply_residual_connection_post_layernorm
+        )
+        self.bias_dropout_fusion = config.bias_dropout_fusion
+        self.hidden_dropout = config.hidden_dropout
+
+        def norm():
+            return LayerNorm(
+                config.hidden_size,
+                eps=config.layernorm_epsilon,
+                sequence_parallel=config.sequence_parallel,
+            )
+
+        self.input_layernorm = norm()
+        self.self_attention = ParallelAttention(
+            config,
+            init_method,
+            output_layer_init_method,
+            layer_number,
+            attention_type=AttnType.self_attn,
+            attn_mask_type=self_attn_mask_type,
+        )
+        self.post_attention_layernorm = norm()
+        if layer_type == LayerType.decoder:
+            self.inter_attention = ParallelAttention(
+                config,
+                init_method,
+                output_layer_init_method,
+                layer_number,
+                attention_type=AttnType.cross_attn,
+            )
+            self.post_inter_attention_layernorm = norm()
+        self.mlp = ParallelMLP(config, init_method, output_layer_init_method)
+
+    def _bias_dropout_add_func(self) -> Callable:
+        if self.bias_dropout_fusion:
+            if self.training:
+                return bias_dropout_add_fused_train
+            return bias_dropout_add_fused_inference
+        return get_bias_dropout_add(self.training)
+
+    def _residual(self, layernorm_output, layernorm_input):
+        if self.apply_residual_connection_post_layernorm:
+            return layernorm_output
+        return layernorm_input
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        encoder_output: torch.Tensor | None = None,
+        enc_dec_attn_mask: torch.Tensor | None = None,
+        layer_past=None,
+        get_key_value: bool = False,
+        attention_mask_is_causal: bool | None = None,
+    ):
+        """hidden_states [s, b, h] -> [s, b, h] (and presents with get_key_value)."""
+        bias_dropout_add_func = self._bias_dropout_add_func()
+        layernorm_output = self.input_layernorm(hidden_states)
+        attention_output, attention_bias = self.self_attention(
+            layernorm_output,
+            attention_mask,
+            layer_past=layer_past,
+            get_key_value=get_key_value,
+            attention_mask_is_causal=attention_mask_is_causal,
+        )
+        if get_key_value:
+            attention_output, presents = attention_output
+        residual = self._residual(layernorm_output, hidden_states)
+        layernorm_input = bias_dropout_add_func(
+            attention_output, attention_bias.expand_as(residual), residual, self.hidden_dropout
+        )
+        layernorm_output = self.post_attention_layernorm(layernorm_input)
+
+        if self.layer_type == LayerType.decoder:
+            attention_output, attention_bias = self.inter_attention(
+                layernorm_output, enc_dec_attn_mask, encoder_output=encoder_output
+            )
+            residual = self._residual(layernorm_output, layernorm_input)
+            layernorm_input = bias_dropout_add_func(
+                attention_output,
+                attention_bias.expand_as(residual),
+                residual,
+                self.hidden_dropout,
+            )
+            layernorm_output = self.post_inter_attention_layernorm(layernorm_input)
+
+        mlp_output, mlp_bias = self.mlp(layernorm_output)
+        residual = self._residual(layernorm_output, layernorm_input)
+        output = bias_dropout_add_func(
+            mlp_output, mlp_bias.expand_as(residual), residual, self.hidden_dropout
+        )
+        if get_key_value:
+            output = [output, presents]
+        return output
+
+
+def _layers_on_this_stage(config: TransformerConfig) -> Tuple[int, int]:
+    """(number of layers of this model chunk, global index of its first layer).
+
+    Stage r of p holds layers [r L/p, (r+1) L/p); with v virtual chunks per stage
+    (interleaved schedule) chunk c of stage r holds L/(p v) layers starting at
+    c L/v + r L/(p v), Megatron's assignment.
+    """
+    pp_size = mpu.get_pipeline_model_parallel_world_size()
+    if config.num_layers % pp_size != 0:
+        raise ValueError(
+            f"--num-layers ({config.num_layers}) is not divisible by "
+            f"--pipeline-model-parallel-size ({pp_size})"
+        )
+    num_layers = config.num_layers // pp_size
+    pp_rank = mpu.get_pipeline_model_parallel_rank()
+    vpp_size = mpu.get_virtual_pipeline_model_parallel_world_size()
+    if vpp_size is None:
+        return num_layers, pp_rank * num_layers
+    if num_layers % vpp_size != 0:
+        raise ValueError(
+            f"layers per pipeline stage ({num_layers}) are not divisible by "
+            f"--num-layers-per-virtual-pipeline-stage chunks ({vpp_size})"
+        )
+    num_layers //= vpp_size
+    vpp_rank = mpu.get_virtual_pipeline_model_parallel_rank() or 0
+    offset = vpp_rank * (config.num_layers // vpp_size) + pp_rank * num_layers
+    return num_layers, offset
+
+
+class ParallelTransformer(MegatronModule):
+    """The layers of this pipeline stage (or virtual chunk), plus the final layer norm on
+    the last stage.
+
+    Layer `offset + i + 1` (global, 1-based) is built under init_rng(config.seed, its
+    salt): its initial weights are the same whichever stage builds it. With
+    pre_process False the input comes from set_input_tensor() (pipeline receive).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        init_method: Callable,
+        output_layer_init_method: Callable,
+        layer_type: LayerType = LayerType.encoder,
+        self_attn_mask_type: AttnMaskType = AttnMaskType.padding,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ) -> None:
+        super().__init__()
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.input_tensor = None
+        self.self_attn_mask_type = self_attn_mask_type
+        self.fp32_residual_connection = config.fp32_residual_connection
+        self.use_flash_attn = config.use_flash_attn
+        self.sequence_parallel = config.sequence_parallel
+        self.checkpoint_activations = config.checkpoint_activations
+        self.checkpoint_num_layers = config.checkpoint_num_layers
+        self.distribute_checkpointed_activations = config.distribute_checkpointed_activations
+        self.num_layers, offset = _layers_on_this_stage(config)
+        decoder = layer_type == LayerType.decoder
+
+        def build_layer(layer_number: int) -> ParallelTransformerLayer:
+            with init_rng(config.seed, layer_init_salt(layer_number, decoder)):
+                return ParallelTransformerLayer(
+                    config,
+                    init_method,
+                    output_layer_init_method,
+                    layer_number,
+                    layer_type=layer_type,
+                    self_attn_mask_type=self_attn_mask_type,
+                )
+
+        self.layers = torch.nn.ModuleList(
+            [build_layer(i + 1 + offset) for i in range(self.num_layers)]
+        )
+        if self.post_process:
+            self.final_layernorm = LayerNorm(
+                config.hidden_size,
+                eps=config.layernorm_epsilon,
+                sequence_parallel=config.sequence_parallel,
+            )
+
+    def _get_layer(self, layer_number: int) -> ParallelTransformerLayer:
+        return self.layers[layer_number]
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | None) -> None:
+        """The activation received from the previous pipeline stage."""
+        self.input_tensor = input_tensor
+
+    def _checkpointed_forward(
+        self, hidden_states, attention_mask, encoder_output, enc_dec_attn_mask, is_causal
+    ):
+        """Run the layers in chunks of checkpoint_num_layers, recomputed in backward."""
+
+        def custom(start: int, end: int):
+            def custom_forward(x_, attention_mask, encoder_output, enc_dec_attn_mask):
+                for index in range(start, end):
+                    x_ = self._get_layer(index)(
+                        x_,
+                        attention_mask,
+                        encoder_output=encoder_output,
+                        enc_dec_attn_mask=enc_dec_attn_mask,
+                        attention_mask_is_causal=is_causal,
+                    )
+                return x_
+
+            return custom_forward
+
+        start = 0
+        while start < self.num_layers:
+            end = min(start + self.checkpoint_num_layers, self.num_layers)
+            hidden_states = mpu.checkpoint(
+                custom(start, end),
+                self.distribute_checkpointed_activations,
+                hidden_states,
+                attention_mask,
+                encoder_output,
+                enc_dec_attn_mask,
+            )
+            start = end
+        return hidden_states
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        layer_past: List | None = None,
+        get_key_value: bool = False,
+        encoder_output: torch.Tensor | None = None,
+        enc_dec_attn_mask: torch.Tensor | None = None,
+    ):
+        """hidden_states [s, b, h] (ignored unless pre_process) -> [s, b, h]."""
+        if layer_past is not None and not get_key_value:
+            raise ValueError("ParallelTransformer: layer_past needs get_key_value=True")
+        if get_key_value and self.checkpoint_activations:
+            raise ValueError("ParallelTransformer: get_key_value is not supported with recompute")
+        if not self.pre_process:
+            hidden_states = self.input_tensor
+        elif self.fp32_residual_connection:
+            hidden_states = hidden_states.float()
+
+        is_causal = None
+        if self.use_flash_attn and self.self_attn_mask_type == AttnMaskType.causal:
+            is_causal = is_plain_causal_mask(attention_mask)  # checked once, not per layer
+        presents = []
+        # Under sequence parallelism each rank holds other tokens: hidden dropout draws
+        # from the per-rank stream (attention dropout then does not fork again).
+        rng_context = contextlib.nullcontext()
+        if self.sequence_parallel and self.training:
+            rng_context = mpu.get_cuda_rng_tracker().fork()
+        with rng_context:
+            if self.checkpoint_activations and self.training:
+                hidden_states = self._checkpointed_forward(
+                    hidden_states, attention_mask, encoder_output, enc_dec_attn_mask, is_causal
+                )
+            else:
+                for index in range(self.num_layers):
+                    hidden_states = self._get_layer(index)(
+                        hidden_states,
+                        attention_mask,
+                        encoder_output=encoder_output,
+                        enc_dec_attn_mask=enc_dec_attn_mask,
+                        layer_past=layer_past[index] if layer_past is not None else None,
+                        get_key_value=get_key_value,
+                        attention_mask_is_causal=is_causal,
+                    )
+                    if get_key_value:
+                        hidden_states, present = hidden_states
+                        presents.append(present)
+
+        if self.post_process:
+            hidden_states = self.final_layernorm(hidden_states)
+        if get_key_value:
+            return [hidden_states, presents]
+        return hidden_states

@@ -1,0 +1,120 @@
+"""GPT-2 BPE: fixed known ids, fast == pure-Python reference == tiktoken, round trips."""
+
+import json
+import os
+
+import pytest
+
+from megatron.tokenizer.gpt2_tokenization import GPT2Tokenizer, bytes_to_unicode, get_pairs
+from megatron.tokenizer.tokenizer import _GPT2BPETokenizer
+
+
+@pytest.fixture(scope="module")
+def gpt2_files(vocab_dir):
+    return os.path.join(vocab_dir, "gpt2-vocab.json"), os.path.join(vocab_dir, "gpt2-merges.txt")
+
+
+@pytest.fixture(scope="module")
+def fast(gpt2_files):
+    return _GPT2BPETokenizer(*gpt2_files, impl="fast")
+
+
+@pytest.fixture(scope="module")
+def python(gpt2_files):
+    return _GPT2BPETokenizer(*gpt2_files, impl="python")
+
+
+@pytest.fixture(scope="module")
+def tiktoken_encoding(gpt2_files):
+    """tiktoken's GPT-2 encoding rebuilt offline from the same files (rank = token id)."""
+    tiktoken = pytest.importorskip("tiktoken")
+    with open(gpt2_files[0], encoding="utf-8") as f:
+        encoder = json.load(f)
+    byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {
+        bytes(byte_decoder[c] for c in token): i
+        for token, i in encoder.items()
+        if token != "<|endoftext|>"
+    }
+    return tiktoken.Encoding(
+        name="gpt2_from_vocab_files",
+        pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": encoder["<|endoftext|>"]},
+    )
+
+
+def test_byte_table_is_a_bijection_onto_printable_chars():
+    table = bytes_to_unicode()
+    assert sorted(table) == list(range(256))
+    assert len(set(table.values())) == 256
+    assert all(not c.isspace() and c.isprintable() for c in table.values())
+    assert table[ord("A")] == "A" and table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ"
+    assert get_pairs(("a", "b", "c", "b", "c")) == {("a", "b"), ("b", "c"), ("c", "b")}
+
+
+@pytest.mark.parametrize("impl", ["fast", "python"])
+def test_known_ids(gpt2_files, impl):
+    tok = _GPT2BPETokenizer(*gpt2_files, impl=impl)
+    assert tok.vocab_size == 50257
+    assert tok.eod == 50256 and tok.inv_vocab[50256] == "<|endoftext|>"
+    assert tok.tokenize("Hello world") == [15496, 995]
+    assert tok.tokenize(" Hello") == [18435]
+    assert tok.tokenize("Hello, world!") == [15496, 11, 995, 0]
+    assert tok.tokenize("\n\n") == [628]
+    assert tok.tokenize("") == []
+    # '<|endoftext|>' in text is ordinary characters, never the eod id.
+    assert tok.eod not in tok.tokenize("<|endoftext|>")
+    with pytest.raises(NotImplementedError, match="CLS is not provided for GPT2 BPE"):
+        _ = tok.cls
+
+
+def test_hand_texts_fast_equals_reference_equals_tiktoken(fast, python, tiktoken_encoding,
+                                                          hand_texts):
+    for text in hand_texts:
+        ref = python.tokenize(text)
+        assert fast.tokenize(text) == ref, repr(text)
+        assert tiktoken_encoding.encode_ordinary(text) == ref, repr(text)
+        assert python.detokenize(ref) == text, repr(text)
+
+
+def test_random_texts_fast_equals_reference(fast, python, tiktoken_encoding, mixed_texts):
+    ref = [python.tokenize(t) for t in mixed_texts]
+    assert fast.tokenize_batch(mixed_texts) == ref
+    assert python.tokenize_batch(mixed_texts) == ref
+    assert tiktoken_encoding.encode_ordinary_batch(mixed_texts, num_threads=1) == ref
+    for text, ids in zip(mixed_texts, ref):
+        assert fast.detokenize(ids) == text, repr(text)
+
+
+def test_every_byte_round_trips(fast, python):
+    # All 256 single bytes as text (latin-1) and an emoji cut mid-sequence decode safely.
+    text = bytes(range(256)).decode("latin-1")
+    ids = fast.tokenize(text)
+    assert ids == python.tokenize(text)
+    assert fast.detokenize(ids) == text
+    emoji_ids = fast.tokenize("👨‍👩‍👧")
+    assert fast.detokenize(emoji_ids) == "👨‍👩‍👧"
+    assert "\ufffd" in fast.detokenize(emoji_ids[:1])  # partial UTF-8 -> replacement char
+
+
+def test_reference_special_tokens_and_cache(gpt2_files):
+    ref = GPT2Tokenizer(*gpt2_files, special_tokens=["<sep>", "<cls>"])
+    assert len(ref) == 50257 + 2
+    assert ref.convert_tokens_to_ids(["<sep>", "<cls>", "Hello"]) == [50257, 50258, 15496]
+    assert ref.decode([15496, 50257, 995]) == "Hello<sep> world"
+    assert ref.convert_ids_to_tokens([50258, 995], skip_special_tokens=True) == ["Ġworld"]
+    ref.encode("unbelievable unbelievable")
+    assert ref.cache["Ġunbelievable"] == ref.bpe("Ġunbelievable")
+    assert ref.pre_tokenize("I'll  go") == ["I", "'ll", " ", " go"]
+
+
+def test_bad_files_give_clear_errors(tmp_path, gpt2_files):
+    with pytest.raises(FileNotFoundError, match="--merge-file not found"):
+        _GPT2BPETokenizer(gpt2_files[0], str(tmp_path / "missing.txt"))
+    bad = tmp_path / "vocab.json"
+    bad.write_text("not json")
+    with pytest.raises(ValueError, match="vocab.json: not a JSON vocabulary"):
+        _GPT2BPETokenizer(str(bad), gpt2_files[1])
+    with pytest.raises(ValueError, match="tokenizer impl 'rust'"):
+        _GPT2BPETokenizer(*gpt2_files, impl="rust")
