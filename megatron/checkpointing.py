@@ -152,6 +152,10 @@ def save_checkpoint(iteration: int, model, optimizer, lr_scheduler) -> None:
     """Save this rank's model (and optimizer, scheduler, RNG unless --no-save-*) at
     `iteration`, then, after every rank is done, point the tracker at it."""
     args = get_args()
+    if getattr(args, "deepspeed", False):
+        from .deepspeed_engine import save_deepspeed_checkpoint
+
+        return save_deepspeed_checkpoint(iteration, model, optimizer, lr_scheduler)
     print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save}")
     if mpu.get_data_parallel_rank() == 0:
         state = {
@@ -211,6 +215,10 @@ def load_checkpoint(model, optimizer, lr_scheduler, load_arg: str = "load",
     to resume from (0 for a fresh start or --finetune)."""
     args = get_args()
     load_dir = getattr(args, load_arg)
+    if getattr(args, "deepspeed", False):
+        from .deepspeed_engine import load_deepspeed_checkpoint
+
+        return load_deepspeed_checkpoint(model, optimizer, lr_scheduler, load_dir, strict)
     models = unwrap_model(model if isinstance(model, list) else [model])
     tracker = get_checkpoint_tracker_filename(load_dir)
     if not os.path.isfile(tracker):

@@ -61,22 +61,21 @@ def _communicate(tensor_send_next, tensor_send_prev, recv_prev: bool, recv_next:
         if tensor_send_prev is not None:
             tensor_send_prev = mpu.split_tensor_into_1d_equal_chunks(tensor_send_prev)
 
-    ops = []
+    # Messages between two ranks are matched in the order they are posted. With two stages
+    # the previous and the next stage are the same rank (interleaving wraps around), so
+    # every rank posts activations before gradients on both sides: sends to next, then to
+    # prev; receives from prev, then from next. A's (activation, gradient) to B then meet
+    # B's (recv from prev, recv from next) in the same order.
+    prev_rank = mpu.get_pipeline_model_parallel_prev_rank()
+    next_rank = mpu.get_pipeline_model_parallel_next_rank()
     group = mpu.get_pipeline_model_parallel_group()
-    if tensor_send_prev is not None:
-        ops.append(torch.distributed.P2POp(torch.distributed.isend,
-                                           tensor_send_prev.contiguous(),
-                                           mpu.get_pipeline_model_parallel_prev_rank(), group))
-    if tensor_recv_prev is not None:
-        ops.append(torch.distributed.P2POp(torch.distributed.irecv, tensor_recv_prev,
-                                           mpu.get_pipeline_model_parallel_prev_rank(), group))
-    if tensor_send_next is not None:
-        ops.append(torch.distributed.P2POp(torch.distributed.isend,
-                                           tensor_send_next.contiguous(),
-                                           mpu.get_pipeline_model_parallel_next_rank(), group))
-    if tensor_recv_next is not None:
-        ops.append(torch.distributed.P2POp(torch.distributed.irecv, tensor_recv_next,
-                                           mpu.get_pipeline_model_parallel_next_rank(), group))
+    ops = []
+    for op, tensor, peer in ((torch.distributed.isend, tensor_send_next, next_rank),
+                             (torch.distributed.isend, tensor_send_prev, prev_rank),
+                             (torch.distributed.irecv, tensor_recv_prev, prev_rank),
+                             (torch.distributed.irecv, tensor_recv_next, next_rank)):
+        if tensor is not None:
+            ops.append(torch.distributed.P2POp(op, tensor.contiguous(), peer, group))
     if ops:
         for req in torch.distributed.batch_isend_irecv(ops):
             req.wait()

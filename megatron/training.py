@@ -156,7 +156,7 @@ def get_model(model_provider_func):
     if args.fp16 or args.bf16:
         from .model import Float16Module
 
-        model = [Float16Module(chunk, fp16=args.fp16, bf16=args.bf16) for chunk in model]
+        model = [Float16Module(chunk, args) for chunk in model]
     if args.DDP_impl == "torch":
         model = [torch.nn.parallel.DistributedDataParallel(
             chunk, device_ids=[device.index] if device.type != "cpu" else None,
@@ -243,6 +243,27 @@ def _allreduce_embedding_grads(model) -> None:
         torch.distributed.all_reduce(grad, group=mpu.get_embedding_group())
 
 
+def _allreduce_sequence_parallel_grads(model) -> None:
+    """Under --sequence-parallel each TP rank sees only its slice of the sequence, so the
+    gradients of the parameters replicated across TP (layer norms, row-parallel biases)
+    are partial sums: add them up across the tensor group."""
+    if not get_args().sequence_parallel or mpu.get_tensor_model_parallel_world_size() == 1:
+        return
+    grads = []
+    for chunk in model:
+        for param in unwrap_model(chunk).parameters():
+            if getattr(param, "sequence_parallel", False):
+                grad = param.main_grad if hasattr(param, "main_grad") else param.grad
+                if grad is not None:
+                    grads.append(grad)
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat, group=mpu.get_tensor_model_parallel_group())
+    for buf, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        buf.copy_(synced)
+
+
 def _loss_is_finite(losses_reduced) -> bool:
     """All ranks agree whether every micro-batch loss was finite."""
     finite = all(torch.isfinite(v).all().item() if torch.is_tensor(v) else math.isfinite(v)
@@ -281,6 +302,7 @@ def train_step(forward_step_func, data_iterator, model, optimizer, lr_scheduler)
             "stopping before the optimizer step so that the weights stay finite"
         )
 
+    _allreduce_sequence_parallel_grads(model)
     timers("backward-params-all-reduce").start()
     if args.DDP_impl == "local":
         for chunk in model:

@@ -32,6 +32,7 @@ import gzip
 import itertools
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -186,7 +187,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def list_inputs(pattern: str) -> list[str]:
     """The files named by `--input`: the file itself, else the sorted matches of the glob."""
-    if os.path.isfile(pattern):
+    if os.path.exists(pattern) and not os.path.isdir(pattern):  # a file, or a named pipe
         return [pattern]
     paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
@@ -395,6 +396,157 @@ class ChunkResult:
     keys: dict[str, KeyData]
 
 
+# GPT2_SPLIT_PATTERN restricted to ASCII text, for the stdlib `re` engine (about twice as
+# fast as `regex` here). In ASCII, `regex`'s \s is [\t\n\x0b\x0c\r ] (not \x1c-\x1f, which
+# `re` would count), \p{L} is [A-Za-z] and \p{N} is [0-9]; alternatives keep their order, so
+# both engines cut the same pieces. Used only while the canonical pattern is the one below.
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_WS, _NWS = r"[\t\n\x0b\x0c\r ]", r"[^\t\n\x0b\x0c\r ]"
+_GPT2_ASCII_PATTERN = (
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\t\n\x0b\x0c\r A-Za-z0-9]+"
+    rf"|{_WS}+(?!{_NWS})|{_WS}+"
+)
+_PIECE_CACHE_LIMIT = 1_000_000  # cached pieces before the cache is cleared (bounds memory)
+
+
+class PlainTokenBytes:
+    """Token ids of texts as raw bytes in the output dtype, straight from the tokenizer."""
+
+    def __init__(self, tokenizer, dtype: type) -> None:
+        self.tokenizer = tokenizer
+        self.dtype = np.dtype(dtype)
+
+    def __call__(self, texts: list[str]) -> list[bytes]:
+        ids = self.tokenizer.tokenize_batch(texts) if texts else []
+        return [np.asarray(x, dtype=self.dtype).tobytes() for x in ids]
+
+
+class _AsciiClass(dict):
+    """str.translate table: a non-ASCII character -> an ASCII one of its GPT2_SPLIT_PATTERN
+    class (letter 'a', number '0', whitespace tab, anything else '#'); ASCII is kept."""
+
+    def __init__(self) -> None:
+        import regex
+
+        super().__init__((i, i) for i in range(128))  # ASCII maps to itself
+        self._letter = regex.compile(r"\p{L}").match
+        self._number = regex.compile(r"\p{N}").match
+        self._space = regex.compile(r"\s").match
+
+    def __missing__(self, code: int):
+        c = chr(code)
+        if self._letter(c):
+            value = "a"
+        elif self._number(c):
+            value = "0"
+        else:
+            value = "\t" if self._space(c) else "#"
+        self[code] = value
+        return value
+
+
+class _MissRecorder(dict):
+    """A dict whose failed lookups return b"" and append the key to `missed`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.missed: list[str] = []
+
+    def __missing__(self, key: str) -> bytes:
+        self.missed.append(key)
+        return b""
+
+
+class GPT2PieceCache:
+    """GPT-2 ids of texts as raw bytes, with a cache per pre-tokenised piece.
+
+    GPT-2 BPE runs on each piece of GPT2_SPLIT_PATTERN independently, so the ids of a text are
+    the concatenation of its pieces' ids, and a piece on its own splits into itself. Natural
+    text repeats its pieces ("the", " of", ...), so after a short warm-up nearly every piece is
+    a dictionary hit: a document costs one regex scan and one `bytes.join`, and only unseen
+    pieces reach the tokenizer (in one batch per call). Output equals `tokenizer.tokenize`.
+
+    Non-ASCII text is first mapped character by character to ASCII of the same pattern class
+    (the pattern only looks at classes, at U+0020 and at the ASCII contraction letters, which
+    the mapping never produces), split with the ASCII pattern, and the piece lengths are used
+    to cut the original text.
+    """
+
+    def __init__(self, tokenizer, dtype: type) -> None:
+        self.tokenizer = tokenizer
+        self.dtype = np.dtype(dtype)
+        self.cache = _MissRecorder()
+        self.split = re.compile(_GPT2_ASCII_PATTERN).findall
+        self.to_ascii = _AsciiClass()
+        self.whitespace = __import__("regex").compile(r"\s").search
+        self.newline = tokenizer.tokenize("\n") if tokenizer is not None else []
+
+    @staticmethod
+    def applies(tokenizer_type: str, impl: str) -> bool:
+        from megatron.tokenizer.gpt2_tokenization import GPT2_SPLIT_PATTERN
+
+        return (
+            tokenizer_type == "GPT2BPETokenizer"
+            and impl == "fast"
+            and (GPT2_SPLIT_PATTERN == _GPT2_PATTERN)
+        )
+
+    def pieces(self, text: str) -> list[str]:
+        """GPT2_SPLIT_PATTERN pieces of `text`."""
+        if text.isascii():
+            return self.split(text)
+        ends = list(itertools.accumulate(map(len, self.split(text.translate(self.to_ascii)))))
+        return [text[a:b] for a, b in zip([0, *ends], ends)]
+
+    def _encode_new(self, new: list[str]) -> dict[str, bytes]:
+        """Ids (as bytes) of unseen pieces.
+
+        Pieces without whitespace, save one leading space, go to the tokenizer as a single
+        text joined by newlines (one call instead of one item each): such a newline is a piece
+        of its own, and none of these pieces holds a newline byte, so the ids split at the
+        newline's id. Any count mismatch falls back to one item per piece.
+        """
+        whitespace = self.whitespace
+        simple, other = [], []
+        for piece in new:
+            rest = piece[1:] if piece[:1] == " " else piece
+            (simple if rest and not whitespace(rest) else other).append(piece)
+        out = {}
+        if len(self.newline) == 1 and len(simple) > 1:
+            ids = np.asarray(self.tokenizer.tokenize("\n".join(simple)), dtype=self.dtype)
+            bounds = [-1, *np.flatnonzero(ids == self.newline[0]).tolist(), len(ids)]
+            if len(bounds) == len(simple) + 1:
+                for piece, a, b in zip(simple, bounds, bounds[1:]):
+                    out[piece] = ids[a + 1 : b].tobytes()
+            else:
+                other += simple
+        else:
+            other += simple
+        for piece, ids in zip(other, self.tokenizer.tokenize_batch(other) if other else []):
+            out[piece] = np.asarray(ids, dtype=self.dtype).tobytes()
+        return out
+
+    def __call__(self, texts: list[str]) -> list[bytes]:
+        cache, missed = self.cache, self.cache.missed
+        get, join = cache.__getitem__, b"".join
+        pieces = [self.pieces(t) for t in texts]
+        out, redo = [], []
+        for i, doc in enumerate(pieces):
+            before = len(missed)
+            out.append(join(map(get, doc)))  # unseen pieces read as b"" and are recorded
+            if len(missed) != before:
+                redo.append(i)
+        if missed:
+            new = list(dict.fromkeys(missed))  # unique, in first-seen order
+            missed.clear()
+            if len(cache) + len(new) > _PIECE_CACHE_LIMIT:
+                cache.clear()
+            cache.update(self._encode_new(new))
+            for i in redo:
+                out[i] = join(map(get, pieces[i]))
+        return out
+
+
 class Encoder:
     """Parses JSON lines and tokenises their documents (one instance per process)."""
 
@@ -403,8 +555,12 @@ class Encoder:
         self.skip_invalid = args.skip_invalid
         self.tokenizer = tokenizer
         self.splitter = splitter
-        self.dtype = dtype
-        self.eod = tokenizer.eod if args.append_eod else None
+        self.dtype = np.dtype(dtype)
+        self.eod = np.asarray([tokenizer.eod], self.dtype).tobytes() if args.append_eod else None
+        if GPT2PieceCache.applies(args.tokenizer_type, args.tokenizer_impl):
+            self.token_bytes = GPT2PieceCache(tokenizer, dtype)
+        else:
+            self.token_bytes = PlainTokenBytes(tokenizer, dtype)
 
     def _parse(self, path: str, lineno: int, lines: list[bytes]) -> tuple[list[list[str]], int]:
         """Per valid line, its values for self.keys; and how many lines were skipped."""
@@ -445,13 +601,12 @@ class Encoder:
             sentences = [self.splitter.tokenize(text) for text in texts]
         else:
             sentences = [[text] for text in texts]
-        flat = [s for doc in sentences for s in doc]
-        ids = self.tokenizer.tokenize_batch(flat) if flat else []
-        kept: list[list[int]] = []  # kept items, in order
+        encoded = self.token_bytes([s for doc in sentences for s in doc])  # bytes per item
+        kept: list[bytes] = []  # kept items, in order
         doc_items: list[int] = []
         empty, pos = 0, 0
         for doc in sentences:
-            items = [x for x in ids[pos : pos + len(doc)] if x]
+            items = [x for x in encoded[pos : pos + len(doc)] if x]
             pos += len(doc)
             if not items:
                 empty += 1
@@ -460,13 +615,12 @@ class Encoder:
                 # The eod belongs to the last item and is counted in its size. (Megatron's
                 # own tool records that size before appending the eod, so its index
                 # disagrees with its .bin by one token per document; not reproduced here.)
-                items[-1].append(self.eod)
+                items[-1] += self.eod
             kept.extend(items)
             doc_items.append(len(items))
         sizes = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
-        tokens = np.fromiter(
-            itertools.chain.from_iterable(kept), dtype=self.dtype, count=int(sizes.sum())
-        )
+        sizes //= self.dtype.itemsize
+        tokens = np.frombuffer(b"".join(kept), dtype=self.dtype)
         return KeyData(tokens, sizes, np.asarray(doc_items, dtype=np.int64), empty)
 
     def encode_chunk(self, chunk: tuple[str, int, list[bytes]]) -> ChunkResult:

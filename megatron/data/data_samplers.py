@@ -37,6 +37,10 @@ def build_pretraining_data_loader(dataset, consumed_samples: int):
         batch_sampler=batch_sampler,
         num_workers=args.num_workers,
         pin_memory=is_gpu(),
+        # The loader draws a base seed for its workers each time an iterator is made;
+        # from its own generator, so that making iterators after a checkpoint's RNG state
+        # was restored leaves the training RNG (dropout) exactly where it was saved.
+        generator=torch.Generator().manual_seed(args.seed),
     )
 
 

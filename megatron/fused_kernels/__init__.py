@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import pathlib
 from types import ModuleType
-from typing import Dict, List
+from typing import Any, Dict, List
 
 SRC_DIR = pathlib.Path(__file__).resolve().parent
 BUILD_DIR = SRC_DIR / "build"
@@ -78,10 +78,12 @@ def _build_and_import(verbose: bool) -> None:
         )
 
 
-def load(rank: int = 0, verbose: bool = False) -> bool:
+def load(rank: Any = 0, verbose: bool = False) -> bool:
     """Build (on `rank` 0) and load the fused kernels; returns whether they are loaded.
 
     Call it on every rank (it holds a barrier when torch.distributed is initialised).
+    `rank` may also be the parsed arguments, as Megatron's load(args): their `rank` is
+    used, and nothing is built under --no-masked-softmax-fusion.
     """
     import torch
 
@@ -89,6 +91,12 @@ def load(rank: int = 0, verbose: bool = False) -> bool:
 
     if is_loaded():
         return True
+    if not isinstance(rank, int):
+        args = rank
+        rank = int(getattr(args, "rank", 0) or 0)
+        if not getattr(args, "masked_softmax_fusion", True):
+            _log("--no-masked-softmax-fusion: not built, the torch softmax path runs")
+            return False
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if device_name() != "cuda":
         _log(f"no CUDA device ({device_name()}): not built, the torch softmax path runs")

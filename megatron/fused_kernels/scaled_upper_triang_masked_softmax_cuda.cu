@@ -5,7 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "softmax_common.cuh"
+#include "softmax_common.h"
 
 namespace megatron_softmax {
 

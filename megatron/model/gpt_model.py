@@ -50,7 +50,7 @@ def post_language_model_processing(
     )  # [s, b, v/p]
     if labels is None:
         return output.transpose(0, 1).contiguous()  # [b, s, v/p]
-    labels_sb = labels.transpose(0, 1)  # [s, b]
+    labels_sb = labels.transpose(0, 1).contiguous()  # [s, b]
     if fp16_lm_cross_entropy:
         if output.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError("--fp16-lm-cross-entropy needs half-precision logits")

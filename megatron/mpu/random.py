@@ -51,11 +51,11 @@ _MODEL_PARALLEL_RNG_TRACKER_NAME = "model-parallel-rng"
 
 def _deepspeed_checkpointing():
     """DeepSpeed's checkpointing module when it has been configured, else None."""
-    if "deepspeed" not in sys.modules:
+    deepspeed = sys.modules.get("deepspeed")  # never import it just to ask
+    checkpointing = getattr(deepspeed, "checkpointing", None)
+    if checkpointing is None or not checkpointing.is_configured():
         return None
-    from deepspeed import checkpointing
-
-    return checkpointing if checkpointing.is_configured() else None
+    return checkpointing
 
 
 class RNGStatesTracker:

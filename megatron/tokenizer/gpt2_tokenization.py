@@ -26,7 +26,9 @@ from functools import lru_cache
 
 import regex
 
-GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_SPLIT_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
 
 # Entries kept in the per-piece BPE cache before it is cleared (bounds memory on huge corpora).
 _CACHE_LIMIT = 500_000
@@ -61,16 +63,17 @@ def get_pairs(word: tuple[str, ...]) -> set[tuple[str, str]]:
 
 def read_merges(merges_file: str) -> list[tuple[str, str]]:
     """Merge rules from a GPT-2 merges.txt: one 'a b' pair per line, '#version' header."""
-    merges = []
     with open(merges_file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\n")
-            if not line or (lineno == 1 and line.startswith("#version")):
-                continue
-            parts = line.split()
-            if len(parts) != 2:
-                raise ValueError(f"{merges_file}:{lineno}: expected 'a b', got {line!r}")
-            merges.append((parts[0], parts[1]))
+        lines = f.read().split("\n")
+    start = 1 if lines and lines[0].startswith("#version") else 0
+    merges = [tuple(line.split()) for line in lines[start:] if line]
+    if any(len(pair) != 2 for pair in merges):
+        lineno, bad = next(
+            (i + 1, line)
+            for i, line in enumerate(lines)
+            if i >= start and line and len(line.split()) != 2
+        )
+        raise ValueError(f"{merges_file}:{lineno}: expected a merge 'a b', got {bad!r}")
     return merges
 
 

@@ -6,8 +6,9 @@ inv_vocab, tokenize, detokenize and the special ids that exist for it).
 
 GPT-2 and BERT have two interchangeable implementations chosen with impl=:
   "python"  the pure-Python references in gpt2_tokenization.py / bert_tokenization.py;
-  "fast"    the Rust `tokenizers` library configured to the same algorithm; the tests in
-            tests/unit/tokenizer prove it gives the reference ids.
+  "fast"    the Rust `tokenizers` library configured to the same algorithm (see
+            fast_tokenization.py; for BERT only texts whose characters are checked to agree);
+            the tests in tests/unit/tokenizer prove it gives the reference ids.
 Optional libraries (tokenizers, sentencepiece) are imported only by the type that needs them,
 and nothing here imports torch, so tools such as preprocess_data.py start fast.
 """
@@ -202,7 +203,11 @@ class _GPT2BPETokenizer(AbstractTokenizer):
         if "<|endoftext|>" not in self.tokenizer.encoder:
             raise ValueError(f"{vocab_file}: GPT-2 vocabulary has no '<|endoftext|>' token")
         self.eod_id = self.tokenizer.encoder["<|endoftext|>"]
-        self._fast = _fast_gpt2(self.tokenizer) if impl == "fast" else None
+        self._fast = None
+        if impl == "fast":
+            from .fast_tokenization import fast_gpt2
+
+            self._fast = fast_gpt2(self.tokenizer.encoder, self.tokenizer.bpe_ranks)
 
     @property
     def vocab_size(self) -> int:
@@ -234,17 +239,6 @@ class _GPT2BPETokenizer(AbstractTokenizer):
         return self.eod_id
 
 
-def _fast_gpt2(reference):
-    """A `tokenizers` pipeline equal to the reference: ByteLevel split (same regex, no
-    prefix space) + BPE over the same vocab and merge ranks, no normaliser."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    merges = sorted(reference.bpe_ranks, key=reference.bpe_ranks.get)
-    fast = Tokenizer(models.BPE(vocab=dict(reference.encoder), merges=merges))
-    fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    return fast
-
-
 class _BertWordPieceTokenizer(AbstractTokenizer):
     """BERT WordPiece (uncased: lower-case + accent strip; cased: neither).
 
@@ -265,7 +259,11 @@ class _BertWordPieceTokenizer(AbstractTokenizer):
         for token in ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"):
             if token not in self.tokenizer.vocab:
                 raise ValueError(f"{vocab_file}: WordPiece vocabulary has no {token} token")
-        self._fast = _fast_bert(self.tokenizer, lower_case) if impl == "fast" else None
+        self._fast = None
+        if impl == "fast":
+            from .fast_tokenization import BertFastPath
+
+            self._fast = BertFastPath(self.tokenizer, lower_case)
         self.cls_id = self.tokenizer.vocab["[CLS]"]
         self.sep_id = self.tokenizer.vocab["[SEP]"]
         self.pad_id = self.tokenizer.vocab["[PAD]"]
@@ -304,12 +302,12 @@ class _BertWordPieceTokenizer(AbstractTokenizer):
 
     def tokenize(self, text: str) -> list[int]:
         if self._fast is not None:
-            return self._fast.encode(text, add_special_tokens=False).ids
+            return self._fast.encode(text)
         return self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(text))
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         if self._fast is not None:
-            return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=False)]
+            return self._fast.encode_batch(texts)
         return [self.tokenize(t) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
@@ -365,27 +363,6 @@ class _BertWordPieceTokenizer(AbstractTokenizer):
     @property
     def additional_special_tokens_ids(self) -> list[int]:
         return [self.vocab[t] for t in self.additional_special_tokens]
-
-
-def _fast_bert(reference, lower_case: bool):
-    """A `tokenizers` pipeline equal to the reference: BertNormalizer (clean text, CJK
-    spacing, accent strip + lower-case when uncased) + BertPreTokenizer (whitespace and
-    punctuation) + WordPiece with the same vocabulary, '##' prefix and length limit."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-
-    wordpiece = reference.wordpiece_tokenizer
-    fast = Tokenizer(
-        models.WordPiece(
-            vocab=dict(reference.vocab),
-            unk_token=wordpiece.unk_token,
-            max_input_chars_per_word=wordpiece.max_input_chars_per_word,
-        )
-    )
-    fast.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=lower_case, lowercase=lower_case
-    )
-    fast.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    return fast
 
 
 class _SentencePieceTokenizer(AbstractTokenizer):
@@ -471,8 +448,8 @@ class _SentencePieceTokenizer(AbstractTokenizer):
         return out
 
     def detokenize(self, ids: list[int]) -> str:
-        """sentencepiece text of the runs between special ids; special tokens are written
-        as their text surrounded by single spaces; the result is stripped."""
+        """Megatron's layout: each run of ordinary ids decoded by sentencepiece and followed
+        by a space, each special token's text followed by a space; the result stripped."""
         parts = []
         last = 0
         for i, token_id in enumerate(ids):

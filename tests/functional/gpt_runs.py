@@ -12,7 +12,7 @@ CORPUS = os.path.join(ROOT, "tests", "data", "corpus_small.jsonl")
 
 LOG_RE = re.compile(
     r"iteration\s+(\d+)/\s*(\d+) \| consumed samples:\s+(\d+) \|.*?learning rate: ([0-9.E+-]+) \|"
-    r".*?lm loss: ([0-9.E+-]+|nan|inf) \| loss scale: ([0-9.E+-]+|inf) \|"
+    r" global batch size:\s+\d+ \|(?: lm loss: ([0-9.E+-]+|nan|inf) \|)? loss scale: ([0-9.E+-]+|inf) \|"
     r".*?number of skipped iterations:\s+(\d+) \| number of nan iterations:\s+(\d+)"
 )
 
@@ -29,6 +29,23 @@ def preprocess(tmp_dir: str, vocab_dir: str) -> str:
         check=True, capture_output=True, text=True, cwd=ROOT,
     )
     return prefix + "_text_document"
+
+
+def small_vocab_dataset(tmp_dir: str, vocab_size: int = 100) -> str:
+    """A random-token corpus for the NullTokenizer (fp16 on CPU is only fast with a small
+    vocabulary); returns the data prefix."""
+    import numpy as np
+
+    from megatron.data.indexed_dataset import make_builder
+
+    prefix = os.path.join(tmp_dir, "small_text_document")
+    rng = np.random.default_rng(0)
+    builder = make_builder(prefix + ".bin", "mmap", vocab_size=vocab_size)
+    for _ in range(64):
+        builder.add_item(rng.integers(0, vocab_size, size=int(rng.integers(20, 200))))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return prefix
 
 
 def tiny_gpt_args(data_path: str, vocab_dir: str, train_iters: int = 50) -> list[str]:

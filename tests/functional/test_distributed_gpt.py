@@ -2,8 +2,9 @@
 gloo ranks gives the single-process per-iteration losses, and checkpoints move between
 parallel layouts.
 
-Every run is a tiny GPT (tests/functional/gpt_runs.tiny_gpt_args) in fp32 with dropout 0,
-global batch 8, 10 iterations, one thread per rank. The padded vocabulary is kept at
+Every run is a tiny GPT (tests/functional/gpt_runs.tiny_gpt_args, with 4 layers so that
+PP=2 can hold 2 virtual stages of 1 layer) in fp32 with dropout 0, global batch 8,
+10 iterations, one thread per rank. The padded vocabulary is kept at
 50304 for every TP (--make-vocab-size-divisible-by 128 / TP), so all layouts train the
 same model. Parallelism changes only the order of floating-point reductions (row-parallel
 partial sums, data-parallel gradient sums, micro-batch accumulation), so losses agree to
@@ -37,6 +38,7 @@ def _layout_flags(data_path: str, vocab_dir: str, tp: int = 1, pp: int = 1,
     args[args.index("--attention-dropout") + 1] = "0"
     args[args.index("--eval-interval") + 1] = "1000"
     args[args.index("--eval-iters") + 1] = "0"
+    args[args.index("--num-layers") + 1] = "4"
     args += ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
              "--make-vocab-size-divisible-by", str(128 // tp)]
     return args + (extra or [])
@@ -98,7 +100,7 @@ def data_path(tmp_path_factory, vocab_dir):
 def serial(data_path, vocab_dir):
     """The single-process reference losses (2 micro-batches of 4)."""
     losses = _losses(_launch(1, _layout_flags(data_path, vocab_dir)))
-    assert losses[-1] < losses[0] - 0.5, losses  # it trains
+    assert losses[-1] < losses[0] - 0.3, losses  # it trains
     return losses
 
 
@@ -134,9 +136,7 @@ def test_interleaved_pipeline(data_path, vocab_dir, serial):
     """PP=2 x 2 virtual stages of 1 layer each; 4 micro-batches (steady state runs)."""
     flags = _layout_flags(data_path, vocab_dir, pp=2, extra=[
         "--num-layers-per-virtual-pipeline-stage", "1", "--micro-batch-size", "2"])
-    flags[flags.index("--num-layers") + 1] = "4"
-    ref = _losses(_launch(1, _layout_flags(data_path, vocab_dir, extra=["--num-layers", "4"])))
-    _assert_close("PP=2 interleaved (4 layers)", _losses(_launch(2, flags)), ref)
+    _assert_close("PP=2 x 2 virtual stages", _losses(_launch(2, flags)), serial)
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +158,7 @@ def test_tp2_pp2_dp2_torch_ddp(data_path, vocab_dir, serial):
     flags = _layout_flags(data_path, vocab_dir, tp=2, pp=2, extra=[
         "--DDP-impl", "torch", "--micro-batch-size", "2",
         "--no-scatter-gather-tensors-in-pipeline"])
-    flags[flags.index("--hidden-size") + 1] = "32"
-    ref = _losses(_launch(1, _layout_flags(data_path, vocab_dir, extra=["--hidden-size", "32"])))
-    _assert_close("TP=2 x PP=2 x DP=2 torch DDP", _losses(_launch(8, flags, "launch")), ref)
+    _assert_close("TP=2 x PP=2 x DP=2 torch DDP", _losses(_launch(8, flags, "launch")), serial)
 
 
 def test_checkpoint_moves_between_layouts(tp2_pp2_run, data_path, vocab_dir, tmp_path):
@@ -190,7 +188,7 @@ def test_checkpoint_moves_between_layouts(tp2_pp2_run, data_path, vocab_dir, tmp
            "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
            "--target-pipeline-model-parallel-size", "1", "--tokenizer-type",
            "GPT2BPETokenizer", "--vocab-file", vocab[0], "--merge-file", vocab[1],
-           "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+           "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
            "--seq-length", "32", "--max-position-embeddings", "32",
            "--make-vocab-size-divisible-by", "128", "--load", str(src), "--save",
            str(merged)], env={"WORLD_SIZE": "2"})

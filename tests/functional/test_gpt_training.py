@@ -17,7 +17,14 @@ import time
 
 import pytest
 
-from .gpt_runs import ROOT, parse_log, preprocess, run_pretrain, tiny_gpt_args
+from .gpt_runs import (
+    ROOT,
+    parse_log,
+    preprocess,
+    run_pretrain,
+    small_vocab_dataset,
+    tiny_gpt_args,
+)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "gpt_tiny_50.json")
 pytestmark = pytest.mark.slow
@@ -160,24 +167,33 @@ def test_nan_loss_stops_naming_the_iteration(data_path, vocab_dir, tmp_path):
     assert not os.path.exists(tmp_path / "c" / "latest_checkpointed_iteration.txt")
 
 
-def test_fp16_overflow_skips_and_backs_off(data_path, vocab_dir):
-    """An initial loss scale of 2^40 overflows fp16 gradients: the iterations are skipped
-    and, with --hysteresis 2, the scale halves on every overflow after the first."""
-    args = tiny_gpt_args(data_path, vocab_dir, 8) + [
-        "--fp16", "--initial-loss-scale", str(2 ** 40), "--hysteresis", "2",
+def test_fp16_overflow_skips_and_backs_off(tmp_path):
+    """An initial loss scale of 2^24 overflows fp16 gradients: the iterations are skipped
+    and counted and, with --hysteresis 2, the scale halves on every overflow after the
+    first, until the gradients fit and training proceeds."""
+    data = small_vocab_dataset(str(tmp_path))
+    args = tiny_gpt_args(data, "", 20) + [
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
+        "--fp16", "--initial-loss-scale", str(2 ** 24), "--hysteresis", "2",
         "--loss-scale-window", "1000", "--eval-iters", "0"]
+    for flag in ("--vocab-file", "--merge-file"):
+        i = args.index(flag)
+        del args[i:i + 2]
     proc = run_pretrain(args)
     rows = parse_log(proc.stdout)
-    scales = [rows[i]["scale"] for i in range(1, 9)]
-    skipped = [rows[i]["skipped"] for i in range(1, 9)]
+    scales = [rows[i]["scale"] for i in range(1, 21)]
+    skipped = [rows[i]["skipped"] for i in range(1, 21)]
+    assert 0 in skipped, (scales, skipped)
     first_ok = skipped.index(0)
     assert first_ok >= 2, (scales, skipped)
     assert skipped[:first_ok] == [1] * first_ok
+    assert all(rows[i]["loss"] is None for i in range(1, first_ok + 1))
     # overflow 1 spends the hysteresis, then every overflow halves the scale
-    assert scales[0] == 2.0 ** 40
+    assert scales[0] == 2.0 ** 24
     for i in range(1, first_ok):
         assert scales[i] == scales[i - 1] / 2, scales
     assert all(s == 0 for s in skipped[first_ok:])
+    assert all(float(rows[i]["loss"]) > 0 for i in range(first_ok + 1, 21))
 
 
 def test_sigterm_saves_and_exits_zero(data_path, vocab_dir, tmp_path):

@@ -38,8 +38,14 @@ SHAPES = {
 
 def model_flops(layers, hidden, seq, batch, vocab) -> float:
     """72·B·s·l·h²·(1 + s/6h + V/16lh): forward + backward model FLOPs of one step."""
-    return 72 * batch * seq * layers * hidden ** 2 * (
-        1 + seq / (6 * hidden) + vocab / (16 * layers * hidden))
+    return (
+        72
+        * batch
+        * seq
+        * layers
+        * hidden**2
+        * (1 + seq / (6 * hidden) + vocab / (16 * layers * hidden))
+    )
 
 
 def _device():
@@ -59,7 +65,7 @@ def _peak_gib() -> float:
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2 ** 30
+        return torch.cuda.max_memory_allocated() / 2**30
     return float("nan")
 
 
@@ -86,13 +92,36 @@ def run_megatron(shape, warmup, iters, extra_flags=()):
     from megatron.utils import unwrap_model
 
     flags = [
-        "--num-layers", str(layers), "--hidden-size", str(hidden),
-        "--num-attention-heads", str(heads), "--seq-length", str(seq),
-        "--max-position-embeddings", str(seq), "--micro-batch-size", str(mbs),
-        "--global-batch-size", str(mbs), "--lr", "1e-4", "--train-iters", "1000",
-        "--hidden-dropout", "0", "--attention-dropout", "0", "--clip-grad", "1.0",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab),
-        "--make-vocab-size-divisible-by", "128",
+        "--num-layers",
+        str(layers),
+        "--hidden-size",
+        str(hidden),
+        "--num-attention-heads",
+        str(heads),
+        "--seq-length",
+        str(seq),
+        "--max-position-embeddings",
+        str(seq),
+        "--micro-batch-size",
+        str(mbs),
+        "--global-batch-size",
+        str(mbs),
+        "--lr",
+        "1e-4",
+        "--train-iters",
+        "1000",
+        "--hidden-dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--clip-grad",
+        "1.0",
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        str(vocab),
+        "--make-vocab-size-divisible-by",
+        "128",
     ]
     if _device().type == "cuda":
         flags += ["--bf16", "--use-flash-attn"]
@@ -173,8 +202,16 @@ def run_peer(impl, shape, warmup, iters):
     if impl == "hf":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        cfg = GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=hidden, n_layer=layers,
-                         n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = GPT2Config(
+            vocab_size=vocab,
+            n_positions=seq,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         model = GPT2LMHeadModel(cfg, attn_implementation="sdpa").to(device)
 
         def loss_fn(x, y):
@@ -185,11 +222,12 @@ def run_peer(impl, shape, warmup, iters):
 
         def loss_fn(x, y):
             return fwd(x, y)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
-                            fused=device.type == "cuda")
+
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda"
+    )
     g = torch.Generator().manual_seed(0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step():
         tokens = torch.randint(0, vocab - 1, (mbs, seq + 1), generator=g).to(device)
@@ -222,7 +260,7 @@ def run_matmul():
     for _ in range(20):
         a @ b
     _sync()
-    return 2 * n ** 3 / ((time.perf_counter() - t0) / 20) / 1e12
+    return 2 * n**3 / ((time.perf_counter() - t0) / 20) / 1e12
 
 
 def child(impl, shape, warmup, iters, extra):
@@ -236,10 +274,21 @@ def child(impl, shape, warmup, iters, extra):
         sec, params = run_peer(impl, shape, warmup, iters)
     tokens = mbs * seq / sec
     tflops = model_flops(layers, hidden, seq, mbs, vocab) / sec / 1e12
-    print("RESULT " + json.dumps({
-        "impl": impl, "shape": shape, "params": params, "step_ms": sec * 1000,
-        "tokens_per_s": tokens, "tflops_per_gpu": tflops, "peak_mem_gib": _peak_gib()}),
-        flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "impl": impl,
+                "shape": shape,
+                "params": params,
+                "step_ms": sec * 1000,
+                "tokens_per_s": tokens,
+                "tflops_per_gpu": tflops,
+                "peak_mem_gib": _peak_gib(),
+            }
+        ),
+        flush=True,
+    )
 
 
 def main():
@@ -258,14 +307,28 @@ def main():
         return
     results = []
     for impl in a.impls.split(","):
-        cmd = [sys.executable, __file__, "--child", impl, "--shape", a.shape,
-               "--warmup", str(a.warmup), "--iters", str(a.iters),
-               "--megatron-flags", a.megatron_flags]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            impl,
+            "--shape",
+            a.shape,
+            "--warmup",
+            str(a.warmup),
+            "--iters",
+            str(a.iters),
+            "--megatron-flags",
+            a.megatron_flags,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
-            print(f"{impl}: failed (exit {proc.returncode})\n{proc.stdout[-3000:]}\n"
-                  f"{proc.stderr[-3000:]}", flush=True)
+            print(
+                f"{impl}: failed (exit {proc.returncode})\n{proc.stdout[-3000:]}\n"
+                f"{proc.stderr[-3000:]}",
+                flush=True,
+            )
             continue
         r = json.loads(lines[-1][7:])
         results.append(r)
@@ -279,9 +342,11 @@ def main():
         if r["impl"] == "matmul":
             print(f"| bf16 matmul 8192³ | - | - | {r['tflops']:.0f} | - | - |")
             continue
-        print(f"| {r['impl']} | {r['shape']} | {r['tokens_per_s']:.0f} | "
-              f"{r['tflops_per_gpu']:.1f} | {r['step_ms']:.1f} | "
-              f"{r['peak_mem_gib'] if not math.isnan(r['peak_mem_gib']) else '-'} |")
+        print(
+            f"| {r['impl']} | {r['shape']} | {r['tokens_per_s']:.0f} | "
+            f"{r['tflops_per_gpu']:.1f} | {r['step_ms']:.1f} | "
+            f"{r['peak_mem_gib'] if not math.isnan(r['peak_mem_gib']) else '-'} |"
+        )
 
 
 if __name__ == "__main__":

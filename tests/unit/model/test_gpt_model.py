@@ -68,7 +68,9 @@ def test_state_dict_keys_are_megatrons():
     for layer in range(2):
         expected |= {f"language_model.transformer.layers.{layer}.{k}" for k in MEGATRON_LAYER_KEYS}
     assert set(model.state_dict()) == expected
-    qkv = model.state_dict()["language_model.transformer.layers.0.self_attention.query_key_value.weight"]
+    qkv = model.state_dict()[
+        "language_model.transformer.layers.0.self_attention.query_key_value.weight"
+    ]
     assert qkv.shape == (3 * 64, 64)
 
     nested = model.state_dict_for_save_checkpoint()

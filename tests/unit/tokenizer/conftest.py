@@ -59,8 +59,10 @@ _ALPHABET = (
     + list(" " * 10 + "\n\n\t\r")
     + list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
     + list("éèêëàâäôöûüçñÉÀÖÜßøåæœ")
-    + list("αβγδεζηθΣσςΩ") + list("абвгдеёжзиЙЦУК")
-    + list("中文字汉语日本語한국어") + list("ひらがなカタカナ")
+    + list("αβγδεζηθΣσςΩ")
+    + list("абвгдеёжзиЙЦУК")
+    + list("中文字汉语日本語한국어")
+    + list("ひらがなカタカナ")
     + list("مرحباעבריתहिन्दीไทย")
     + list("😀👍🏽❤️🇫🇷👩‍💻🏳")
     + ["\u200d", "\u200b", "\ufe0f", "\u0301", "\u0308", "\u00a0", "\u2009", "\u3000"]
@@ -76,8 +78,10 @@ def random_texts(n: int, seed: int) -> list:
     out = []
     for _ in range(n):
         length = rng.randint(0, 40)
-        units = [rng.choice(_CHUNKS) if rng.random() < 0.1 else rng.choice(_ALPHABET)
-                 for _ in range(length)]
+        units = [
+            rng.choice(_CHUNKS) if rng.random() < 0.1 else rng.choice(_ALPHABET)
+            for _ in range(length)
+        ]
         out.append("".join(units))
     return out
 

@@ -54,8 +54,9 @@ def test_byte_table_is_a_bijection_onto_printable_chars():
 
 
 @pytest.mark.parametrize("impl", ["fast", "python"])
-def test_known_ids(gpt2_files, impl):
-    tok = _GPT2BPETokenizer(*gpt2_files, impl=impl)
+def test_known_ids(fast, python, impl):
+    tok = fast if impl == "fast" else python
+    assert tok.impl == impl
     assert tok.vocab_size == 50257
     assert tok.eod == 50256 and tok.inv_vocab[50256] == "<|endoftext|>"
     assert tok.tokenize("Hello world") == [15496, 995]
@@ -69,8 +70,9 @@ def test_known_ids(gpt2_files, impl):
         _ = tok.cls
 
 
-def test_hand_texts_fast_equals_reference_equals_tiktoken(fast, python, tiktoken_encoding,
-                                                          hand_texts):
+def test_hand_texts_fast_equals_reference_equals_tiktoken(
+    fast, python, tiktoken_encoding, hand_texts
+):
     for text in hand_texts:
         ref = python.tokenize(text)
         assert fast.tokenize(text) == ref, repr(text)
@@ -81,10 +83,25 @@ def test_hand_texts_fast_equals_reference_equals_tiktoken(fast, python, tiktoken
 def test_random_texts_fast_equals_reference(fast, python, tiktoken_encoding, mixed_texts):
     ref = [python.tokenize(t) for t in mixed_texts]
     assert fast.tokenize_batch(mixed_texts) == ref
-    assert python.tokenize_batch(mixed_texts) == ref
+    assert python.tokenize_batch(mixed_texts[:200]) == ref[:200]
     assert tiktoken_encoding.encode_ordinary_batch(mixed_texts, num_threads=1) == ref
     for text, ids in zip(mixed_texts, ref):
         assert fast.detokenize(ids) == text, repr(text)
+
+
+def test_code_point_sample(fast, python):
+    """Every 4th code point of plane 0 and every 41st of planes 1-3, 14 and 15 (an offline
+    scan of all of them agreed too), paired up in runs that mix letters, digits, marks,
+    spaces and symbols."""
+    cps = [cp for cp in range(0, 0x10000, 4) if not 0xD800 <= cp <= 0xDFFF]
+    cps += list(range(0x10000, 0x40000, 41)) + list(range(0xE0000, 0x100000, 41))
+    texts = []
+    for start in range(0, len(cps), 512):
+        run = cps[start : start + 512]
+        texts.append(" ".join(chr(cp) + chr(run[-1 - i]) for i, cp in enumerate(run)))
+    ids = fast.tokenize_batch(texts)
+    assert ids == python.tokenize_batch(texts)
+    assert [fast.detokenize(x) for x in ids] == texts
 
 
 def test_every_byte_round_trips(fast, python):
@@ -116,5 +133,9 @@ def test_bad_files_give_clear_errors(tmp_path, gpt2_files):
     bad.write_text("not json")
     with pytest.raises(ValueError, match="vocab.json: not a JSON vocabulary"):
         _GPT2BPETokenizer(str(bad), gpt2_files[1])
+    merges = tmp_path / "merges.txt"
+    merges.write_text("#version: 0.2\nĠ t\n\nĠ a b\n")
+    with pytest.raises(ValueError, match="merges.txt:4: expected a merge 'a b'"):
+        _GPT2BPETokenizer(gpt2_files[0], str(merges))
     with pytest.raises(ValueError, match="tokenizer impl 'rust'"):
         _GPT2BPETokenizer(*gpt2_files, impl="rust")

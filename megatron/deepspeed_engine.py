@@ -1,0 +1,625 @@
+"""The DeepSpeed seam: everything training.py, checkpointing.py and pretrain_gpt.py need
+from DeepSpeed under --deepspeed, and nothing else imports deepspeed for training.
+
+* setup_deepspeed_model_and_optimizer: the model (GPTModel, or GPTModelPipe for
+  DeepSpeed's pipeline engine), Megatron's param groups in a plain torch optimizer,
+  AnnealingLR, all handed to deepspeed.initialize(model, optimizer, lr_scheduler, mpu,
+  config) with a config reconciled against Megatron's flags (deepspeed_config.py rules).
+* deepspeed_train_step / deepspeed_eval_batch: one iteration through the engine.
+  Without the pipeline engine, each of the n micro-batches runs forward, engine.backward
+  and engine.step; the engine's gradient_accumulation_steps is n, so it scales each
+  loss by 1/n and updates the weights at the n-th step (the accumulation boundary), where
+  AnnealingLR advances by the global batch in samples.
+* curriculum_seqlen, extra_log_columns, loss_scale: what the log line needs.
+* save_deepspeed_checkpoint / load_deepspeed_checkpoint: DeepSpeed's folders
+  (global_stepN/, latest) plus Megatron's tracker, with Megatron's client state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+from typing import Any, Callable, Dict, List
+
+import torch
+
+from . import get_args, get_num_microbatches, mpu, print_rank_0
+
+_MOE_LOSS_KEY = "moe loss"
+
+
+class DeepSpeedConfigError(ValueError):
+    """The DeepSpeed config and Megatron's flags disagree; the message names both."""
+
+
+def load_deepspeed_config(path: str | None) -> dict:
+    """The JSON of --deepspeed_config ({} without one); a bad file is an error naming it."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DeepSpeedConfigError(f"cannot read --deepspeed_config {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise DeepSpeedConfigError(f"--deepspeed_config {path}: expected a JSON object")
+    return config
+
+
+def _agree(config: dict, key: str, value, flag: str, source: str) -> None:
+    """config[key] = value, unless config already holds a different value (an error)."""
+    if key in config and config[key] != value:
+        raise DeepSpeedConfigError(
+            f"{flag} contradicts {key} {json.dumps(config[key])} in {source}"
+        )
+    config[key] = value
+
+
+def _precision_block(config: dict, name: str, enabled: bool, source: str) -> dict:
+    block = config.setdefault(name, {})
+    if "enabled" in block and bool(block["enabled"]) != enabled:
+        flag = f"--{name}" if enabled else f"no --{name}"
+        raise DeepSpeedConfigError(
+            f"{flag} contradicts {name}.enabled {json.dumps(block['enabled'])} in {source}"
+        )
+    block["enabled"] = enabled
+    return block
+
+
+def _fill_fp16(block: dict, args) -> None:
+    """Megatron's loss-scale flags as DeepSpeed's fp16 keys (where the JSON has none)."""
+    block.setdefault("loss_scale", float(args.loss_scale or 0))
+    block.setdefault("initial_scale_power", int(round(math.log2(args.initial_loss_scale))))
+    block.setdefault("loss_scale_window", int(args.loss_scale_window))
+    block.setdefault("hysteresis", int(args.hysteresis))
+    block.setdefault("min_loss_scale", float(args.min_loss_scale))
+
+
+def _fill_zero(config: dict, args, source: str) -> None:
+    zero = config.setdefault("zero_optimization", {})
+    if args.zero_stage is None:
+        args.zero_stage = int(zero.get("stage", 0))
+    elif "stage" in zero and int(zero["stage"]) != args.zero_stage:
+        raise DeepSpeedConfigError(
+            f"--zero-stage {args.zero_stage} contradicts "
+            f"zero_optimization.stage {zero['stage']} in {source}"
+        )
+    zero["stage"] = args.zero_stage
+    if args.zero_reduce_scatter:
+        zero.setdefault("reduce_scatter", True)
+    if args.zero_contigious_gradients:
+        zero.setdefault("contiguous_gradients", True)
+    if args.zero_reduce_bucket_size:
+        zero.setdefault("reduce_bucket_size", args.zero_reduce_bucket_size)
+    if args.zero_allgather_bucket_size:
+        zero.setdefault("allgather_bucket_size", args.zero_allgather_bucket_size)
+    if args.zero_stage == 3 and args.remote_device != "none":
+        zero.setdefault(
+            "offload_param", {"device": args.remote_device, "pin_memory": bool(args.use_pin_memory)}
+        )
+    if args.cpu_optimizer and args.zero_stage > 0:
+        zero.setdefault(
+            "offload_optimizer", {"device": "cpu", "pin_memory": bool(args.use_pin_memory)}
+        )
+    if args.zero_stage > 0:
+        # the optimizer is Megatron's (param groups, AdamW or DeepSpeedCPUAdam)
+        config.setdefault("zero_allow_untested_optimizer", True)
+    if "offload_optimizer" in zero and not args.cpu_optimizer:
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+
+
+def _fill_activation_checkpointing(config: dict, args) -> None:
+    if not args.deepspeed_activation_checkpointing:
+        return
+    block = config.setdefault("activation_checkpointing", {})
+    block.setdefault("partition_activations", bool(args.partition_activations))
+    block.setdefault("contiguous_memory_optimization", bool(args.contigious_checkpointing))
+    block.setdefault("cpu_checkpointing", bool(args.checkpoint_in_cpu))
+    block.setdefault("synchronize_checkpoint_boundary", bool(args.synchronize_each_layer))
+    block.setdefault("number_checkpoints", args.num_layers)
+
+
+def _take_curriculum(config: dict, args, source: str) -> dict | None:
+    """Remove the curriculum_learning block (this DeepSpeed no longer reads it; the
+    training loop schedules the sequence length itself) and check it against the flag."""
+    block = config.pop("curriculum_learning", None)
+    enabled = bool(block and block.get("enabled", False))
+    if args.curriculum_learning and not enabled:
+        raise DeepSpeedConfigError(
+            f"--curriculum-learning needs a curriculum_learning block "
+            f'with "enabled": true in {source}'
+        )
+    if enabled and not args.curriculum_learning:
+        raise DeepSpeedConfigError(
+            f"no --curriculum-learning contradicts curriculum_learning.enabled true in {source}"
+        )
+    if not enabled:
+        return None
+    kind = block.get("curriculum_type", "seqlen")
+    if kind != "seqlen":
+        raise DeepSpeedConfigError(
+            f"curriculum_learning.curriculum_type {kind!r} in {source}: only 'seqlen' is supported"
+        )
+    if int(block.get("max_difficulty", args.seq_length)) > args.seq_length:
+        raise DeepSpeedConfigError(
+            f"curriculum_learning.max_difficulty "
+            f"{block['max_difficulty']} in {source} exceeds "
+            f"--seq-length {args.seq_length}"
+        )
+    return {k: v for k, v in block.items() if k not in ("enabled", "curriculum_type")}
+
+
+def reconcile_deepspeed_config(config: dict, args, source: str = "ds_config.json") -> dict:
+    """Make the DeepSpeed config agree with Megatron's flags; returns a new dict.
+
+    Batch: train_micro_batch_size_per_gpu = --micro-batch-size, train_batch_size =
+    --global-batch-size, gradient_accumulation_steps = global / (micro x data-parallel
+    size). Precision: fp16.enabled = --fp16, bf16.enabled = --bf16 (loss-scale flags fill
+    the fp16 block). zero_optimization.stage = --zero-stage (taken from the config into
+    args.zero_stage when the flag is absent), gradient_clipping = --clip-grad. Missing
+    keys are filled from the flags; a present key that differs raises
+    DeepSpeedConfigError naming the flag and the key. Sets args.zero_stage and
+    args.ds_curriculum (the curriculum_learning block, or None).
+    """
+    config = copy.deepcopy(config)
+    dp = args.data_parallel_size
+    num_micro = args.global_batch_size // (args.micro_batch_size * dp)
+    _agree(
+        config,
+        "train_micro_batch_size_per_gpu",
+        args.micro_batch_size,
+        f"--micro-batch-size {args.micro_batch_size}",
+        source,
+    )
+    _agree(
+        config,
+        "train_batch_size",
+        args.global_batch_size,
+        f"--global-batch-size {args.global_batch_size}",
+        source,
+    )
+    _agree(
+        config,
+        "gradient_accumulation_steps",
+        num_micro,
+        f"{num_micro} micro-batches (--global-batch-size {args.global_batch_size} / "
+        f"(--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}))",
+        source,
+    )
+    if "bfloat16" in config:  # DeepSpeed's older spelling
+        config.setdefault("bf16", config.pop("bfloat16"))
+    fp16 = _precision_block(config, "fp16", bool(args.fp16), source)
+    if args.fp16:
+        _fill_fp16(fp16, args)
+    _precision_block(config, "bf16", bool(args.bf16), source)
+    clip = float(args.clip_grad)
+    _agree(config, "gradient_clipping", clip, f"--clip-grad {args.clip_grad}", source)
+    _fill_zero(config, args, source)
+    _fill_activation_checkpointing(config, args)
+    args.ds_curriculum = _take_curriculum(config, args, source)
+    if getattr(args, "universal_checkpoint", False):
+        config.setdefault("checkpoint", {})["load_universal"] = True
+    config.setdefault("steps_per_print", 2**31 - 1)  # Megatron prints its own log line
+    config.setdefault("wall_clock_breakdown", False)
+    return config
+
+
+def build_deepspeed_config(args) -> dict:
+    """--deepspeed_config reconciled with the flags (reconcile_deepspeed_config)."""
+    source = args.deepspeed_config or "the DeepSpeed config (no --deepspeed_config)"
+    return reconcile_deepspeed_config(load_deepspeed_config(args.deepspeed_config), args, source)
+
+
+def configure_activation_checkpointing(args) -> None:
+    """--deepspeed-activation-checkpointing: mpu.checkpoint then runs through
+    deepspeed.checkpointing (partitioned / contiguous / CPU-held activations), which
+    saves and restores Megatron's model-parallel RNG tracker around each recompute."""
+    if not args.deepspeed_activation_checkpointing:
+        return
+    import deepspeed
+    from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
+
+    deepspeed.checkpointing.configure(
+        mpu,
+        partition_activations=args.partition_activations,
+        contiguous_checkpointing=args.contigious_checkpointing,
+        num_checkpoints=args.num_layers,
+        checkpoint_in_cpu=args.checkpoint_in_cpu,
+        synchronize=args.synchronize_each_layer,
+        profile=False,
+    )
+    # one tracker: the states dropout forks from are the ones the recompute restores
+    ds_ckpt._CUDA_RNG_STATE_TRACKER = mpu.get_cuda_rng_tracker()
+
+
+def prepare_deepspeed() -> None:
+    """Import DeepSpeed and keep its CPU communication on plain gloo.
+
+    DeepSpeed's CPU backend otherwise JIT-compiles a shared-memory all-reduce op on the
+    first deepspeed.initialize (minutes on a small machine, and a stale build lock hangs
+    every later run); gloo does the same collectives. MEGATRON_DS_SHM_COMM=1 keeps it.
+    """
+    import deepspeed
+
+    from .accelerator import is_gpu
+
+    if not is_gpu() and os.environ.get("MEGATRON_DS_SHM_COMM", "0") != "1":
+        ops = deepspeed.ops
+        if "__compatible_ops__" not in vars(ops):
+            ops.__compatible_ops__ = {}
+        ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False
+        )
+
+
+def zero3_init_context(args) -> contextlib.AbstractContextManager:
+    """deepspeed.zero.Init for --zero-stage 3: every parameter is partitioned over the
+    data-parallel group as soon as its module is built (no rank ever holds the full
+    model); with --remote-device cpu the partitions live in host memory."""
+    import deepspeed
+
+    prepare_deepspeed()
+    remote = None if args.remote_device == "none" else args.remote_device
+    return deepspeed.zero.Init(
+        data_parallel_group=mpu.get_data_parallel_group(),
+        remote_device=remote,
+        config_dict_or_path=build_deepspeed_config(args),
+        enabled=args.zero_stage == 3,
+        pin_memory=args.use_pin_memory,
+        mpu=mpu,
+    )
+
+
+class SamplesLR:
+    """AnnealingLR as the pipeline engine steps it: PipelineEngine.train_batch calls
+    lr_scheduler.step() without arguments, so the increment (samples per iteration) is
+    set here before each batch. Everything else (state_dict, get_lr, ...) is AnnealingLR's.
+    """
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self.increment = 1
+
+    def step(self, increment: int | None = None) -> float:
+        return self.scheduler.step(increment=self.increment if increment is None else increment)
+
+    def __getattr__(self, name: str):
+        return getattr(self.scheduler, name)
+
+
+def _engine(model_list):
+    return model_list[0] if isinstance(model_list, list) else model_list
+
+
+def _is_pipe_engine(engine) -> bool:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
+def _build_model(model_provider_func, args):
+    """The bare model for the engine (the engine does precision and data parallelism)."""
+    from deepspeed.runtime.pipe.module import PipelineModule
+
+    pp = mpu.get_pipeline_model_parallel_world_size()
+    if pp > 1 and not args.ds_pipeline_enabled:
+        raise ValueError(
+            f"--deepspeed with --pipeline-model-parallel-size {pp} trains through DeepSpeed's "
+            "pipeline engine: drop --no-pipeline-parallel"
+        )
+    model = model_provider_func(pre_process=True, post_process=True)
+    args.ds_pipeline_enabled = isinstance(model, PipelineModule)
+    for param in model.parameters():
+        mpu.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+    if mpu.get_data_parallel_rank() == 0:
+        n = sum(getattr(p, "ds_numel", p.nelement()) for p in model.parameters())
+        print(
+            f" > number of parameters on (tensor, pipeline) model parallel rank "
+            f"({mpu.get_tensor_model_parallel_rank()}, "
+            f"{mpu.get_pipeline_model_parallel_rank()}): {n}",
+            flush=True,
+        )
+    return model
+
+
+def _has_moe(model) -> bool:
+    from deepspeed.moe.layer import MoE
+
+    return any(isinstance(m, MoE) for m in model.modules())
+
+
+def setup_deepspeed_model_and_optimizer(
+    model_provider_func: Callable, get_model: Callable, get_learning_rate_scheduler: Callable
+):
+    """Build the model, optimizer and AnnealingLR, wrap them in a DeepSpeed engine and
+    load --load. Returns ([engine], optimizer, lr_scheduler). `get_model` (Megatron's
+    wrapper with Float16Module and DDP) is not used: the engine does both."""
+    import deepspeed
+
+    from .optimizer import get_megatron_optimizer
+
+    del get_model
+    args = get_args()
+    prepare_deepspeed()
+    config = build_deepspeed_config(args)
+    configure_activation_checkpointing(args)
+    model = _build_model(model_provider_func, args)
+    if _has_moe(model) and not args.create_moe_param_group:
+        print_rank_0(
+            "> MoE model: expert parameters get their own param groups (--create-moe-param-group)"
+        )
+        args.create_moe_param_group = True
+    optimizer = get_megatron_optimizer([model])
+    lr_scheduler = get_learning_rate_scheduler(optimizer)
+    if args.ds_pipeline_enabled:
+        lr_scheduler = SamplesLR(lr_scheduler)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        mpu=None if args.ds_pipeline_enabled else mpu,
+        config=config,
+        dist_init_required=False,
+    )
+    engine._is_deepspeed_engine = True
+    if args.ds_pipeline_enabled:
+        batch_fn = getattr(model, "_megatron_batch_fn", None)
+        if batch_fn is None:
+            raise ValueError(
+                "GPTModelPipe needs _megatron_batch_fn (set by model_provider in "
+                "pretrain_gpt.py) to turn data-loader samples into pipe inputs"
+            )
+        engine.set_batch_fn(batch_fn)
+    args.curriculum_scheduler = _curriculum_scheduler(args)
+    args.iteration = 0
+    if args.load is not None:
+        from .checkpointing import load_checkpoint
+
+        args.iteration = load_checkpoint([engine], optimizer, lr_scheduler)
+    return [engine], optimizer, lr_scheduler
+
+
+def _curriculum_scheduler(args):
+    """DeepSpeed's CurriculumScheduler for the config's curriculum_learning block."""
+    block = args.ds_curriculum
+    if block is None:
+        return None
+    from deepspeed.runtime.data_pipeline.curriculum_scheduler import CurriculumScheduler
+
+    return CurriculumScheduler(block)
+
+
+def _moe_losses() -> List[float]:
+    state = _LOG_STATE.setdefault("moe", [])
+    return state
+
+
+_LOG_STATE: Dict[str, Any] = {}
+
+
+def _check_finite(loss: torch.Tensor, args) -> None:
+    if torch.isfinite(loss).all() or args.fp16:
+        return
+    from .training import NonFiniteLossError
+
+    raise NonFiniteLossError(
+        f"iteration {args.iteration + 1}: the loss is {loss.item()}; stopping before the "
+        "optimizer step so that the weights stay finite"
+    )
+
+
+def _sync_batch_size(engine, args) -> int:
+    """Keep the engine's accumulation steps equal to Megatron's micro-batch count (it
+    changes under --rampup-batch-size); returns the global batch in samples."""
+    num_micro = get_num_microbatches()
+    global_batch = num_micro * args.micro_batch_size * mpu.get_data_parallel_world_size()
+    if engine.gradient_accumulation_steps() != num_micro:
+        engine.set_train_batch_size(global_batch)
+    return global_batch
+
+
+def deepspeed_train_step(forward_step_func, data_iterator, model_list, lr_scheduler):
+    """One iteration through the engine.
+
+    Returns (loss dict averaged over micro-batches, skipped_iter, grad_norm,
+    num_zeros_in_grad (None), got_nan). A 'moe loss' entry of the loss dicts is taken
+    out for its own log column.
+    """
+    args = get_args()
+    engine = _engine(model_list)
+    global_batch = _sync_batch_size(engine, args)
+    if _is_pipe_engine(engine):
+        lr_scheduler.increment = global_batch
+        loss = engine.train_batch(data_iter=data_iterator)
+        _check_finite(loss, args)
+        losses = [{"lm loss": loss.detach()}]
+    else:
+        losses = []
+        for _ in range(get_num_microbatches()):
+            output_tensor, loss_func = forward_step_func(data_iterator, engine)
+            loss, loss_reduced = loss_func(output_tensor)
+            _check_finite(loss, args)
+            engine.backward(loss)
+            engine.step(lr_kwargs={"increment": global_batch})
+            losses.append(loss_reduced)
+    skipped_iter = 0 if engine.was_step_applied() else 1
+    got_nan = bool(
+        skipped_iter
+        and not all(torch.isfinite(torch.as_tensor(v)).all() for d in losses for v in d.values())
+    )
+    grad_norm = engine.get_global_grad_norm()
+    if torch.is_tensor(grad_norm):
+        grad_norm = grad_norm.item()
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        grad_norm = None
+    averaged = {}
+    for key in losses[0]:
+        averaged[key] = sum(float(d[key]) for d in losses) / len(losses)
+    moe = averaged.pop(_MOE_LOSS_KEY, None)
+    if moe is not None and not skipped_iter:
+        _moe_losses().append(moe)
+    return averaged, skipped_iter, grad_norm, None, got_nan
+
+
+def deepspeed_eval_batch(model_list, data_iterator) -> List[Dict[str, float]]:
+    """Forward-only pipeline batch: the mean loss over the micro-batches, once per
+    micro-batch (evaluate() averages over eval iterations x micro-batches)."""
+    engine = _engine(model_list)
+    loss = engine.eval_batch(data_iter=data_iterator)
+    return [{"lm loss": float(loss)} for _ in range(get_num_microbatches())]
+
+
+def curriculum_seqlen(model_list, iteration: int) -> int:
+    """The sequence length of the curriculum at (1-based) `iteration`; resets the pipeline
+    engine's activation shapes when it changes."""
+    args = get_args()
+    scheduler = args.curriculum_scheduler
+    if scheduler is None:
+        return args.seq_length
+    seqlen = int(scheduler.update_difficulty(iteration))
+    engine = _engine(model_list)
+    if _is_pipe_engine(engine) and seqlen != _LOG_STATE.get("seqlen"):
+        engine.reset_activation_shape()
+    _LOG_STATE["seqlen"] = seqlen
+    return seqlen
+
+
+def extra_log_columns(args) -> Dict[str, str]:
+    """'moe loss' (mean since the last log line) and 'curriculum seqlen' columns."""
+    columns = {}
+    moe = _moe_losses()
+    if moe:
+        columns[_MOE_LOSS_KEY] = f"{sum(moe) / len(moe):.6E}"
+        if args.iteration % args.log_interval == 0:
+            moe.clear()
+    if getattr(args, "curriculum_scheduler", None) is not None:
+        columns["curriculum seqlen"] = str(args.curriculum_seqlen)
+    return columns
+
+
+def loss_scale(model_list) -> float:
+    """The engine's current loss scale (1.0 without fp16)."""
+    optimizer = _engine(model_list).optimizer
+    for name in ("cur_scale", "loss_scale"):
+        value = getattr(optimizer, name, None)
+        if value is not None and not callable(value):
+            return float(value)
+    return 1.0
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------
+
+
+def _client_state(args, iteration: int) -> dict:
+    from .checkpointing import CHECKPOINT_VERSION, get_rng_state
+
+    state = {
+        "args": args,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration,
+        "consumed_train_samples": args.consumed_train_samples,
+        "consumed_valid_samples": args.consumed_valid_samples,
+    }
+    if not args.no_save_rng:
+        state.update(get_rng_state())
+    return state
+
+
+def save_deepspeed_checkpoint(iteration: int, model_list, optimizer, lr_scheduler) -> None:
+    """engine.save_checkpoint(save, tag=global_step{iteration}) with Megatron's client
+    state, then (every rank done) Megatron's tracker file."""
+    from .checkpointing import _atomic_write_text, get_checkpoint_tracker_filename
+
+    del optimizer, lr_scheduler  # saved by the engine
+    args = get_args()
+    engine = _engine(model_list)
+    print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save}")
+    engine.save_checkpoint(
+        args.save, tag=f"global_step{iteration}", client_state=_client_state(args, iteration)
+    )
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        _atomic_write_text(get_checkpoint_tracker_filename(args.save), str(iteration))
+    torch.distributed.barrier()
+    print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {args.save}")
+
+
+def _load_tag(load_dir: str, universal: bool) -> str | None:
+    """The tag to load: from Megatron's tracker, else DeepSpeed's latest file (None)."""
+    from .checkpointing import get_checkpoint_tracker_filename, read_metadata
+
+    tracker = get_checkpoint_tracker_filename(load_dir)
+    if universal or not os.path.isfile(tracker):
+        return None
+    iteration, release = read_metadata(tracker)
+    return None if release else f"global_step{iteration}"
+
+
+def load_deepspeed_checkpoint(
+    model_list, optimizer, lr_scheduler, load_dir: str, strict: bool = True
+) -> int:
+    """engine.load_checkpoint(load_dir) (a universal checkpoint with
+    --universal-checkpoint); restores consumed samples and RNG; returns the iteration."""
+    from .checkpointing import CheckpointError, set_checkpoint_version, set_rng_state
+
+    del optimizer, lr_scheduler  # restored by the engine
+    args = get_args()
+    engine = _engine(model_list)
+    has_latest = any(
+        os.path.isfile(os.path.join(load_dir, n)) for n in ("latest", "latest_universal")
+    )
+    tag = _load_tag(load_dir, args.universal_checkpoint)
+    if tag is None and not has_latest:
+        print_rank_0(
+            f"WARNING: no DeepSpeed checkpoint (latest file) in {load_dir}; starting from random"
+        )
+        return 0
+    load_optim = not (args.no_load_optim or args.finetune)
+    path, state = engine.load_checkpoint(
+        load_dir,
+        tag=tag,
+        load_module_strict=strict,
+        load_optimizer_states=load_optim,
+        load_lr_scheduler_states=load_optim,
+        load_module_only=not load_optim,
+    )
+    if path is None:
+        raise CheckpointError(
+            f"DeepSpeed could not load a checkpoint from {load_dir} (tag {tag or 'latest'})"
+        )
+    state = state or {}
+    set_checkpoint_version(state.get("checkpoint_version", 0))
+    iteration = 0 if args.finetune else int(state.get("iteration", engine.global_steps))
+    if not args.finetune:
+        args.consumed_train_samples = state.get("consumed_train_samples", 0)
+        args.consumed_valid_samples = state.get("consumed_valid_samples", 0)
+        from .global_vars import update_num_microbatches
+
+        update_num_microbatches(args.consumed_train_samples, consistency_check=False)
+        if not args.no_load_rng and "rng_tracker_states" in state:
+            set_rng_state(state)
+    torch.distributed.barrier()
+    print_rank_0(f"  successfully loaded checkpoint from {load_dir} at iteration {iteration}")
+    return iteration
+
+
+__all__ = [
+    "prepare_deepspeed",
+    "zero3_init_context",
+    "setup_deepspeed_model_and_optimizer",
+    "deepspeed_train_step",
+    "deepspeed_eval_batch",
+    "curriculum_seqlen",
+    "extra_log_columns",
+    "loss_scale",
+    "save_deepspeed_checkpoint",
+    "load_deepspeed_checkpoint",
+    "SamplesLR",
+]
