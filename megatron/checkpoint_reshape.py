@@ -54,17 +54,22 @@ PARTITION_RULES: List[Tuple[re.Pattern, str, int | None]] = [
     (re.compile(r"(^|\.)dense_h_to_4h\.(weight|bias)$"), "column", 0),
     (re.compile(r"(^|\.)(self_attention|attention|inter_attention)\.dense\.weight$"), "row", 1),
     (re.compile(r"(^|\.)dense_4h_to_h\.weight$"), "row", 1),
-    (re.compile(r"(^|\.)(self_attention|attention|inter_attention)\.dense\.bias$"),
-     "replicated", None),
+    (
+        re.compile(r"(^|\.)(self_attention|attention|inter_attention)\.dense\.bias$"),
+        "replicated",
+        None,
+    ),
     (re.compile(r"(^|\.)dense_4h_to_h\.bias$"), "replicated", None),
     (re.compile(r"(^|\.)word_embeddings\.weight$"), "vocab", 0),
     (re.compile(r"^word_embeddings_for_head\.weight$"), "vocab", 0),
     (re.compile(r"(^|\.)lm_head\.bias$"), "vocab", 0),
-    (re.compile(r"(^|\.)(position_embeddings|tokentype_embeddings)\.weight$"),
-     "replicated", None),
+    (re.compile(r"(^|\.)(position_embeddings|tokentype_embeddings)\.weight$"), "replicated", None),
     (re.compile(r"layernorm\.(weight|bias)$"), "replicated", None),
-    (re.compile(r"(^|\.)(pooler(\.dense)?|binary_head|lm_head\.dense)\.(weight|bias)$"),
-     "replicated", None),
+    (
+        re.compile(r"(^|\.)(pooler(\.dense)?|binary_head|lm_head\.dense)\.(weight|bias)$"),
+        "replicated",
+        None,
+    ),
 ]
 
 
@@ -86,8 +91,10 @@ def partition_rule(name: str) -> Tuple[str, int | None]:
     for pattern, kind, dim in PARTITION_RULES:
         if pattern.search(name):
             return kind, dim
-    raise ReshapeError(f"checkpoint key {name!r} is not in the tensor-parallel tables of "
-                       "megatron/checkpoint_reshape.py; cannot tell how it is split")
+    raise ReshapeError(
+        f"checkpoint key {name!r} is not in the tensor-parallel tables of "
+        "megatron/checkpoint_reshape.py; cannot tell how it is split"
+    )
 
 
 def flatten_state(state: dict, prefix: Path = ()) -> FlatState:
@@ -129,8 +136,11 @@ def _is_first_stage_key(path: Path) -> bool:
     """Embeddings live on the first pipeline stage; everything else that is not a layer
     (final layer norm, pooler, heads) lives on the last."""
     return "embedding" in path[:-1] or any(
-        p.startswith(("embedding.", "word_embeddings", "position_embeddings",
-                      "tokentype_embeddings")) for p in path)
+        p.startswith(
+            ("embedding.", "word_embeddings", "position_embeddings", "tokentype_embeddings")
+        )
+        for p in path
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -144,15 +154,18 @@ def padded_vocab_size(true_vocab_size: int, divisible_by: int, tp: int) -> int:
     return -(-true_vocab_size // multiple) * multiple
 
 
-def repad_vocab(tensor: torch.Tensor, target_rows: int, true_vocab_size: int | None,
-                name: str) -> torch.Tensor:
+def repad_vocab(
+    tensor: torch.Tensor, target_rows: int, true_vocab_size: int | None, name: str
+) -> torch.Tensor:
     """Cut or zero-pad dim 0 to target_rows; rows past the true vocabulary are padding."""
     rows = tensor.size(0)
     if rows == target_rows:
         return tensor
     if true_vocab_size is not None and target_rows < true_vocab_size:
-        raise ReshapeError(f"{name}: target padded vocab {target_rows} is smaller than the "
-                           f"true vocab size {true_vocab_size}")
+        raise ReshapeError(
+            f"{name}: target padded vocab {target_rows} is smaller than the "
+            f"true vocab size {true_vocab_size}"
+        )
     if target_rows < rows:
         return tensor[:target_rows].clone()
     pad = torch.zeros((target_rows - rows,) + tuple(tensor.shape[1:]), dtype=tensor.dtype)
@@ -191,8 +204,10 @@ def split_tensor_parallel(state: FlatState, tp: int) -> List[FlatState]:
                 shard[path] = tensor.clone()
             continue
         if tensor.size(dim) % tp != 0:
-            raise ReshapeError(f"{dotted(path)}: size {tensor.size(dim)} on dim {dim} is not "
-                               f"divisible by the target tensor-parallel size {tp}")
+            raise ReshapeError(
+                f"{dotted(path)}: size {tensor.size(dim)} on dim {dim} is not "
+                f"divisible by the target tensor-parallel size {tp}"
+            )
         for rank, part in enumerate(torch.chunk(tensor, tp, dim=dim)):
             shards[rank][path] = part.clone()
     return shards
@@ -256,8 +271,9 @@ def split_pipeline(full: FlatState, pp: int) -> List[FlatState]:
     stage's word embeddings."""
     num_layers = _count_layers(full)
     if num_layers % pp != 0:
-        raise ReshapeError(f"{num_layers} layers are not divisible by the target pipeline-"
-                           f"parallel size {pp}")
+        raise ReshapeError(
+            f"{num_layers} layers are not divisible by the target pipeline-parallel size {pp}"
+        )
     per_stage = num_layers // pp
     stages: List[FlatState] = [{} for _ in range(pp)]
     for path, tensor in full.items():
@@ -299,18 +315,26 @@ def to_canonical(grid: Dict[Tuple[int, int], List[dict]]) -> FlatState:
     pp = 1 + max(p for _, p in grid)
     missing = [(t, p) for t in range(tp) for p in range(pp) if (t, p) not in grid]
     if missing:
-        raise ReshapeError(f"checkpoint is missing the files of (tensor, pipeline) ranks "
-                           f"{missing}")
+        raise ReshapeError(f"checkpoint is missing the files of (tensor, pipeline) ranks {missing}")
     stages = []
     for p in range(pp):
         v = len(grid[(0, p)])
-        stages.append([merge_tensor_parallel([flatten_state(grid[(t, p)][c]) for t in range(tp)])
-                       for c in range(v)])
+        stages.append(
+            [
+                merge_tensor_parallel([flatten_state(grid[(t, p)][c]) for t in range(tp)])
+                for c in range(v)
+            ]
+        )
     return merge_pipeline(stages)
 
 
-def from_canonical(full: FlatState, tp: int, pp: int, padded_vocab: int | None = None,
-                   true_vocab_size: int | None = None) -> Dict[Tuple[int, int], dict]:
+def from_canonical(
+    full: FlatState,
+    tp: int,
+    pp: int,
+    padded_vocab: int | None = None,
+    true_vocab_size: int | None = None,
+) -> Dict[Tuple[int, int], dict]:
     """Canonical full state -> {(tp rank, pp rank): nested model state}, re-padding the
     vocabulary-parallel tensors to `padded_vocab` rows first when given."""
     full = dict(full)
@@ -334,8 +358,9 @@ def read_tracker(load_dir: str) -> Tuple[str, int, bool]:
     """(iteration folder, iteration, release) named by load_dir's tracker file."""
     tracker = os.path.join(load_dir, TRACKER_FILENAME)
     if not os.path.isfile(tracker):
-        raise ReshapeError(f"no checkpoint tracker {tracker}: is --load-dir a Megatron "
-                           "checkpoint folder?")
+        raise ReshapeError(
+            f"no checkpoint tracker {tracker}: is --load-dir a Megatron checkpoint folder?"
+        )
     with open(tracker) as f:
         text = f.read().strip()
     if text == "release":
@@ -362,8 +387,10 @@ def load_checkpoint_grid(load_dir: str) -> Tuple[Dict[Tuple[int, int], dict], in
             raise ReshapeError(f"could not read checkpoint file {path}: {e}") from e
         version = state.get("checkpoint_version", 0)
         if version < 2.0:
-            raise ReshapeError(f"{path}: checkpoint_version {version} stores QKV as [3, np, hn]"
-                               "; only version >= 2.0 ([np, 3, hn]) can be reshaped")
+            raise ReshapeError(
+                f"{path}: checkpoint_version {version} stores QKV as [3, np, hn]"
+                "; only version >= 2.0 ([np, 3, hn]) can be reshaped"
+            )
         grid[(int(m.group(1)), int(m.group(2) or 0))] = state
     if not grid:
         raise ReshapeError(f"no mp_rank_* folders in {folder}")
@@ -388,9 +415,14 @@ def _true_vocab_from_args(args) -> int | None:
     return build_tokenizer(probe).vocab_size
 
 
-def reshape_checkpoint(load_dir: str, save_dir: str, target_tp: int, target_pp: int,
-                       true_vocab_size: int | None = None,
-                       divisible_by: int | None = None) -> Dict[str, int]:
+def reshape_checkpoint(
+    load_dir: str,
+    save_dir: str,
+    target_tp: int,
+    target_pp: int,
+    true_vocab_size: int | None = None,
+    divisible_by: int | None = None,
+) -> Dict[str, int]:
     """Write load_dir's latest checkpoint to save_dir at target_tp x target_pp.
 
     The model weights, args (with the new layout and padded vocab), iteration and consumed
@@ -398,15 +430,18 @@ def reshape_checkpoint(load_dir: str, save_dir: str, target_tp: int, target_pp: 
     layout): resume with --no-load-optim --no-load-rng. Returns a summary dict.
     """
     if target_tp < 1 or target_pp < 1:
-        raise ReshapeError(f"target tensor ({target_tp}) and pipeline ({target_pp}) parallel "
-                           "sizes must be >= 1")
+        raise ReshapeError(
+            f"target tensor ({target_tp}) and pipeline ({target_pp}) parallel sizes must be >= 1"
+        )
     grid, iteration, release = load_checkpoint_grid(load_dir)
     args = _source_args(grid)
     full = to_canonical({k: model_chunks(v) for k, v in grid.items()})
     num_layers = _count_layers(full)
     if args is not None and getattr(args, "num_layers", num_layers) != num_layers:
-        raise ReshapeError(f"{load_dir}: args say --num-layers {args.num_layers} but the "
-                           f"files hold {num_layers} layers")
+        raise ReshapeError(
+            f"{load_dir}: args say --num-layers {args.num_layers} but the "
+            f"files hold {num_layers} layers"
+        )
     if true_vocab_size is None:
         true_vocab_size = _true_vocab_from_args(args)
     if divisible_by is None:
@@ -420,17 +455,31 @@ def reshape_checkpoint(load_dir: str, save_dir: str, target_tp: int, target_pp: 
         raise ReshapeError(
             f"the padded vocab ({source_padded}) must be re-padded for tensor-parallel size "
             f"{target_tp}, but the true vocab size is unknown: give --true-vocab-size or "
-            "--vocab-file")
+            "--vocab-file"
+        )
     out = from_canonical(full, target_tp, target_pp, target_padded, true_vocab_size)
-    _write_grid(save_dir, out, grid[min(grid)], iteration, release, target_tp, target_pp,
-                target_padded)
-    return {"iteration": iteration, "num_layers": num_layers, "padded_vocab_size":
-            target_padded or 0, "source_tp": 1 + max(t for t, _ in grid),
-            "source_pp": 1 + max(p for _, p in grid)}
+    _write_grid(
+        save_dir, out, grid[min(grid)], iteration, release, target_tp, target_pp, target_padded
+    )
+    return {
+        "iteration": iteration,
+        "num_layers": num_layers,
+        "padded_vocab_size": target_padded or 0,
+        "source_tp": 1 + max(t for t, _ in grid),
+        "source_pp": 1 + max(p for _, p in grid),
+    }
 
 
-def _write_grid(save_dir: str, out: dict, template: dict, iteration: int, release: bool,
-                tp: int, pp: int, padded_vocab: int | None) -> None:
+def _write_grid(
+    save_dir: str,
+    out: dict,
+    template: dict,
+    iteration: int,
+    release: bool,
+    tp: int,
+    pp: int,
+    padded_vocab: int | None,
+) -> None:
     args = copy.copy(template.get("args"))
     if args is not None:
         args.tensor_model_parallel_size = tp
@@ -442,8 +491,12 @@ def _write_grid(save_dir: str, out: dict, template: dict, iteration: int, releas
     folder = os.path.join(save_dir, "release" if release else f"iter_{iteration:07d}")
     for (t, p), model in out.items():
         sub = f"mp_rank_{t:02d}_{p:03d}" if pp > 1 else f"mp_rank_{t:02d}"
-        state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION,
-                 "iteration": iteration, "model": model}
+        state = {
+            "args": args,
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": iteration,
+            "model": model,
+        }
         for key in ("consumed_train_samples", "consumed_valid_samples"):
             if key in template:
                 state[key] = template[key]
@@ -458,8 +511,21 @@ def _write_grid(save_dir: str, out: dict, template: dict, iteration: int, releas
 
 
 __all__ = [
-    "PARTITION_RULES", "ReshapeError", "partition_rule", "flatten_state", "unflatten_state",
-    "padded_vocab_size", "repad_vocab", "merge_tensor_parallel", "split_tensor_parallel",
-    "chunk_layer_offset", "merge_pipeline", "split_pipeline", "model_chunks", "to_canonical",
-    "from_canonical", "load_checkpoint_grid", "reshape_checkpoint",
+    "PARTITION_RULES",
+    "ReshapeError",
+    "partition_rule",
+    "flatten_state",
+    "unflatten_state",
+    "padded_vocab_size",
+    "repad_vocab",
+    "merge_tensor_parallel",
+    "split_tensor_parallel",
+    "chunk_layer_offset",
+    "merge_pipeline",
+    "split_pipeline",
+    "model_chunks",
+    "to_canonical",
+    "from_canonical",
+    "load_checkpoint_grid",
+    "reshape_checkpoint",
 ]

@@ -25,8 +25,11 @@ def _p2p_shape(tensor_shape, args):
 
 
 def _use_scatter_gather(args) -> bool:
-    return (args.scatter_gather_tensors_in_pipeline and not args.sequence_parallel
-            and mpu.get_tensor_model_parallel_world_size() > 1)
+    return (
+        args.scatter_gather_tensors_in_pipeline
+        and not args.sequence_parallel
+        and mpu.get_tensor_model_parallel_world_size() > 1
+    )
 
 
 def _dtype(args) -> torch.dtype:
@@ -35,8 +38,9 @@ def _dtype(args) -> torch.dtype:
     return args.params_dtype
 
 
-def _communicate(tensor_send_next, tensor_send_prev, recv_prev: bool, recv_next: bool,
-                 tensor_shape, dtype=None):
+def _communicate(
+    tensor_send_next, tensor_send_prev, recv_prev: bool, recv_next: bool, tensor_shape, dtype=None
+):
     """Send to / receive from the neighbouring stages; returns (from prev, from next)."""
     args = get_args()
     shape = _p2p_shape(tensor_shape, args)
@@ -70,10 +74,12 @@ def _communicate(tensor_send_next, tensor_send_prev, recv_prev: bool, recv_next:
     next_rank = mpu.get_pipeline_model_parallel_next_rank()
     group = mpu.get_pipeline_model_parallel_group()
     ops = []
-    for op, tensor, peer in ((torch.distributed.isend, tensor_send_next, next_rank),
-                             (torch.distributed.isend, tensor_send_prev, prev_rank),
-                             (torch.distributed.irecv, tensor_recv_prev, prev_rank),
-                             (torch.distributed.irecv, tensor_recv_next, next_rank)):
+    for op, tensor, peer in (
+        (torch.distributed.isend, tensor_send_next, next_rank),
+        (torch.distributed.isend, tensor_send_prev, prev_rank),
+        (torch.distributed.irecv, tensor_recv_prev, prev_rank),
+        (torch.distributed.irecv, tensor_recv_next, next_rank),
+    ):
         if tensor is not None:
             ops.append(torch.distributed.P2POp(op, tensor.contiguous(), peer, group))
     if ops:
@@ -135,7 +141,7 @@ def send_backward_recv_backward(input_tensor_grad, recv_next: bool, tensor_shape
     return _communicate(None, input_tensor_grad, False, recv_next, tensor_shape)[1]
 
 
-def send_forward_backward_recv_forward_backward(output_tensor, input_tensor_grad,
-                                                recv_prev: bool, recv_next: bool,
-                                                tensor_shape):
+def send_forward_backward_recv_forward_backward(
+    output_tensor, input_tensor_grad, recv_prev: bool, recv_next: bool, tensor_shape
+):
     return _communicate(output_tensor, input_tensor_grad, recv_prev, recv_next, tensor_shape)

@@ -29,8 +29,9 @@ def get_tensor_shapes():
     return (seq_length, args.micro_batch_size, args.hidden_size)
 
 
-def forward_backward_pipelining_without_interleaving(forward_step_func, data_iterator, model,
-                                                     optimizer, timers, forward_only: bool):
+def forward_backward_pipelining_without_interleaving(
+    forward_step_func, data_iterator, model, optimizer, timers, forward_only: bool
+):
     """1F1B without interleaving; returns the loss dicts on the last stage."""
     if isinstance(model, list):
         if len(model) != 1:
@@ -48,16 +49,24 @@ def forward_backward_pipelining_without_interleaving(forward_step_func, data_ite
 def _one_f_one_b(forward_step_func, data_iterator, model, optimizer, forward_only: bool):
     shape = get_tensor_shapes()
     num_microbatches = get_num_microbatches()
-    num_warmup = (num_microbatches if forward_only else min(
-        mpu.get_pipeline_model_parallel_world_size()
-        - mpu.get_pipeline_model_parallel_rank() - 1, num_microbatches))
+    num_warmup = (
+        num_microbatches
+        if forward_only
+        else min(
+            mpu.get_pipeline_model_parallel_world_size()
+            - mpu.get_pipeline_model_parallel_rank()
+            - 1,
+            num_microbatches,
+        )
+    )
     num_remaining = num_microbatches - num_warmup
     input_tensors, output_tensors, losses_reduced = [], [], []
 
     for _ in range(num_warmup):
         input_tensor = p2p.recv_forward(shape)
-        output_tensor = forward_step(forward_step_func, data_iterator, model, input_tensor,
-                                     losses_reduced)
+        output_tensor = forward_step(
+            forward_step_func, data_iterator, model, input_tensor, losses_reduced
+        )
         p2p.send_forward(output_tensor, shape)
         if not forward_only:
             input_tensors.append(input_tensor)
@@ -66,8 +75,9 @@ def _one_f_one_b(forward_step_func, data_iterator, model, optimizer, forward_onl
     input_tensor = p2p.recv_forward(shape) if num_remaining > 0 else None
     for i in range(num_remaining):
         last_iteration = i == num_remaining - 1
-        output_tensor = forward_step(forward_step_func, data_iterator, model, input_tensor,
-                                     losses_reduced)
+        output_tensor = forward_step(
+            forward_step_func, data_iterator, model, input_tensor, losses_reduced
+        )
         if forward_only:
             p2p.send_forward(output_tensor, shape)
             if not last_iteration:
@@ -77,8 +87,9 @@ def _one_f_one_b(forward_step_func, data_iterator, model, optimizer, forward_onl
         input_tensors.append(input_tensor)
         output_tensors.append(output_tensor)
         input_tensor, output_tensor = input_tensors.pop(0), output_tensors.pop(0)
-        input_tensor_grad = backward_step(optimizer, input_tensor, output_tensor,
-                                          output_tensor_grad, model)
+        input_tensor_grad = backward_step(
+            optimizer, input_tensor, output_tensor, output_tensor_grad, model
+        )
         if last_iteration:
             input_tensor = None
             p2p.send_backward(input_tensor_grad, shape)
@@ -89,8 +100,9 @@ def _one_f_one_b(forward_step_func, data_iterator, model, optimizer, forward_onl
         for _ in range(num_warmup):
             input_tensor, output_tensor = input_tensors.pop(0), output_tensors.pop(0)
             output_tensor_grad = p2p.recv_backward(shape)
-            input_tensor_grad = backward_step(optimizer, input_tensor, output_tensor,
-                                              output_tensor_grad, model)
+            input_tensor_grad = backward_step(
+                optimizer, input_tensor, output_tensor, output_tensor_grad, model
+            )
             p2p.send_backward(input_tensor_grad, shape)
     return losses_reduced
 
@@ -120,11 +132,17 @@ class _Interleaved:
         chunk = self.chunk_id(microbatch_id, forward=True)
         mpu.set_virtual_pipeline_model_parallel_rank(chunk)
         if mpu.is_pipeline_first_stage() and (
-                len(self.input_tensors[chunk]) == len(self.output_tensors[chunk])):
+            len(self.input_tensors[chunk]) == len(self.output_tensors[chunk])
+        ):
             self.input_tensors[chunk].append(None)
         input_tensor = self.input_tensors[chunk][-1]
-        output_tensor = forward_step(self.forward_step_func, self.data_iterator[chunk],
-                                     self.model[chunk], input_tensor, self.losses_reduced)
+        output_tensor = forward_step(
+            self.forward_step_func,
+            self.data_iterator[chunk],
+            self.model[chunk],
+            input_tensor,
+            self.losses_reduced,
+        )
         self.output_tensors[chunk].append(output_tensor)
         if self.forward_only:
             self.input_tensors[chunk].pop()
@@ -139,25 +157,29 @@ class _Interleaved:
         input_tensor = self.input_tensors[chunk].pop(0)
         output_tensor = self.output_tensors[chunk].pop(0)
         output_tensor_grad = self.output_tensor_grads[chunk].pop(0)
-        return backward_step(self.optimizer, input_tensor, output_tensor, output_tensor_grad,
-                             self.model[chunk])
+        return backward_step(
+            self.optimizer, input_tensor, output_tensor, output_tensor_grad, self.model[chunk]
+        )
 
 
-def forward_backward_pipelining_with_interleaving(forward_step_func, data_iterator, model,
-                                                  optimizer, timers, forward_only: bool):
+def forward_backward_pipelining_with_interleaving(
+    forward_step_func, data_iterator, model, optimizer, timers, forward_only: bool
+):
     """Interleaved 1F1B over len(model) chunks per rank (data_iterator: one per chunk)."""
     if not isinstance(data_iterator, list):
         data_iterator = [data_iterator] * len(model)
     with torch_ddp_no_sync(model):
-        losses = _interleaved_one_f_one_b(forward_step_func, data_iterator, model, optimizer,
-                                          forward_only)
+        losses = _interleaved_one_f_one_b(
+            forward_step_func, data_iterator, model, optimizer, forward_only
+        )
     if not forward_only:
         allreduce_torch_ddp_grads(model)
     return losses
 
 
-def _interleaved_one_f_one_b(forward_step_func, data_iterator, model, optimizer,
-                             forward_only: bool):
+def _interleaved_one_f_one_b(
+    forward_step_func, data_iterator, model, optimizer, forward_only: bool
+):
     st = _Interleaved(forward_step_func, data_iterator, model, optimizer, forward_only)
     shape = get_tensor_shapes()
     pp, pp_rank, v = st.pp, mpu.get_pipeline_model_parallel_rank(), st.num_chunks
@@ -165,7 +187,8 @@ def _interleaved_one_f_one_b(forward_step_func, data_iterator, model, optimizer,
         raise ValueError(
             f"interleaved pipelining needs the number of micro-batches "
             f"({get_num_microbatches()}) to be a multiple of --pipeline-model-parallel-size "
-            f"({pp})")
+            f"({pp})"
+        )
     total = get_num_microbatches() * v
     all_warmup = False
     if forward_only:
@@ -189,7 +212,8 @@ def _interleaved_one_f_one_b(forward_step_func, data_iterator, model, optimizer,
         if k == num_warmup - 1 and not forward_only and not all_warmup:
             recv_next = not mpu.is_pipeline_last_stage(ignore_virtual=True)
             input_tensor, output_tensor_grad = p2p.send_forward_backward_recv_forward_backward(
-                output_tensor, None, recv_prev, recv_next, shape)
+                output_tensor, None, recv_prev, recv_next, shape
+            )
             st.output_tensor_grads[v - 1].append(output_tensor_grad)
         else:
             input_tensor = p2p.send_forward_recv_forward(output_tensor, recv_prev, shape)
@@ -226,7 +250,8 @@ def _interleaved_one_f_one_b(forward_step_func, data_iterator, model, optimizer,
         if k == num_remaining - 1:
             recv_prev = False
         input_tensor, output_tensor_grad = p2p.send_forward_backward_recv_forward_backward(
-            output_tensor, input_tensor_grad, recv_prev, recv_next, shape)
+            output_tensor, input_tensor_grad, recv_prev, recv_next, shape
+        )
         if recv_prev:
             st.input_tensors[next_forward].append(input_tensor)
         if recv_next:
@@ -238,11 +263,13 @@ def _interleaved_one_f_one_b(forward_step_func, data_iterator, model, optimizer,
         for k in range(num_remaining, total):
             input_tensor_grad = st.backward(k)
             next_backward = st.chunk_id(k + 1, forward=False)
-            recv_next = not (mpu.is_pipeline_last_stage(ignore_virtual=True)
-                             and next_backward == v - 1)
+            recv_next = not (
+                mpu.is_pipeline_last_stage(ignore_virtual=True) and next_backward == v - 1
+            )
             if k == total - 1:
                 recv_next = False
             st.output_tensor_grads[next_backward].append(
-                p2p.send_backward_recv_backward(input_tensor_grad, recv_next, shape))
+                p2p.send_backward_recv_backward(input_tensor_grad, recv_next, shape)
+            )
     mpu.set_virtual_pipeline_model_parallel_rank(0)
     return st.losses_reduced

@@ -112,22 +112,27 @@ def backward_step(optimizer, input_tensor, output_tensor, output_tensor_grad, mo
     return None if input_tensor is None else input_tensor.grad
 
 
-def forward_backward_no_pipelining(forward_step_func, data_iterator, model, optimizer, timers,
-                                   forward_only: bool):
+def forward_backward_no_pipelining(
+    forward_step_func, data_iterator, model, optimizer, timers, forward_only: bool
+):
     """Gradient accumulation over the micro-batches; gradient all-reduce (torch DDP) only
     on the last micro-batch."""
     if isinstance(model, list):
         assert len(model) == 1, "non-pipelined schedule takes a single model chunk"
         model = model[0]
     no_sync = getattr(model, "no_sync", None)
-    context = no_sync if (no_sync is not None and not getattr(
-        model, "_is_deepspeed_engine", False)) else contextlib.nullcontext
+    context = (
+        no_sync
+        if (no_sync is not None and not getattr(model, "_is_deepspeed_engine", False))
+        else contextlib.nullcontext
+    )
     losses_reduced = []
     num_microbatches = get_num_microbatches()
     with context():
         for _ in range(num_microbatches - 1):
-            output_tensor = forward_step(forward_step_func, data_iterator, model, None,
-                                         losses_reduced)
+            output_tensor = forward_step(
+                forward_step_func, data_iterator, model, None, losses_reduced
+            )
             if not forward_only:
                 backward_step(optimizer, None, output_tensor, None, model)
     # the last micro-batch outside no_sync, so torch DDP all-reduces its gradients

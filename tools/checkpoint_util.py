@@ -21,28 +21,52 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Megatron checkpoint layout converter",
-                                     allow_abbrev=False)
-    parser.add_argument("--model-type", default="GPT", choices=["GPT", "BERT"],
-                        help="Model whose checkpoint is converted.")
-    parser.add_argument("--loader", default="megatron", choices=["megatron"],
-                        help="Format of --load-dir.")
-    parser.add_argument("--saver", default="megatron", choices=["megatron"],
-                        help="Format of --save-dir.")
+    parser = argparse.ArgumentParser(
+        description="Megatron checkpoint layout converter", allow_abbrev=False
+    )
+    parser.add_argument(
+        "--model-type",
+        default="GPT",
+        choices=["GPT", "BERT"],
+        help="Model whose checkpoint is converted.",
+    )
+    parser.add_argument(
+        "--loader", default="megatron", choices=["megatron"], help="Format of --load-dir."
+    )
+    parser.add_argument(
+        "--saver", default="megatron", choices=["megatron"], help="Format of --save-dir."
+    )
     parser.add_argument("--load-dir", required=True, help="Checkpoint folder to read.")
     parser.add_argument("--save-dir", required=True, help="Checkpoint folder to write.")
-    parser.add_argument("--target-tensor-parallel-size", type=int, default=1,
-                        help="Tensor-parallel size of the written checkpoint.")
-    parser.add_argument("--target-pipeline-parallel-size", type=int, default=1,
-                        help="Pipeline-parallel size of the written checkpoint.")
-    parser.add_argument("--true-vocab-size", type=int, default=None,
-                        help="Unpadded vocabulary size (else read from the tokenizer files "
-                             "named in the checkpoint's args or --vocab-file).")
-    parser.add_argument("--vocab-file", default=None,
-                        help="Vocabulary file giving the true vocab size.")
+    parser.add_argument(
+        "--target-tensor-parallel-size",
+        type=int,
+        default=1,
+        help="Tensor-parallel size of the written checkpoint.",
+    )
+    parser.add_argument(
+        "--target-pipeline-parallel-size",
+        type=int,
+        default=1,
+        help="Pipeline-parallel size of the written checkpoint.",
+    )
+    parser.add_argument(
+        "--true-vocab-size",
+        type=int,
+        default=None,
+        help="Unpadded vocabulary size (else read from the tokenizer files "
+        "named in the checkpoint's args or --vocab-file).",
+    )
+    parser.add_argument(
+        "--vocab-file", default=None, help="Vocabulary file giving the true vocab size."
+    )
     parser.add_argument("--merge-file", default=None, help="GPT-2 merges (with --vocab-file).")
-    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
-                        help="Vocab padding multiple (else the checkpoint's).")
+    parser.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=None,
+        help="Vocab padding multiple (else the checkpoint's).",
+    )
     return parser
 
 
@@ -55,10 +79,14 @@ def true_vocab_size(args) -> int | None:
     from megatron.tokenizer.tokenizer import build_tokenizer
 
     tokenizer_type = "GPT2BPETokenizer" if args.merge_file else "BertWordPieceLowerCase"
-    probe = argparse.Namespace(tokenizer_type=tokenizer_type, vocab_file=args.vocab_file,
-                               merge_file=args.merge_file, rank=1,
-                               make_vocab_size_divisible_by=128,
-                               tensor_model_parallel_size=1)
+    probe = argparse.Namespace(
+        tokenizer_type=tokenizer_type,
+        vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+        rank=1,
+        make_vocab_size_divisible_by=128,
+        tensor_model_parallel_size=1,
+    )
     return build_tokenizer(probe).vocab_size
 
 
@@ -68,16 +96,23 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = reshape_checkpoint(
-            args.load_dir, args.save_dir, args.target_tensor_parallel_size,
-            args.target_pipeline_parallel_size, true_vocab_size=true_vocab_size(args),
-            divisible_by=args.make_vocab_size_divisible_by)
+            args.load_dir,
+            args.save_dir,
+            args.target_tensor_parallel_size,
+            args.target_pipeline_parallel_size,
+            true_vocab_size=true_vocab_size(args),
+            divisible_by=args.make_vocab_size_divisible_by,
+        )
     except ReshapeError as e:
         print(f"checkpoint_util.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"converted {args.load_dir} (TP={summary['source_tp']}, PP={summary['source_pp']}, "
-          f"iteration {summary['iteration']}) to {args.save_dir} "
-          f"(TP={args.target_tensor_parallel_size}, PP={args.target_pipeline_parallel_size}, "
-          f"padded vocab {summary['padded_vocab_size']})", flush=True)
+    print(
+        f"converted {args.load_dir} (TP={summary['source_tp']}, PP={summary['source_pp']}, "
+        f"iteration {summary['iteration']}) to {args.save_dir} "
+        f"(TP={args.target_tensor_parallel_size}, PP={args.target_pipeline_parallel_size}, "
+        f"padded vocab {summary['padded_vocab_size']})",
+        flush=True,
+    )
     return 0
 
 

@@ -26,10 +26,15 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 def get_mp_merge_args(parser):
     """The merge flags, added to Megatron's parser."""
     group = parser.add_argument_group(title="mp merge")
-    group.add_argument("--model-type", type=str, required=True, choices=["BERT", "GPT"],
-                       help="Type of the model.")
-    group.add_argument("--target-pipeline-model-parallel-size", type=int, default=1,
-                       help="Pipeline stages of the merged checkpoint.")
+    group.add_argument(
+        "--model-type", type=str, required=True, choices=["BERT", "GPT"], help="Type of the model."
+    )
+    group.add_argument(
+        "--target-pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="Pipeline stages of the merged checkpoint.",
+    )
     return parser
 
 
@@ -42,8 +47,10 @@ def parse_merge_args(argv: list[str] | None = None):
     world = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     env_world = os.environ.get("WORLD_SIZE")
     if env_world is not None and int(env_world) != args.tensor_model_parallel_size:
-        parser.error(f"WORLD_SIZE={env_world} must equal --tensor-model-parallel-size "
-                     f"({args.tensor_model_parallel_size})")
+        parser.error(
+            f"WORLD_SIZE={env_world} must equal --tensor-model-parallel-size "
+            f"({args.tensor_model_parallel_size})"
+        )
     if args.load is None or args.save is None:
         parser.error("--load and --save are required")
     try:
@@ -64,14 +71,16 @@ def _check_model_flags(load_dir: str, args) -> None:
         raise ReshapeError(
             f"{load_dir} holds TP={tp} x PP={pp} partitions but the flags say "
             f"--tensor-model-parallel-size {args.tensor_model_parallel_size} "
-            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}")
+            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}"
+        )
     saved = grid[min(grid)].get("args")
     for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
         theirs = getattr(saved, name, None)
         if theirs is not None and theirs != getattr(args, name):
             flag = "--" + name.replace("_", "-")
-            raise ReshapeError(f"{flag}: checkpoint {load_dir} has {theirs}, the flags say "
-                               f"{getattr(args, name)}")
+            raise ReshapeError(
+                f"{flag}: checkpoint {load_dir} has {theirs}, the flags say {getattr(args, name)}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,17 +92,24 @@ def main(argv: list[str] | None = None) -> int:
     true_vocab = build_tokenizer(args).vocab_size if args.vocab_file else None
     try:
         _check_model_flags(args.load, args)
-        summary = reshape_checkpoint(args.load, args.save, 1,
-                                     args.target_pipeline_model_parallel_size,
-                                     true_vocab_size=true_vocab,
-                                     divisible_by=args.make_vocab_size_divisible_by)
+        summary = reshape_checkpoint(
+            args.load,
+            args.save,
+            1,
+            args.target_pipeline_model_parallel_size,
+            true_vocab_size=true_vocab,
+            divisible_by=args.make_vocab_size_divisible_by,
+        )
     except ReshapeError as e:
         print(f"merge_mp_partitions.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"merged {args.model_type} checkpoint {args.load} "
-          f"(TP={summary['source_tp']}, PP={summary['source_pp']}, iteration "
-          f"{summary['iteration']}) into {args.save} (TP=1, "
-          f"PP={args.target_pipeline_model_parallel_size})", flush=True)
+    print(
+        f"merged {args.model_type} checkpoint {args.load} "
+        f"(TP={summary['source_tp']}, PP={summary['source_pp']}, iteration "
+        f"{summary['iteration']}) into {args.save} (TP=1, "
+        f"PP={args.target_pipeline_model_parallel_size})",
+        flush=True,
+    )
     return 0
 
 

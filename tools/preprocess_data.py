@@ -59,117 +59,53 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line (Megatron's flag spellings)."""
     from megatron.tokenizer import TOKENIZER_TYPES
 
-    parser = argparse.ArgumentParser(
-        description="Tokenise loose JSON into Megatron .bin/.idx datasets."
-    )
-    group = parser.add_argument_group(title="input data")
-    group.add_argument(
-        "--input",
-        type=str,
-        required=True,
-        help="loose JSON file, or a glob of them; .gz files are accepted",
-    )
-    group.add_argument(
-        "--json-keys",
-        nargs="+",
-        default=["text"],
-        help="space separated keys to extract from each JSON line",
-    )
-    group.add_argument(
-        "--split-sentences", action="store_true", help="split documents into sentences (nltk punkt)"
-    )
-    group.add_argument(
-        "--keep-newlines",
-        action="store_true",
-        help="keep newlines between sentences when splitting",
-    )
-    group.add_argument(
-        "--skip-invalid",
-        action="store_true",
-        help="skip and count lines that are not JSON or lack a key",
-    )
-
-    group = parser.add_argument_group(title="tokenizer")
-    group.add_argument(
-        "--tokenizer-type",
-        type=str,
-        required=True,
-        choices=TOKENIZER_TYPES,
-        help="what type of tokenizer to use",
-    )
-    group.add_argument(
-        "--vocab-file",
-        "--vocab",
-        dest="vocab_file",
-        type=str,
-        default=None,
-        help="path to the vocab file",
-    )
-    group.add_argument(
-        "--merge-file", type=str, default=None, help="path to the BPE merge file (if necessary)"
-    )
-    group.add_argument(
-        "--tokenizer-model",
-        type=str,
-        default=None,
-        help="sentencepiece or HuggingFace tokenizer model",
-    )
-    group.add_argument(
-        "--vocab-extra-ids",
-        type=int,
-        default=0,
-        help="number of <extra_id_N> sentinel tokens to add (T5)",
-    )
-    group.add_argument(
-        "--vocab-size", type=int, default=None, help="vocabulary size (NullTokenizer only)"
-    )
-    group.add_argument(
-        "--make-vocab-size-divisible-by",
-        type=int,
-        default=128,
-        help="pad the vocab size to a multiple of this (reported only)",
-    )
-    group.add_argument(
-        "--append-eod",
-        action="store_true",
-        help="append an <eod> token to the end of each document",
-    )
-    group.add_argument(
-        "--lang", type=str, default="english", help="language of the nltk punkt sentence splitter"
-    )
-    # The pure-Python reference tokenizer (the algorithm of Megatron's own tool); used by
-    # the benchmark and to cross-check the fast path.
-    group.add_argument(
-        "--tokenizer-impl", choices=("fast", "python"), default="fast", help=argparse.SUPPRESS
-    )
-
-    group = parser.add_argument_group(title="output data")
-    group.add_argument(
-        "--output-prefix",
-        type=str,
-        required=True,
-        help="path prefix of the output files, without the key and suffix",
-    )
-    group.add_argument(
-        "--dataset-impl", type=str, default="mmap", choices=["lazy", "cached", "mmap"]
-    )
-
-    group = parser.add_argument_group(title="runtime")
-    group.add_argument(
-        "--workers", type=int, default=1, help="number of worker processes that tokenise"
-    )
-    group.add_argument(
-        "--partitions",
-        type=int,
-        default=1,
-        help="split the input into this many parts, processed at the same "
-        "time and merged at the end",
-    )
-    group.add_argument("--chunk-size", type=int, default=64, help="lines a worker encodes per task")
-    group.add_argument(
-        "--log-interval", type=int, default=100, help="report progress every this many documents"
-    )
-    args = parser.parse_args(argv)  # fmt: skip
+    parser = argparse.ArgumentParser(description="Tokenise loose JSON into .bin/.idx datasets.")
+    # fmt: off
+    g = parser.add_argument_group(title="input data")
+    g.add_argument("--input", type=str, required=True,
+                   help="loose JSON file, or a glob of them; .gz files are accepted")
+    g.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="space separated keys to extract from each JSON line")
+    g.add_argument("--split-sentences", action="store_true",
+                   help="split documents into sentences (nltk punkt)")
+    g.add_argument("--keep-newlines", action="store_true",
+                   help="keep newlines between sentences when splitting")
+    g.add_argument("--skip-invalid", action="store_true",
+                   help="skip and count lines that are not JSON or lack a key")
+    g = parser.add_argument_group(title="tokenizer")
+    g.add_argument("--tokenizer-type", type=str, required=True, choices=TOKENIZER_TYPES)
+    g.add_argument("--vocab-file", "--vocab", dest="vocab_file", type=str, default=None,
+                   help="path to the vocab file")
+    g.add_argument("--merge-file", type=str, default=None, help="path to the BPE merge file")
+    g.add_argument("--tokenizer-model", type=str, default=None,
+                   help="sentencepiece or HuggingFace tokenizer model")
+    g.add_argument("--vocab-extra-ids", type=int, default=0,
+                   help="number of <extra_id_N> sentinel tokens to add (T5)")
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer's vocab size")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocab size to a multiple of this (reported only)")
+    g.add_argument("--append-eod", action="store_true",
+                   help="append an <eod> token to the end of each document")
+    g.add_argument("--lang", type=str, default="english",
+                   help="language of the nltk punkt sentence splitter")
+    # The pure-Python reference tokenizer (the algorithm of Megatron's own tool), for the
+    # benchmark and for cross-checks.
+    g.add_argument("--tokenizer-impl", choices=("fast", "python"), default="fast",
+                   help=argparse.SUPPRESS)
+    g = parser.add_argument_group(title="output data")
+    g.add_argument("--output-prefix", type=str, required=True,
+                   help="path prefix of the output files, without the key and suffix")
+    g.add_argument("--dataset-impl", type=str, default="mmap", choices=["lazy", "cached", "mmap"])
+    g = parser.add_argument_group(title="runtime")
+    g.add_argument("--workers", type=int, default=1, help="worker processes that tokenise")
+    g.add_argument("--partitions", type=int, default=1,
+                   help="split the input into this many parts, processed at the same time "
+                        "and merged at the end")
+    g.add_argument("--chunk-size", type=int, default=64, help="lines a worker encodes per task")
+    g.add_argument("--log-interval", type=int, default=100,
+                   help="report progress every this many documents")
+    # fmt: on
+    args = parser.parse_args(argv)
 
     for name in ("workers", "partitions", "chunk_size", "log_interval"):
         if getattr(args, name) < 1:

@@ -97,6 +97,9 @@ def load(rank: Any = 0, verbose: bool = False) -> bool:
         if not getattr(args, "masked_softmax_fusion", True):
             _log("--no-masked-softmax-fusion: not built, the torch softmax path runs")
             return False
+        if getattr(args, "use_flash_attn", False):
+            _log("--use-flash-attn: attention does not use the fused softmax; not built")
+            return False
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if device_name() != "cuda":
         _log(f"no CUDA device ({device_name()}): not built, the torch softmax path runs")

@@ -247,7 +247,7 @@ class _BertWordPieceTokenizer(AbstractTokenizer):
     """
 
     def __init__(
-        self, vocab_file: str, lower_case: bool = True, vocab_extra_ids: int = 0, impl="fast"
+        self, vocab_file: str, lower_case: bool = True, vocab_extra_ids: int = 0, impl: str = "fast"
     ):
         super().__init__("BERT Lower Case" if lower_case else "BERT Upper Case")
         _check_impl(impl)

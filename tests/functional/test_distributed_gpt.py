@@ -29,51 +29,100 @@ pytestmark = pytest.mark.slow
 ITERS = 10
 REL_TOL = 2e-5
 RUN_TIMEOUT = 240  # seconds per launch; a hang is a failure
+SEQUENCE_PARALLEL = ["--sequence-parallel"]
 
 
-def _layout_flags(data_path: str, vocab_dir: str, tp: int = 1, pp: int = 1,
-                  extra: list[str] | None = None, iters: int = ITERS) -> list[str]:
+def _layout_flags(
+    data_path: str,
+    vocab_dir: str,
+    tp: int = 1,
+    pp: int = 1,
+    extra: list[str] | None = None,
+    iters: int = ITERS,
+) -> list[str]:
     args = tiny_gpt_args(data_path, vocab_dir, iters)
     args[args.index("--hidden-dropout") + 1] = "0"
     args[args.index("--attention-dropout") + 1] = "0"
     args[args.index("--eval-interval") + 1] = "1000"
     args[args.index("--eval-iters") + 1] = "0"
     args[args.index("--num-layers") + 1] = "4"
-    args += ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-             "--make-vocab-size-divisible-by", str(128 // tp)]
+    args += [
+        "--tensor-model-parallel-size",
+        str(tp),
+        "--pipeline-model-parallel-size",
+        str(pp),
+        "--make-vocab-size-divisible-by",
+        str(128 // tp),
+    ]
     return args + (extra or [])
 
 
-def _launch(nproc: int, args: list[str], launcher: str = "torchrun",
-            script: str = "pretrain_gpt.py") -> str:
+def _launch(
+    nproc: int, args: list[str], launcher: str = "torchrun", script: str = "pretrain_gpt.py"
+) -> str:
     """Run `script` on nproc CPU ranks like a user; return stdout. The launcher and every
     rank run in a new session that is killed on timeout."""
     port = str(free_port())
     if nproc == 1:
         cmd = [sys.executable, os.path.join(ROOT, script)]
     elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", port, script]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--nnodes",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            script,
+        ]
     else:  # python -m torch.distributed.launch: passes --local-rank to every rank
-        cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", str(nproc),
-               "--nnodes", "1", "--node_rank", "0", "--master_addr", "127.0.0.1",
-               "--master_port", port, script]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONWARNINGS="ignore")
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.launch",
+            "--nproc_per_node",
+            str(nproc),
+            "--nnodes",
+            "1",
+            "--node_rank",
+            "0",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            script,
+        ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.Popen(cmd + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd + args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"{nproc}-rank run did not finish in {RUN_TIMEOUT}s (hang)\n"
-                             f"{out[-3000:]}\n{err[-3000:]}") from None
+        raise AssertionError(
+            f"{nproc}-rank run did not finish in {RUN_TIMEOUT}s (hang)\n"
+            f"{out[-3000:]}\n{err[-3000:]}"
+        ) from None
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd[:3])} exited {proc.returncode}\n--- stdout\n"
-                             f"{out[-4000:]}\n--- stderr\n{err[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd[:3])} exited {proc.returncode}\n--- stdout\n"
+            f"{out[-4000:]}\n--- stderr\n{err[-6000:]}"
+        )
     return out
 
 
@@ -113,13 +162,6 @@ def test_tensor_parallel(serial, tp2):
     _assert_close("TP=2", tp2, serial)
 
 
-def test_sequence_parallel_matches_tensor_parallel(data_path, vocab_dir, serial, tp2):
-    out = _launch(2, _layout_flags(data_path, vocab_dir, tp=2, extra=["--sequence-parallel"]))
-    losses = _losses(out)
-    _assert_close("TP=2 sequence parallel vs TP=2", losses, tp2)
-    _assert_close("TP=2 sequence parallel", losses, serial)
-
-
 def test_pipeline_parallel_1f1b_with_launch(data_path, vocab_dir, serial):
     """PP=2, 4 micro-batches of 2 (warm-up, steady state and cool-down), started by
     torch.distributed.launch, which passes --local-rank."""
@@ -134,78 +176,157 @@ def test_data_parallel_local_ddp(data_path, vocab_dir, serial):
 
 def test_interleaved_pipeline(data_path, vocab_dir, serial):
     """PP=2 x 2 virtual stages of 1 layer each; 4 micro-batches (steady state runs)."""
-    flags = _layout_flags(data_path, vocab_dir, pp=2, extra=[
-        "--num-layers-per-virtual-pipeline-stage", "1", "--micro-batch-size", "2"])
+    flags = _layout_flags(
+        data_path,
+        vocab_dir,
+        pp=2,
+        extra=["--num-layers-per-virtual-pipeline-stage", "1", "--micro-batch-size", "2"],
+    )
     _assert_close("PP=2 x 2 virtual stages", _losses(_launch(2, flags)), serial)
 
 
 @pytest.fixture(scope="module")
 def tp2_pp2_run(data_path, vocab_dir, tmp_path_factory):
-    """TP=2 x PP=2 (scatter-gather p2p, the default), saving at iteration 5."""
+    """TP=2 x PP=2 with --sequence-parallel (p2p messages [s/tp, b, h]), saving at
+    iteration 5."""
     save = str(tmp_path_factory.mktemp("tp2pp2"))
-    flags = _layout_flags(data_path, vocab_dir, tp=2, pp=2,
-                          extra=["--save", save, "--save-interval", "5"])
+    flags = _layout_flags(
+        data_path,
+        vocab_dir,
+        tp=2,
+        pp=2,
+        extra=SEQUENCE_PARALLEL + ["--save", save, "--save-interval", "5"],
+    )
     return _losses(_launch(4, flags)), save
 
 
-def test_tp2_pp2_scatter_gather(tp2_pp2_run, serial):
-    _assert_close("TP=2 x PP=2", tp2_pp2_run[0], serial)
+def test_tp2_pp2_sequence_parallel(tp2_pp2_run, serial, tp2):
+    _assert_close("TP=2 x PP=2 sequence parallel", tp2_pp2_run[0], serial)
+    _assert_close("TP=2 x PP=2 sequence parallel vs TP=2", tp2_pp2_run[0], tp2)
 
 
-def test_tp2_pp2_dp2_torch_ddp(data_path, vocab_dir, serial):
-    """8 ranks; --DDP-impl torch with 2 micro-batches per rank (two forwards before the
-    first backward on stage 0), no scatter-gather, launched by torch.distributed.launch."""
-    flags = _layout_flags(data_path, vocab_dir, tp=2, pp=2, extra=[
-        "--DDP-impl", "torch", "--micro-batch-size", "2",
-        "--no-scatter-gather-tensors-in-pipeline"])
+def test_tp2_pp2_dp2_torch_ddp_scatter_gather(data_path, vocab_dir, serial):
+    """8 ranks, launched by torch.distributed.launch; --DDP-impl torch with 2 micro-batches
+    per rank (two forwards before the first backward on stage 0) and
+    --scatter-gather-tensors-in-pipeline (each TP rank sends 1/tp of every message)."""
+    flags = _layout_flags(
+        data_path,
+        vocab_dir,
+        tp=2,
+        pp=2,
+        extra=[
+            "--DDP-impl",
+            "torch",
+            "--micro-batch-size",
+            "2",
+            "--scatter-gather-tensors-in-pipeline",
+        ],
+    )
     _assert_close("TP=2 x PP=2 x DP=2 torch DDP", _losses(_launch(8, flags, "launch")), serial)
 
 
 def test_checkpoint_moves_between_layouts(tp2_pp2_run, data_path, vocab_dir, tmp_path):
     """The TP=2 x PP=2 checkpoint of iteration 5, resumed as is, merged to TP=1 by
     merge_mp_partitions.py, and reshaped to TP=1 x PP=2 by checkpoint_util.py, gives the
-    same losses for iterations 6-8 (model weights only: --no-load-optim --no-load-rng)."""
+    same losses for iterations 6-7 (model weights only: --no-load-optim --no-load-rng)."""
     _, save = tp2_pp2_run
     src = tmp_path / "iter5"
     src.mkdir()
     shutil.copytree(os.path.join(save, "iter_0000005"), src / "iter_0000005")
     (src / "latest_checkpointed_iteration.txt").write_text("5")
     assert sorted(os.listdir(src / "iter_0000005")) == [
-        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+        "mp_rank_00_000",
+        "mp_rank_00_001",
+        "mp_rank_01_000",
+        "mp_rank_01_001",
+    ]
     resume = ["--no-load-optim", "--no-load-rng"]
 
-    def run(nproc, tp, pp, load):
-        flags = _layout_flags(data_path, vocab_dir, tp=tp, pp=pp, iters=8,
-                              extra=["--load", str(load)] + resume)
-        return _losses(_launch(nproc, flags), first=6, last=8)
+    def run(nproc, tp, pp, load, extra=()):
+        flags = _layout_flags(
+            data_path,
+            vocab_dir,
+            tp=tp,
+            pp=pp,
+            iters=7,
+            extra=["--load", str(load)] + resume + list(extra),
+        )
+        return _losses(_launch(nproc, flags), first=6, last=7)
 
-    original = run(4, 2, 2, src)
+    original = run(4, 2, 2, src, SEQUENCE_PARALLEL)
 
     merged = tmp_path / "merged"
-    vocab = [os.path.join(vocab_dir, "gpt2-vocab.json"), os.path.join(vocab_dir,
-                                                                      "gpt2-merges.txt")]
-    _tool(["tools/merge_mp_partitions.py", "--model-type", "GPT",
-           "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-           "--target-pipeline-model-parallel-size", "1", "--tokenizer-type",
-           "GPT2BPETokenizer", "--vocab-file", vocab[0], "--merge-file", vocab[1],
-           "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
-           "--seq-length", "32", "--max-position-embeddings", "32",
-           "--make-vocab-size-divisible-by", "128", "--load", str(src), "--save",
-           str(merged)], env={"WORLD_SIZE": "2"})
+    vocab = [os.path.join(vocab_dir, "gpt2-vocab.json"), os.path.join(vocab_dir, "gpt2-merges.txt")]
+    _tool(
+        [
+            "tools/merge_mp_partitions.py",
+            "--model-type",
+            "GPT",
+            "--tensor-model-parallel-size",
+            "2",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--target-pipeline-model-parallel-size",
+            "1",
+            "--tokenizer-type",
+            "GPT2BPETokenizer",
+            "--vocab-file",
+            vocab[0],
+            "--merge-file",
+            vocab[1],
+            "--num-layers",
+            "4",
+            "--hidden-size",
+            "64",
+            "--num-attention-heads",
+            "4",
+            "--seq-length",
+            "32",
+            "--max-position-embeddings",
+            "32",
+            "--make-vocab-size-divisible-by",
+            "128",
+            "--load",
+            str(src),
+            "--save",
+            str(merged),
+        ],
+        env={"WORLD_SIZE": "2"},
+    )
     assert os.listdir(merged / "iter_0000005") == ["mp_rank_00"]
     _assert_close("merged to TP=1", run(1, 1, 1, merged), original)
 
     reshaped = tmp_path / "tp1pp2"
-    _tool(["tools/checkpoint_util.py", "--model-type", "GPT", "--load-dir", str(src),
-           "--save-dir", str(reshaped), "--target-tensor-parallel-size", "1",
-           "--target-pipeline-parallel-size", "2", "--vocab-file", vocab[0],
-           "--merge-file", vocab[1]])
-    assert sorted(os.listdir(reshaped / "iter_0000005")) == ["mp_rank_00_000",
-                                                             "mp_rank_00_001"]
+    _tool(
+        [
+            "tools/checkpoint_util.py",
+            "--model-type",
+            "GPT",
+            "--load-dir",
+            str(src),
+            "--save-dir",
+            str(reshaped),
+            "--target-tensor-parallel-size",
+            "1",
+            "--target-pipeline-parallel-size",
+            "2",
+            "--vocab-file",
+            vocab[0],
+            "--merge-file",
+            vocab[1],
+        ]
+    )
+    assert sorted(os.listdir(reshaped / "iter_0000005")) == ["mp_rank_00_000", "mp_rank_00_001"]
     _assert_close("reshaped to TP=1 x PP=2", run(2, 1, 2, reshaped), original)
 
 
 def _tool(argv: list[str], env: dict | None = None) -> None:
-    proc = subprocess.run([sys.executable] + argv, cwd=ROOT, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT, env=dict(os.environ, **(env or {})))
+    proc = subprocess.run(
+        [sys.executable] + argv,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        env=dict(os.environ, **(env or {})),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -42,15 +42,18 @@ def _full_state(seed: int = 0, bert: bool = False) -> dict:
     flat = {WORD: r(_padded(1), HIDDEN), EMB + ("position_embeddings", "weight"): r(SEQ, HIDDEN)}
     for i in range(LAYERS):
         for name, shape in (
-            ("input_layernorm.weight", (HIDDEN,)), ("input_layernorm.bias", (HIDDEN,)),
+            ("input_layernorm.weight", (HIDDEN,)),
+            ("input_layernorm.bias", (HIDDEN,)),
             ("self_attention.query_key_value.weight", (3 * HIDDEN, HIDDEN)),
             ("self_attention.query_key_value.bias", (3 * HIDDEN,)),
             ("self_attention.dense.weight", (HIDDEN, HIDDEN)),
             ("self_attention.dense.bias", (HIDDEN,)),
             ("post_attention_layernorm.weight", (HIDDEN,)),
             ("post_attention_layernorm.bias", (HIDDEN,)),
-            ("mlp.dense_h_to_4h.weight", (FFN, HIDDEN)), ("mlp.dense_h_to_4h.bias", (FFN,)),
-            ("mlp.dense_4h_to_h.weight", (HIDDEN, FFN)), ("mlp.dense_4h_to_h.bias", (HIDDEN,)),
+            ("mlp.dense_h_to_4h.weight", (FFN, HIDDEN)),
+            ("mlp.dense_h_to_4h.bias", (FFN,)),
+            ("mlp.dense_4h_to_h.weight", (HIDDEN, FFN)),
+            ("mlp.dense_4h_to_h.bias", (HIDDEN,)),
         ):
             flat[ENC + (f"layers.{i}.{name}",)] = r(*shape)
     flat[ENC + ("final_layernorm.weight",)] = r(HIDDEN)
@@ -72,8 +75,9 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 def test_rules_name_every_kind():
-    assert partition_rule("language_model.encoder.layers.3.self_attention.query_key_value"
-                          ".weight") == ("column", 0)
+    assert partition_rule(
+        "language_model.encoder.layers.3.self_attention.query_key_value.weight"
+    ) == ("column", 0)
     assert partition_rule("encoder.layers.0.mlp.dense_h_to_4h.bias") == ("column", 0)
     assert partition_rule("encoder.layers.0.self_attention.dense.weight") == ("row", 1)
     assert partition_rule("encoder.layers.0.self_attention.dense.bias") == ("replicated", None)
@@ -82,7 +86,8 @@ def test_rules_name_every_kind():
     assert partition_rule("language_model.embedding.word_embeddings.weight") == ("vocab", 0)
     assert partition_rule("word_embeddings_for_head.weight") == ("vocab", 0)
     assert partition_rule("language_model.embedding.position_embeddings.weight")[0] == (
-        "replicated")
+        "replicated"
+    )
     assert partition_rule("encoder.final_layernorm.bias")[0] == "replicated"
     with pytest.raises(ReshapeError, match="mystery.weight"):
         partition_rule("encoder.layers.0.mystery.weight")
@@ -108,8 +113,9 @@ def test_stage_contents_and_layer_renumbering():
         layers = {int(k[-1].split(".")[1]) for k in stage if k[-1].startswith("layers.")}
         assert layers == set(range(per))
         key = ENC + ("layers.1.mlp.dense_h_to_4h.weight",)
-        assert torch.equal(stage[key], full[ENC + (f"layers.{p * per + 1}.mlp.dense_h_to_4h"
-                                                    ".weight",)])
+        assert torch.equal(
+            stage[key], full[ENC + (f"layers.{p * per + 1}.mlp.dense_h_to_4h.weight",)]
+        )
     assert WORD in stages[0] and WORD not in stages[2]
     assert ENC + ("final_layernorm.weight",) in stages[2]
     assert ENC + ("final_layernorm.weight",) not in stages[0]
@@ -135,8 +141,9 @@ def test_interleaved_chunks_merge_in_megatron_order():
         else:
             chunks[(1, 1)][path] = tensor
     chunks[(1, 1)][("word_embeddings_for_head", "weight")] = full[WORD].clone()
-    _assert_same(merge_pipeline([[chunks[(0, 0)], chunks[(0, 1)]],
-                                 [chunks[(1, 0)], chunks[(1, 1)]]]), full)
+    _assert_same(
+        merge_pipeline([[chunks[(0, 0)], chunks[(0, 1)]], [chunks[(1, 0)], chunks[(1, 1)]]]), full
+    )
     grid = {(0, p): [unflatten_state(chunks[(p, c)]) for c in range(2)] for p in range(2)}
     _assert_same(to_canonical(grid), full)
 
@@ -153,13 +160,17 @@ def test_qkv_split_keeps_whole_heads_and_tp_maths_is_preserved():
         per_rank = HEADS // tp
         heads = full[qkv].view(HEADS, 3, hn, HIDDEN)
         for r, shard in enumerate(shards):
-            expect = heads[r * per_rank:(r + 1) * per_rank].reshape(-1, HIDDEN)
+            expect = heads[r * per_rank : (r + 1) * per_rank].reshape(-1, HIDDEN)
             assert torch.equal(shard[qkv], expect)
         x = torch.randn(5, HIDDEN)
-        w1, b1 = ENC + ("layers.0.mlp.dense_h_to_4h.weight",), ENC + (
-            "layers.0.mlp.dense_h_to_4h.bias",)
-        w2, b2 = ENC + ("layers.0.mlp.dense_4h_to_h.weight",), ENC + (
-            "layers.0.mlp.dense_4h_to_h.bias",)
+        w1, b1 = (
+            ENC + ("layers.0.mlp.dense_h_to_4h.weight",),
+            ENC + ("layers.0.mlp.dense_h_to_4h.bias",),
+        )
+        w2, b2 = (
+            ENC + ("layers.0.mlp.dense_4h_to_h.weight",),
+            ENC + ("layers.0.mlp.dense_4h_to_h.bias",),
+        )
         ref = torch.nn.functional.gelu(x @ stage[w1].T + stage[b1]) @ stage[w2].T + stage[b2]
         out = sum(torch.nn.functional.gelu(x @ s[w1].T + s[b1]) @ s[w2].T for s in shards)
         torch.testing.assert_close(out + shards[0][b2], ref, rtol=1e-5, atol=1e-5)
@@ -172,23 +183,38 @@ def test_vocab_is_repadded_for_the_target_tp():
     assert shard.shape == (_padded(4) // 4, HIDDEN)  # 64 rows over 4 ranks
     merged = to_canonical({k: [v] for k, v in grid.items()})[WORD]
     assert torch.equal(merged[:TRUE_VOCAB], full[WORD][:TRUE_VOCAB])
-    assert torch.count_nonzero(merged[_padded(1):]) == 0  # new padding rows are zero
+    assert torch.count_nonzero(merged[_padded(1) :]) == 0  # new padding rows are zero
     with pytest.raises(ReshapeError, match="smaller than the true vocab"):
         from_canonical(full, 1, 1, TRUE_VOCAB - 2, TRUE_VOCAB)
 
 
 def _write_source(folder, full, tp, pp, iteration=7):
-    args = argparse.Namespace(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
-                              make_vocab_size_divisible_by=DIVISIBLE, padded_vocab_size=_padded(tp),
-                              tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              tokenizer_type=None)
+    args = argparse.Namespace(
+        num_layers=LAYERS,
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        make_vocab_size_divisible_by=DIVISIBLE,
+        padded_vocab_size=_padded(tp),
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        tokenizer_type=None,
+    )
     grid = from_canonical(full, tp, pp, _padded(tp), TRUE_VOCAB)
     for (t, p), model in grid.items():
         sub = f"mp_rank_{t:02d}_{p:03d}" if pp > 1 else f"mp_rank_{t:02d}"
         path = os.path.join(folder, f"iter_{iteration:07d}", sub, "model_optim_rng.pt")
         os.makedirs(os.path.dirname(path))
-        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": iteration,
-                    "consumed_train_samples": 56, "model": model, "optimizer": {}}, path)
+        torch.save(
+            {
+                "args": args,
+                "checkpoint_version": 3.0,
+                "iteration": iteration,
+                "consumed_train_samples": 56,
+                "model": model,
+                "optimizer": {},
+            },
+            path,
+        )
     with open(os.path.join(folder, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write(str(iteration))
 
@@ -203,16 +229,16 @@ def test_reshape_checkpoint_files(tmp_path):
         assert summary["padded_vocab_size"] == _padded(tp)
         assert (dst / "latest_checkpointed_iteration.txt").read_text() == "7"
         sub = "mp_rank_00" if pp == 1 else "mp_rank_00_000"
-        state = torch.load(dst / "iter_0000007" / sub / "model_optim_rng.pt",
-                           weights_only=False)
+        state = torch.load(dst / "iter_0000007" / sub / "model_optim_rng.pt", weights_only=False)
         assert state["args"].tensor_model_parallel_size == tp
         assert state["args"].pipeline_model_parallel_size == pp
         assert state["args"].padded_vocab_size == _padded(tp)
         assert state["consumed_train_samples"] == 56 and "optimizer" not in state
         back = tmp_path / f"back{tp}{pp}"
         reshape_checkpoint(str(dst), str(back), 1, 1, true_vocab_size=TRUE_VOCAB)
-        model = torch.load(back / "iter_0000007" / "mp_rank_00" / "model_optim_rng.pt",
-                           weights_only=False)["model"]
+        model = torch.load(
+            back / "iter_0000007" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False
+        )["model"]
         _assert_same(flatten_state(model), full)
 
 

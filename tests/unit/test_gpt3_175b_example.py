@@ -29,11 +29,15 @@ def _sbatch(text: str, name: str) -> int:
 def _script_flags(text: str) -> list[str]:
     """The `options="..."` block, with the script's variables given placeholder values."""
     m = re.search(r'^options="(.*?)"$', text, re.M | re.S)
-    assert m, f"no options=\"...\" block in {SCRIPT}"
+    assert m, f'no options="..." block in {SCRIPT}'
     block = m.group(1).replace("\\\n", " ")
-    values = {"DATASET": "0.2 d1 0.3 d2 0.5 d3", "VOCAB_FILE": "gpt2-vocab.json",
-              "MERGE_FILE": "gpt2-merges.txt", "CHECKPOINT_PATH": "ckpt",
-              "TENSORBOARD_DIR": "tb"}
+    values = {
+        "DATASET": "0.2 d1 0.3 d2 0.5 d3",
+        "VOCAB_FILE": "gpt2-vocab.json",
+        "MERGE_FILE": "gpt2-merges.txt",
+        "CHECKPOINT_PATH": "ckpt",
+        "TENSORBOARD_DIR": "tb",
+    }
     block = re.sub(r"\$\{(\w+)\}", lambda v: values[v.group(1)], block)
     return shlex.split(block)
 
@@ -44,13 +48,17 @@ def args():
     world_size = _sbatch(text, "nodes") * _sbatch(text, "ntasks-per-node")
     assert world_size == 1024
     parsed = build_parser().parse_args(_script_flags(text))
-    return validate_args(parsed, {"tokenizer_type": "GPT2BPETokenizer"},
-                         world_size=world_size, rank=0)
+    return validate_args(
+        parsed, {"tokenizer_type": "GPT2BPETokenizer"}, world_size=world_size, rank=0
+    )
 
 
 def test_layout_is_8_tp_16_pp_8_dp(args):
-    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-            args.data_parallel_size) == (8, 16, 8)
+    assert (
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.data_parallel_size,
+    ) == (8, 16, 8)
     assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (96, 12288, 96)
     assert args.seq_length == args.max_position_embeddings == 2048
     assert args.num_layers % args.pipeline_model_parallel_size == 0
