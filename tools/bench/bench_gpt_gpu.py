@@ -147,7 +147,25 @@ def run_megatron(shape, warmup, iters, extra_flags=()):
         train_step(pretrain_gpt.forward_step, it, model, optimizer, scheduler)
 
     sec = _time_steps(step, warmup, iters)
+    if os.environ.get("BENCH_PROFILE"):
+        _profile(step, os.environ["BENCH_PROFILE"])
     return sec, sum(p.numel() for p in unwrap_model(model)[0].parameters())
+
+
+def _profile(step, out_file: str) -> None:
+    """Three profiled steps; the kernels that take the most device time go to out_file."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        _sync()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    with open(out_file, "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60))
 
 
 # ----------------------------------------------------------------------------- compact GPT
