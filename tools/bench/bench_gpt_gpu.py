@@ -354,7 +354,7 @@ def main():
         if a.json:
             with open(a.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
-    print(f"\n| impl | shape | tokens/s | TFLOP/s per GPU | step (ms) | peak memory (GiB) |")
+    print("\n| impl | shape | tokens/s | TFLOP/s per GPU | step (ms) | peak memory (GiB) |")
     print("|---|---|---|---|---|---|")
     for r in results:
         if r["impl"] == "matmul":
