@@ -25,7 +25,9 @@ def model_provider(pre_process=True, post_process=True):
     if args.deepspeed and args.pipeline_model_parallel_size > 1 and args.ds_pipeline_enabled:
         from megatron.model.gpt_model_pipe import GPTModelPipe
 
-        return GPTModelPipe(config, num_tokentypes=0, parallel_output=True)
+        model = GPTModelPipe(config, num_tokentypes=0, parallel_output=True)
+        model._megatron_batch_fn = get_batch_pipe
+        return model
     if args.deepspeed and args.zero_stage == 3:
         from megatron.deepspeed_engine import zero3_init_context
 
@@ -65,13 +67,38 @@ def get_batch(data_iterator):
     return tokens, labels, loss_mask, attention_mask, position_ids
 
 
-def loss_func(loss_mask, output_tensor):
-    """Masked mean of the per-token losses; the data-parallel mean for logging."""
+def get_batch_pipe(data):
+    """DeepSpeed pipeline inputs of one micro-batch: ((tokens, position_ids,
+    attention_mask), (labels, loss_mask)), cut to the curriculum length."""
+    args = get_args()
+    tokenizer = get_tokenizer()
+    data_b = mpu.broadcast_data(["text"], data, torch.int64)
+    tokens_ = data_b["text"].long()  # [b, s+1]
+    labels = tokens_[:, 1:].contiguous()
+    tokens = tokens_[:, :-1].contiguous()
+    attention_mask, loss_mask, position_ids = get_ltor_masks_and_position_ids(
+        tokens, tokenizer.eod, args.reset_position_ids, args.reset_attention_mask,
+        args.eod_mask_loss)
+    seqlen = getattr(args, "curriculum_seqlen", None)
+    if seqlen is not None and seqlen < args.seq_length:
+        tokens, position_ids, labels, loss_mask = (
+            t[:, :seqlen].contiguous() for t in (tokens, position_ids, labels, loss_mask))
+        attention_mask = attention_mask[:, :, :seqlen, :seqlen].contiguous()
+    return (tokens, position_ids, attention_mask), (labels, loss_mask)
+
+
+def loss_func(loss_mask, output_tensor, moe_loss=None):
+    """Masked mean of the per-token losses (plus --moe-loss-coeff x the MoE aux loss);
+    the data-parallel means for logging."""
     losses = output_tensor.float()
     loss_mask = loss_mask.view(-1).float()
     loss = torch.sum(losses.view(-1) * loss_mask) / loss_mask.sum()
-    averaged_loss = average_losses_across_data_parallel_group([loss])
-    return loss, {"lm loss": averaged_loss[0]}
+    if moe_loss is None:
+        averaged_loss = average_losses_across_data_parallel_group([loss])
+        return loss, {"lm loss": averaged_loss[0]}
+    moe_loss = moe_loss * get_args().moe_loss_coeff
+    averaged = average_losses_across_data_parallel_group([loss, moe_loss])
+    return loss + moe_loss, {"lm loss": averaged[0], "moe loss": averaged[1]}
 
 
 def forward_step(data_iterator, model):
@@ -90,7 +117,10 @@ def forward_step(data_iterator, model):
             cut(tokens), cut(position_ids), cut(labels), cut(loss_mask))
         attention_mask = attention_mask[:, :, :curriculum_seqlen, :curriculum_seqlen]
     output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
-    return output_tensor, partial(loss_func, loss_mask)
+    moe_loss = None
+    if isinstance(output_tensor, tuple):  # MoE: (per-token loss, summed aux loss)
+        output_tensor, moe_loss = output_tensor
+    return output_tensor, partial(loss_func, loss_mask, moe_loss=moe_loss)
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples):

@@ -333,6 +333,18 @@ def _has_moe(model) -> bool:
     return any(isinstance(m, MoE) for m in model.modules())
 
 
+def _name_moe_groups(optimizer) -> None:
+    """DeepSpeed's ZeRO looks up the expert-data-parallel group of a 'moe' param group by
+    the group's name: name each after its experts' group (e.g. 'ep_size_2')."""
+    for group in optimizer.param_groups:
+        if group.get("moe"):
+            names = {getattr(p, "group_name", None) for p in group["params"]}
+            if len(names) != 1 or None in names:
+                raise ValueError(f"MoE param group {group.get('name')!r} mixes expert groups "
+                                 f"{sorted(map(str, names))}")
+            group["name"] = names.pop()
+
+
 def setup_deepspeed_model_and_optimizer(
     model_provider_func: Callable, get_model: Callable, get_learning_rate_scheduler: Callable
 ):
@@ -355,6 +367,7 @@ def setup_deepspeed_model_and_optimizer(
         )
         args.create_moe_param_group = True
     optimizer = get_megatron_optimizer([model])
+    _name_moe_groups(optimizer)
     lr_scheduler = get_learning_rate_scheduler(optimizer)
     if args.ds_pipeline_enabled:
         lr_scheduler = SamplesLR(lr_scheduler)

@@ -381,18 +381,6 @@ class _AsciiClass(dict):
         return value
 
 
-class _MissRecorder(dict):
-    """A dict whose failed lookups return b"" and append the key to `missed`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.missed: list[str] = []
-
-    def __missing__(self, key: str) -> bytes:
-        self.missed.append(key)
-        return b""
-
-
 class GPT2PieceCache:
     """GPT-2 ids of texts as raw bytes, with a cache per pre-tokenised piece.
 
@@ -409,12 +397,14 @@ class GPT2PieceCache:
     """
 
     def __init__(self, tokenizer, dtype: type) -> None:
+        import regex
+
         self.tokenizer = tokenizer
         self.dtype = np.dtype(dtype)
-        self.cache = _MissRecorder()
+        self.cache: dict[str, bytes] = {}
         self.split = re.compile(_GPT2_ASCII_PATTERN).findall
         self.to_ascii = _AsciiClass()
-        self.whitespace = __import__("regex").compile(r"\s").search
+        self.whitespace = regex.compile(r"\s").search
         self.newline = tokenizer.tokenize("\n") if tokenizer is not None else []
 
     @staticmethod
@@ -463,23 +453,24 @@ class GPT2PieceCache:
         return out
 
     def __call__(self, texts: list[str]) -> list[bytes]:
-        cache, missed = self.cache, self.cache.missed
-        get, join = cache.__getitem__, b"".join
+        cache, join = self.cache, b"".join
         pieces = [self.pieces(t) for t in texts]
-        out, redo = [], []
+        out: list[bytes] = []
+        redo: list[int] = []
+        new: dict[str, None] = {}  # unseen pieces, in first-seen order
         for i, doc in enumerate(pieces):
-            before = len(missed)
-            out.append(join(map(get, doc)))  # unseen pieces read as b"" and are recorded
-            if len(missed) != before:
+            try:
+                out.append(join(map(cache.get, doc)))  # an unseen piece gives None: TypeError
+            except TypeError:
+                out.append(b"")
                 redo.append(i)
-        if missed:
-            new = list(dict.fromkeys(missed))  # unique, in first-seen order
-            missed.clear()
+                new.update(dict.fromkeys(p for p in doc if p not in cache))
+        if new:
             if len(cache) + len(new) > _PIECE_CACHE_LIMIT:
                 cache.clear()
-            cache.update(self._encode_new(new))
+            cache.update(self._encode_new(list(new)))
             for i in redo:
-                out[i] = join(map(get, pieces[i]))
+                out[i] = join(map(cache.__getitem__, pieces[i]))
         return out
 
 

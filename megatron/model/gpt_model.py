@@ -149,6 +149,10 @@ class GPTModel(MegatronModule):
         )
         if get_key_value:
             output = [output, presents]
+        elif max(self.config.num_experts or [1]) > 1:
+            from .moe import moe_aux_loss  # DeepSpeed MoE: (output, summed aux loss)
+
+            return output, moe_aux_loss(self)
         return output
 
     def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False):

@@ -387,7 +387,15 @@ class ParallelTransformerLayer(MegatronModule):
                 attention_type=AttnType.cross_attn,
             )
             self.post_inter_attention_layernorm = norm()
-        self.mlp = ParallelMLP(config, init_method, output_layer_init_method)
+        num_experts = 1
+        if max(config.num_experts or [1]) > 1 and layer_type == LayerType.encoder:
+            from .moe import build_moe_mlp, num_experts_for_layer  # DeepSpeed MoE
+
+            num_experts = num_experts_for_layer(config, layer_number)
+        if num_experts > 1:
+            self.mlp = build_moe_mlp(config, init_method, output_layer_init_method, num_experts)
+        else:
+            self.mlp = ParallelMLP(config, init_method, output_layer_init_method)
 
     def _bias_dropout_add_func(self) -> Callable:
         if self.bias_dropout_fusion:

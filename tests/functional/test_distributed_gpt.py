@@ -8,12 +8,14 @@ PP=2 can hold 2 virtual stages of 1 layer) in fp32 with dropout 0, global batch 
 50304 for every TP (--make-vocab-size-divisible-by 128 / TP), so all layouts train the
 same model. Parallelism changes only the order of floating-point reductions (row-parallel
 partial sums, data-parallel gradient sums, micro-batch accumulation), so losses agree to
-fp32 rounding: the printed 7-digit losses must match within REL_TOL relative.
+fp32 rounding: the printed 7-digit losses (training, and validation through the
+forward-only schedules) must match within REL_TOL relative.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +32,7 @@ ITERS = 10
 REL_TOL = 2e-5
 RUN_TIMEOUT = 240  # seconds per launch; a hang is a failure
 SEQUENCE_PARALLEL = ["--sequence-parallel"]
+VALID_RE = re.compile(r" validation loss at [^|]*\| lm loss value: ([0-9.E+-]+) \|")
 
 
 def _layout_flags(
@@ -43,8 +46,8 @@ def _layout_flags(
     args = tiny_gpt_args(data_path, vocab_dir, iters)
     args[args.index("--hidden-dropout") + 1] = "0"
     args[args.index("--attention-dropout") + 1] = "0"
-    args[args.index("--eval-interval") + 1] = "1000"
-    args[args.index("--eval-iters") + 1] = "0"
+    args[args.index("--eval-interval") + 1] = "10"  # forward-only schedules run too
+    args[args.index("--eval-iters") + 1] = "1"
     args[args.index("--num-layers") + 1] = "4"
     args += [
         "--tensor-model-parallel-size",
@@ -127,9 +130,12 @@ def _launch(
 
 
 def _losses(stdout: str, first: int = 1, last: int = ITERS) -> list[float]:
+    """Training losses of iterations first..last, then every validation loss printed."""
     rows = parse_log(stdout)
     assert sorted(rows) == list(range(first, last + 1)), stdout[-3000:]
-    return [float(rows[i]["loss"]) for i in range(first, last + 1)]
+    valid = [float(v) for v in VALID_RE.findall(stdout)]
+    assert valid, stdout[-3000:]
+    return [float(rows[i]["loss"]) for i in range(first, last + 1)] + valid
 
 
 def _assert_close(name: str, got: list[float], ref: list[float]) -> float:

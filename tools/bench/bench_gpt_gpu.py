@@ -149,7 +149,8 @@ def run_megatron(shape, warmup, iters, extra_flags=()):
     sec = _time_steps(step, warmup, iters)
     if os.environ.get("BENCH_PROFILE"):
         _profile(step, os.environ["BENCH_PROFILE"])
-    return sec, sum(p.numel() for p in unwrap_model(model)[0].parameters())
+    params = sum(p.numel() for p in unwrap_model(model)[0].parameters())
+    return sec, params, args.global_batch_size, args.world_size
 
 
 def _profile(step, out_file: str) -> None:
@@ -229,8 +230,10 @@ def run_peer(impl, shape, warmup, iters):
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
+            attn_implementation="sdpa",
         )
-        model = GPT2LMHeadModel(cfg, attn_implementation="sdpa").to(device)
+        model = GPT2LMHeadModel(cfg).to(device)
+        print(f"hf attention: {model.config._attn_implementation}", flush=True)
 
         def loss_fn(x, y):
             return model(input_ids=x, labels=y).loss
@@ -260,7 +263,7 @@ def run_peer(impl, shape, warmup, iters):
         opt.zero_grad(set_to_none=True)
 
     sec = _time_steps(step, warmup, iters)
-    return sec, sum(p.numel() for p in model.parameters())
+    return sec, sum(p.numel() for p in model.parameters()), mbs, 1
 
 
 def run_matmul():
@@ -287,26 +290,20 @@ def child(impl, shape, warmup, iters, extra):
         print("RESULT " + json.dumps({"impl": "matmul", "tflops": run_matmul()}), flush=True)
         return
     if impl.startswith("megatron"):
-        sec, params = run_megatron(shape, warmup, iters, extra)
+        sec, params, batch, world = run_megatron(shape, warmup, iters, extra)
     else:
-        sec, params = run_peer(impl, shape, warmup, iters)
-    tokens = mbs * seq / sec
-    tflops = model_flops(layers, hidden, seq, mbs, vocab) / sec / 1e12
-    print(
-        "RESULT "
-        + json.dumps(
-            {
-                "impl": impl,
-                "shape": shape,
-                "params": params,
-                "step_ms": sec * 1000,
-                "tokens_per_s": tokens,
-                "tflops_per_gpu": tflops,
-                "peak_mem_gib": _peak_gib(),
-            }
-        ),
-        flush=True,
-    )
+        sec, params, batch, world = run_peer(impl, shape, warmup, iters)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    tokens = batch * seq / sec / world
+    tflops = model_flops(layers, hidden, seq, batch, vocab) / sec / world / 1e12
+    result = {
+        "impl": impl, "shape": shape, "flags": " ".join(extra), "gpus": world,
+        "params_rank0": params, "global_batch": batch, "step_ms": sec * 1000,
+        "tokens_per_s_per_gpu": tokens, "tflops_per_gpu": tflops,
+        "peak_mem_gib_rank0": _peak_gib(),
+    }
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def main():
@@ -316,6 +313,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--megatron-flags", default="", help="extra pretrain_gpt.py flags")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="GPUs for the megatron runs (launched with torchrun)")
     p.add_argument("--json", help="append the results to this JSON-lines file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -325,28 +324,18 @@ def main():
         return
     results = []
     for impl in a.impls.split(","):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            impl,
-            "--shape",
-            a.shape,
-            "--warmup",
-            str(a.warmup),
-            "--iters",
-            str(a.iters),
-            "--megatron-flags",
-            a.megatron_flags,
-        ]
+        launcher = [sys.executable]
+        if a.nproc > 1 and impl.startswith("megatron"):
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", str(a.nproc)]
+        cmd = launcher + [__file__, "--child", impl, "--shape", a.shape, "--warmup",
+                          str(a.warmup), "--iters", str(a.iters),
+                          "--megatron-flags", a.megatron_flags]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
-            print(
-                f"{impl}: failed (exit {proc.returncode})\n{proc.stdout[-3000:]}\n"
-                f"{proc.stderr[-3000:]}",
-                flush=True,
-            )
+            print(f"{impl}: failed (exit {proc.returncode})\n{proc.stdout[-3000:]}\n"
+                  f"{proc.stderr[-3000:]}", flush=True)
             continue
         r = json.loads(lines[-1][7:])
         results.append(r)
@@ -354,17 +343,17 @@ def main():
         if a.json:
             with open(a.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
-    print("\n| impl | shape | tokens/s | TFLOP/s per GPU | step (ms) | peak memory (GiB) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| impl | shape | GPUs | flags | tokens/s per GPU | TFLOP/s per GPU | step (ms) "
+          "| peak memory rank 0 (GiB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if r["impl"] == "matmul":
-            print(f"| bf16 matmul 8192³ | - | - | {r['tflops']:.0f} | - | - |")
+            print(f"| bf16 matmul 8192³ | - | 1 | - | - | {r['tflops']:.0f} | - | - |")
             continue
-        print(
-            f"| {r['impl']} | {r['shape']} | {r['tokens_per_s']:.0f} | "
-            f"{r['tflops_per_gpu']:.1f} | {r['step_ms']:.1f} | "
-            f"{r['peak_mem_gib'] if not math.isnan(r['peak_mem_gib']) else '-'} |"
-        )
+        mem = r["peak_mem_gib_rank0"]
+        print(f"| {r['impl']} | {r['shape']} | {r['gpus']} | {r['flags'] or '-'} | "
+              f"{r['tokens_per_s_per_gpu']:.0f} | {r['tflops_per_gpu']:.1f} | "
+              f"{r['step_ms']:.1f} | {'-' if math.isnan(mem) else f'{mem:.1f}'} |")
 
 
 if __name__ == "__main__":

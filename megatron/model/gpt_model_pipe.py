@@ -1,0 +1,198 @@
+"""GPTModelPipe: GPT as a DeepSpeed PipelineModule (--deepspeed, pipeline size > 1).
+
+The model is the same stack as GPTModel, written as a list of layer specs that DeepSpeed
+partitions over the pipeline stages (transformer layers balanced across stages):
+
+    TiedLayerSpec('embed', EmbeddingPipe)     (tokens, position ids, mask) -> (h [s, b, h], mask)
+    LayerSpec(ParallelTransformerLayerPipe)   x num_layers: (h, mask) -> (h, mask)
+    LayerSpec(FinalLayerNormPipe)             (h, mask) -> LN(h)
+    TiedLayerSpec('embed', EmbeddingPipe, forward_fn=lm_logits)   h -> logits [s, b, v/p]
+    loss_fn                                   masked mean of the per-token cross entropy
+
+The two 'embed' specs share the word embeddings E (logits = h E^T): DeepSpeed builds the
+module on the first and on the last stage, broadcasts E from the first, and sums the two
+gradients before each step. Each component is built under the same init seed as in
+GPTModel (model/utils.py init_rng), so both models start from the same weights and the
+pipeline's losses equal GPTModel's.
+
+Micro-batches come from the data iterator through `_megatron_batch_fn` (set by
+pretrain_gpt.py): sample -> ((tokens, position_ids, attention_mask), (labels, loss_mask)).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+from megatron import mpu
+
+from .config import TransformerConfig
+from .enums import AttnMaskType
+from .fused_layer_norm import MixedFusedLayerNorm as LayerNorm
+from .gpt_model import lm_cross_entropy
+from .language_model import Embedding, parallel_lm_logits
+from .transformer import ParallelTransformerLayer
+from .utils import (
+    INIT_SALT_EMBEDDING,
+    init_method_normal,
+    init_rng,
+    layer_init_salt,
+    scaled_init_method_normal,
+)
+
+
+class EmbeddingPipe(Embedding):
+    """The embedding stage: (input_ids [b, s], position_ids [b, s], attention_mask) ->
+    (hidden [s, b, h], attention_mask). Also the tied output head (lm_logits)."""
+
+    def __init__(self, config: TransformerConfig, init_method: Callable, num_tokentypes: int = 0):
+        with init_rng(config.seed, INIT_SALT_EMBEDDING):
+            super().__init__(config, init_method, num_tokentypes)
+
+    @property
+    def word_embeddings_weight(self) -> torch.nn.Parameter:
+        """E [v/p, h], the weight tied between input embedding and output head."""
+        return self.word_embeddings.weight
+
+    def forward(self, inputs):
+        input_ids, position_ids, attention_mask = inputs
+        return super().forward(input_ids, position_ids), attention_mask
+
+
+class ParallelTransformerLayerPipe(ParallelTransformerLayer):
+    """A transformer layer on (hidden [s, b, h], attention_mask) tuples."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        init_method: Callable,
+        output_layer_init_method: Callable,
+        layer_number: int,
+    ):
+        with init_rng(config.seed, layer_init_salt(layer_number)):
+            super().__init__(
+                config,
+                init_method,
+                output_layer_init_method,
+                layer_number,
+                self_attn_mask_type=AttnMaskType.causal,
+            )
+
+    def forward(self, inputs):
+        hidden_states, attention_mask = inputs
+        return super().forward(hidden_states, attention_mask), attention_mask
+
+
+class FinalLayerNormPipe(LayerNorm):
+    """The final layer norm; drops the attention mask: (h, mask) -> LN(h) [s, b, h]."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__(
+            config.hidden_size,
+            eps=config.layernorm_epsilon,
+            sequence_parallel=config.sequence_parallel,
+        )
+
+    def forward(self, inputs):
+        hidden_states = inputs[0] if isinstance(inputs, tuple) else inputs
+        return super().forward(hidden_states)
+
+
+def lm_logits(embedding: EmbeddingPipe, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The tied head: hidden [s, b, h] -> logits h E^T [s, b, v/p]."""
+    return parallel_lm_logits(
+        hidden_states,
+        embedding.word_embeddings_weight,
+        parallel_output=True,
+        sequence_parallel=embedding.sequence_parallel,
+    )
+
+
+def gpt_pipe_loss(logits: torch.Tensor, labels: Tuple[torch.Tensor, torch.Tensor]):
+    """Masked mean cross entropy: logits [s, b, v/p], labels ([b, s], loss mask [b, s])."""
+    labels_bs, loss_mask = labels
+    losses = lm_cross_entropy(logits.float(), labels_bs.transpose(0, 1).contiguous())  # [s, b]
+    losses = losses.transpose(0, 1).contiguous().view(-1)  # [b * s]
+    loss_mask = loss_mask.reshape(-1).float()
+    return torch.sum(losses * loss_mask) / loss_mask.sum()
+
+
+def _checkpoint_func(distribute: bool) -> Callable:
+    def checkpoint(function, *args):
+        return mpu.checkpoint(function, distribute, *args)
+
+    return checkpoint
+
+
+class GPTModelPipe(PipelineModule):
+    """GPT for DeepSpeed's pipeline engine (see the module docstring)."""
+
+    def __init__(
+        self, config: TransformerConfig, num_tokentypes: int = 0, parallel_output: bool = True
+    ):
+        if not parallel_output:
+            raise ValueError("GPTModelPipe: the pipeline loss needs parallel_output=True")
+        if max(config.num_experts or [1]) > 1:
+            raise ValueError(
+                "GPTModelPipe: --num-experts > 1 is not supported with DeepSpeed's "
+                "pipeline engine; use --pipeline-model-parallel-size 1"
+            )
+        init_method = init_method_normal(config.init_method_std)
+        output_init = scaled_init_method_normal(config.init_method_std, config.num_layers)
+        specs = [
+            TiedLayerSpec(
+                "embed",
+                EmbeddingPipe,
+                config,
+                init_method,
+                num_tokentypes,
+                tied_weight_attr="word_embeddings_weight",
+            )
+        ]
+        for layer_number in range(1, config.num_layers + 1):
+            specs.append(
+                LayerSpec(
+                    ParallelTransformerLayerPipe, config, init_method, output_init, layer_number
+                )
+            )
+        specs.append(LayerSpec(FinalLayerNormPipe, config))
+        specs.append(
+            TiedLayerSpec(
+                "embed",
+                EmbeddingPipe,
+                config,
+                init_method,
+                num_tokentypes,
+                forward_fn=lm_logits,
+                tied_weight_attr="word_embeddings_weight",
+            )
+        )
+        topology = PipeModelDataParallelTopology(
+            num_pp=mpu.get_pipeline_model_parallel_world_size(),
+            num_mp=mpu.get_tensor_model_parallel_world_size(),
+            num_dp=mpu.get_data_parallel_world_size(),
+        )
+        interval = config.checkpoint_num_layers if config.checkpoint_activations else 0
+        super().__init__(
+            layers=specs,
+            loss_fn=gpt_pipe_loss,
+            topology=topology,
+            partition_method="type:transformer",
+            activation_checkpoint_interval=interval,
+            activation_checkpoint_func=_checkpoint_func(config.distribute_checkpointed_activations),
+            checkpointable_layers=["ParallelTransformerLayerPipe"],
+        )
+        self.config = config
+
+
+__all__ = [
+    "GPTModelPipe",
+    "EmbeddingPipe",
+    "ParallelTransformerLayerPipe",
+    "FinalLayerNormPipe",
+    "gpt_pipe_loss",
+    "lm_logits",
+]
