@@ -3,7 +3,8 @@
     y = gelu(x + b),  gelu(u) = 0.5 u (1 + tanh(k (u + 0.044715 u^3))),  k = sqrt(2/pi)
     dy/du = 0.5 (1 + t) + 0.5 u (1 - t^2) k (1 + 3 * 0.044715 u^2),  t = tanh(...)
 
-Forward and backward are TorchScript functions (fused into one kernel each on GPU);
+Forward and backward are each fused into one kernel (torch.compile on GPU, TorchScript
+elsewhere);
 the autograd Function keeps only the inputs, not the intermediate u, t.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import jit_script
+from .utils import fuse_pointwise
 
 
 def _bias_gelu(bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -29,8 +30,8 @@ def _bias_gelu_back(g: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> tor
     return ff * g
 
 
-bias_gelu = jit_script(_bias_gelu)
-bias_gelu_back = jit_script(_bias_gelu_back)
+bias_gelu = fuse_pointwise(_bias_gelu)
+bias_gelu_back = fuse_pointwise(_bias_gelu_back)
 
 
 class GeLUFunction(torch.autograd.Function):

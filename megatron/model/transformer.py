@@ -25,7 +25,15 @@ from .fused_bias_gelu import bias_gelu_impl
 from .fused_layer_norm import MixedFusedLayerNorm as LayerNorm
 from .fused_softmax import FusedScaleMaskSoftmax
 from .module import MegatronModule
-from .utils import attention_mask_func, erf_gelu, init_rng, jit_script, layer_init_salt, openai_gelu
+from .utils import (
+    attention_mask_func,
+    erf_gelu,
+    fuse_pointwise,
+    init_rng,
+    jit_script,
+    layer_init_salt,
+    openai_gelu,
+)
 
 
 def _linear_kwargs(config: TransformerConfig) -> dict:
@@ -331,7 +339,7 @@ def _bias_dropout_add_fused_inference(
 
 
 bias_dropout_add_fused_train = jit_script(_bias_dropout_add_fused_train)
-bias_dropout_add_fused_inference = jit_script(_bias_dropout_add_fused_inference)
+bias_dropout_add_fused_inference = fuse_pointwise(_bias_dropout_add_fused_inference)
 
 
 class ParallelTransformerLayer(MegatronModule):
@@ -399,8 +407,9 @@ class ParallelTransformerLayer(MegatronModule):
 
     def _bias_dropout_add_func(self) -> Callable:
         if self.bias_dropout_fusion:
-            if self.training:
+            if self.training and self.hidden_dropout > 0.0:
                 return bias_dropout_add_fused_train
+            # no dropout to draw: the randomness-free variant, which compiles on GPU
             return bias_dropout_add_fused_inference
         return get_bias_dropout_add(self.training)
 

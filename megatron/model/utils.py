@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from typing import Callable, Iterator
 
@@ -21,6 +22,33 @@ def jit_script(fn: Callable) -> Callable:
             return torch.jit.script(fn)
     except Exception:  # noqa: BLE001 - any scripting failure leaves the eager function
         return fn
+
+
+def fuse_pointwise(fn: Callable) -> Callable:
+    """A pointwise function fused for the device it runs on: torch.compile (one Triton
+    kernel) on CUDA tensors, TorchScript elsewhere. A compile failure falls back to the
+    TorchScript version with one log line; MEGATRON_TORCH_COMPILE=0 turns compiling off.
+    `fn` must be free of randomness (compiled RNG would not follow Megatron's trackers)."""
+    scripted = jit_script(fn)
+    state: dict = {"compiled": None, "failed": os.environ.get("MEGATRON_TORCH_COMPILE") == "0"}
+
+    def call(*args):
+        on_cuda = any(torch.is_tensor(a) and a.is_cuda for a in args)
+        if not on_cuda or state["failed"]:
+            return scripted(*args)
+        try:
+            if state["compiled"] is None:
+                state["compiled"] = torch.compile(fn, dynamic=False)
+            return state["compiled"](*args)
+        except Exception as exc:  # noqa: BLE001 - any compile problem keeps the jit path
+            state["failed"] = True
+            print(f"> torch.compile of {fn.__name__} failed ({type(exc).__name__}: {exc}); "
+                  "using the TorchScript fusion", flush=True)
+            return scripted(*args)
+
+    call.__name__ = fn.__name__
+    call.__doc__ = fn.__doc__
+    return call
 
 
 def init_method_normal(sigma: float) -> InitMethod:
