@@ -340,8 +340,10 @@ def _name_moe_groups(optimizer) -> None:
         if group.get("moe"):
             names = {getattr(p, "group_name", None) for p in group["params"]}
             if len(names) != 1 or None in names:
-                raise ValueError(f"MoE param group {group.get('name')!r} mixes expert groups "
-                                 f"{sorted(map(str, names))}")
+                raise ValueError(
+                    f"MoE param group {group.get('name')!r} mixes expert groups "
+                    f"{sorted(map(str, names))}"
+                )
             group["name"] = names.pop()
 
 
@@ -366,6 +368,10 @@ def setup_deepspeed_model_and_optimizer(
             "> MoE model: expert parameters get their own param groups (--create-moe-param-group)"
         )
         args.create_moe_param_group = True
+    # saved by the engine with every checkpoint, for ds_to_universal
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO, universal_checkpoint_info())
     optimizer = get_megatron_optimizer([model])
     _name_moe_groups(optimizer)
     lr_scheduler = get_learning_rate_scheduler(optimizer)
@@ -528,6 +534,31 @@ def loss_scale(model_list) -> float:
 # ----------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------
+
+
+def universal_checkpoint_info() -> dict:
+    """How ds_to_universal merges tensor-parallel shards of Megatron's parameters: layer
+    norms, row-parallel biases and position embeddings are replicated; row-parallel
+    weights are split on dim 1; the word embeddings over the padded vocabulary."""
+    from deepspeed.checkpoint import constants as c
+
+    return {
+        c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        c.TP_REPLICATED_PARAMETER_PATTERNS: [
+            r"position_embeddings\.weight",
+            r"tokentype_embeddings\.weight",
+            r"layernorm\.(weight|bias)",
+            r"attention\.dense\.bias",
+            r"dense_4h_to_h\.bias",
+            r"deepspeed_moe\.gate\.wg\.weight",
+            r"coefficient\.(weight|bias)",
+        ],
+        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [
+            r"attention\.dense\.weight",
+            r"dense_4h_to_h\.weight",
+        ],
+        c.VOCABULARY_PARAMETER_PATTERNS: [r"word_embeddings\.weight"],
+    }
 
 
 def _client_state(args, iteration: int) -> dict:
