@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import os
+import re
 from typing import Any, Callable, Dict, List
 
 import torch
@@ -214,13 +215,13 @@ def build_deepspeed_config(args) -> dict:
 
 
 def configure_activation_checkpointing(args) -> None:
-    """--deepspeed-activation-checkpointing: mpu.checkpoint then runs through
-    deepspeed.checkpointing (partitioned / contiguous / CPU-held activations), which
-    saves and restores Megatron's model-parallel RNG tracker around each recompute."""
+    """--deepspeed-activation-checkpointing: mpu.checkpoint and mpu's RNG tracker then
+    run through deepspeed.checkpointing (partitioned / contiguous / CPU-held activations);
+    its tracker is seeded as initialize_megatron seeded Megatron's, so dropout draws the
+    same masks and the recompute restores them."""
     if not args.deepspeed_activation_checkpointing:
         return
     import deepspeed
-    from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
 
     deepspeed.checkpointing.configure(
         mpu,
@@ -231,8 +232,7 @@ def configure_activation_checkpointing(args) -> None:
         synchronize=args.synchronize_each_layer,
         profile=False,
     )
-    # one tracker: the states dropout forks from are the ones the recompute restores
-    ds_ckpt._CUDA_RNG_STATE_TRACKER = mpu.get_cuda_rng_tracker()
+    mpu.model_parallel_manual_seed(args.seed + 100 * mpu.get_pipeline_model_parallel_rank())
 
 
 def prepare_deepspeed() -> None:
@@ -251,6 +251,14 @@ def prepare_deepspeed() -> None:
         if "__compatible_ops__" not in vars(ops):
             ops.__compatible_ops__ = {}
         ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # DeepSpeed reads LOCAL_RANK, which only launchers set (not a plain `python` run)
+    os.environ.setdefault(
+        "LOCAL_RANK",
+        str(
+            int(os.environ.get("RANK", "0"))
+            % max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
+        ),
+    )
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(
             dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False
@@ -371,7 +379,9 @@ def setup_deepspeed_model_and_optimizer(
     # saved by the engine with every checkpoint, for ds_to_universal
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-    setattr(model, UNIVERSAL_CHECKPOINT_INFO, universal_checkpoint_info())
+    names = [name for name, _ in model.named_parameters()]
+    tp = mpu.get_tensor_model_parallel_world_size()
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO, universal_checkpoint_info(names, tp))
     optimizer = get_megatron_optimizer([model])
     _name_moe_groups(optimizer)
     lr_scheduler = get_learning_rate_scheduler(optimizer)
@@ -536,14 +546,18 @@ def loss_scale(model_list) -> float:
 # ----------------------------------------------------------------------------------------
 
 
-def universal_checkpoint_info() -> dict:
+def universal_checkpoint_info(param_names: List[str], tp: int) -> dict:
     """How ds_to_universal merges tensor-parallel shards of Megatron's parameters: layer
     norms, row-parallel biases and position embeddings are replicated; row-parallel
-    weights are split on dim 1; the word embeddings over the padded vocabulary."""
+    weights are split on dim 1; the word embeddings over the padded vocabulary (the rest,
+    column-parallel, on dim 0). Only patterns that match a parameter are listed (the tool
+    rejects unused ones); with one tensor-parallel rank there is nothing to merge."""
     from deepspeed.checkpoint import constants as c
 
-    return {
-        c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    info = {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    if tp == 1:
+        return info
+    tables = {
         c.TP_REPLICATED_PARAMETER_PATTERNS: [
             r"position_embeddings\.weight",
             r"tokentype_embeddings\.weight",
@@ -559,6 +573,9 @@ def universal_checkpoint_info() -> dict:
         ],
         c.VOCABULARY_PARAMETER_PATTERNS: [r"word_embeddings\.weight"],
     }
+    for key, patterns in tables.items():
+        info[key] = [p for p in patterns if any(re.search(p, n) for n in param_names)]
+    return info
 
 
 def _client_state(args, iteration: int) -> dict:

@@ -580,9 +580,10 @@ def evaluate(forward_step_func, data_iterator, model, verbose=False):
 
 def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, iteration,
                                verbose=False):
-    """Print ' validation loss at {prefix} | lm loss value: ... | lm loss PPL: ... |'."""
-    if data_iterator is None:
-        return {}
+    """Print ' validation loss at {prefix} | lm loss value: ... | lm loss PPL: ... |'.
+
+    Every rank must call it (callers check args.do_valid / args.do_test): ranks without
+    a data iterator (TP rank > 0, middle pipeline stages) still join the collectives."""
     args = get_args()
     writer = get_tensorboard_writer()
     results = evaluate(forward_step_func, data_iterator, model, verbose)

@@ -32,7 +32,6 @@ import gzip
 import itertools
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -90,7 +89,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="language of the nltk punkt sentence splitter")
     # The pure-Python reference tokenizer (the algorithm of Megatron's own tool), for the
     # benchmark and for cross-checks.
-    g.add_argument("--tokenizer-impl", choices=("fast", "python"), default="fast",
+    g.add_argument("--tokenizer-impl", choices=("fast", "tiktoken", "tokenizers", "python"),
+                   default="fast",
                    help=argparse.SUPPRESS)
     g = parser.add_argument_group(title="output data")
     g.add_argument("--output-prefix", type=str, required=True,
@@ -332,146 +332,29 @@ class ChunkResult:
     keys: dict[str, KeyData]
 
 
-# GPT2_SPLIT_PATTERN restricted to ASCII text, for the stdlib `re` engine (about twice as
-# fast as `regex` here). In ASCII, `regex`'s \s is [\t\n\x0b\x0c\r ] (not \x1c-\x1f, which
-# `re` would count), \p{L} is [A-Za-z] and \p{N} is [0-9]; alternatives keep their order, so
-# both engines cut the same pieces. Used only while the canonical pattern is the one below.
-_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_WS, _NWS = r"[\t\n\x0b\x0c\r ]", r"[^\t\n\x0b\x0c\r ]"
-_GPT2_ASCII_PATTERN = (
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\t\n\x0b\x0c\r A-Za-z0-9]+"
-    rf"|{_WS}+(?!{_NWS})|{_WS}+"
-)
-_PIECE_CACHE_LIMIT = 1_000_000  # cached pieces before the cache is cleared (bounds memory)
+class TokenBytes:
+    """Token ids of texts as raw bytes in the output dtype, straight from the tokenizer.
 
-
-class PlainTokenBytes:
-    """Token ids of texts as raw bytes in the output dtype, straight from the tokenizer."""
-
-    def __init__(self, tokenizer, dtype: type) -> None:
-        self.tokenizer = tokenizer
-        self.dtype = np.dtype(dtype)
-
-    def __call__(self, texts: list[str]) -> list[bytes]:
-        ids = self.tokenizer.tokenize_batch(texts) if texts else []
-        return [np.asarray(x, dtype=self.dtype).tobytes() for x in ids]
-
-
-class _AsciiClass(dict):
-    """str.translate table: a non-ASCII character -> an ASCII one of its GPT2_SPLIT_PATTERN
-    class (letter 'a', number '0', whitespace tab, anything else '#'); ASCII is kept."""
-
-    def __init__(self) -> None:
-        import regex
-
-        super().__init__((i, i) for i in range(128))  # ASCII maps to itself
-        self._letter = regex.compile(r"\p{L}").match
-        self._number = regex.compile(r"\p{N}").match
-        self._space = regex.compile(r"\s").match
-
-    def __missing__(self, code: int):
-        c = chr(code)
-        if self._letter(c):
-            value = "a"
-        elif self._number(c):
-            value = "0"
-        else:
-            value = "\t" if self._space(c) else "#"
-        self[code] = value
-        return value
-
-
-class GPT2PieceCache:
-    """GPT-2 ids of texts as raw bytes, with a cache per pre-tokenised piece.
-
-    GPT-2 BPE runs on each piece of GPT2_SPLIT_PATTERN independently, so the ids of a text are
-    the concatenation of its pieces' ids, and a piece on its own splits into itself. Natural
-    text repeats its pieces ("the", " of", ...), so after a short warm-up nearly every piece is
-    a dictionary hit: a document costs one regex scan and one `bytes.join`, and only unseen
-    pieces reach the tokenizer (in one batch per call). Output equals `tokenizer.tokenize`.
-
-    Non-ASCII text is first mapped character by character to ASCII of the same pattern class
-    (the pattern only looks at classes, at U+0020 and at the ASCII contraction letters, which
-    the mapping never produces), split with the ASCII pattern, and the piece lengths are used
-    to cut the original text.
+    tokenize_batch runs on one thread, so `--workers` is the number of CPUs in use.
     """
 
     def __init__(self, tokenizer, dtype: type) -> None:
-        import regex
-
-        self.tokenizer = tokenizer
+        self.tokenize_batch = tokenizer.tokenize_batch
         self.dtype = np.dtype(dtype)
-        self.cache: dict[str, bytes] = {}
-        self.split = re.compile(_GPT2_ASCII_PATTERN).findall
-        self.to_ascii = _AsciiClass()
-        self.whitespace = regex.compile(r"\s").search
-        self.newline = tokenizer.tokenize("\n") if tokenizer is not None else []
-
-    @staticmethod
-    def applies(tokenizer_type: str, impl: str) -> bool:
-        from megatron.tokenizer.gpt2_tokenization import GPT2_SPLIT_PATTERN
-
-        return (
-            tokenizer_type == "GPT2BPETokenizer"
-            and impl == "fast"
-            and (GPT2_SPLIT_PATTERN == _GPT2_PATTERN)
-        )
-
-    def pieces(self, text: str) -> list[str]:
-        """GPT2_SPLIT_PATTERN pieces of `text`."""
-        if text.isascii():
-            return self.split(text)
-        ends = list(itertools.accumulate(map(len, self.split(text.translate(self.to_ascii)))))
-        return [text[a:b] for a, b in zip([0, *ends], ends)]
-
-    def _encode_new(self, new: list[str]) -> dict[str, bytes]:
-        """Ids (as bytes) of unseen pieces.
-
-        Pieces without whitespace, save one leading space, go to the tokenizer as a single
-        text joined by newlines (one call instead of one item each): such a newline is a piece
-        of its own, and none of these pieces holds a newline byte, so the ids split at the
-        newline's id. Any count mismatch falls back to one item per piece.
-        """
-        whitespace = self.whitespace
-        simple, other = [], []
-        for piece in new:
-            rest = piece[1:] if piece[:1] == " " else piece
-            (simple if rest and not whitespace(rest) else other).append(piece)
-        out = {}
-        if len(self.newline) == 1 and len(simple) > 1:
-            ids = np.asarray(self.tokenizer.tokenize("\n".join(simple)), dtype=self.dtype)
-            bounds = [-1, *np.flatnonzero(ids == self.newline[0]).tolist(), len(ids)]
-            if len(bounds) == len(simple) + 1:
-                for piece, a, b in zip(simple, bounds, bounds[1:]):
-                    out[piece] = ids[a + 1 : b].tobytes()
-            else:
-                other += simple
-        else:
-            other += simple
-        for piece, ids in zip(other, self.tokenizer.tokenize_batch(other) if other else []):
-            out[piece] = np.asarray(ids, dtype=self.dtype).tobytes()
-        return out
 
     def __call__(self, texts: list[str]) -> list[bytes]:
-        cache, join = self.cache, b"".join
-        pieces = [self.pieces(t) for t in texts]
-        out: list[bytes] = []
-        redo: list[int] = []
-        new: dict[str, None] = {}  # unseen pieces, in first-seen order
-        for i, doc in enumerate(pieces):
-            try:
-                out.append(join(map(cache.get, doc)))  # an unseen piece gives None: TypeError
-            except TypeError:
-                out.append(b"")
-                redo.append(i)
-                new.update(dict.fromkeys(p for p in doc if p not in cache))
-        if new:
-            if len(cache) + len(new) > _PIECE_CACHE_LIMIT:
-                cache.clear()
-            cache.update(self._encode_new(list(new)))
-            for i in redo:
-                out[i] = join(map(cache.__getitem__, pieces[i]))
-        return out
+        if not texts:
+            return []
+        return [np.asarray(ids, dtype=self.dtype).tobytes() for ids in self.tokenize_batch(texts)]
+
+
+def _is_unicode(text: str) -> bool:
+    """False when text holds a lone surrogate (a JSON escape like "\\ud800" gives one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Encoder:
@@ -484,10 +367,7 @@ class Encoder:
         self.splitter = splitter
         self.dtype = np.dtype(dtype)
         self.eod = np.asarray([tokenizer.eod], self.dtype).tobytes() if args.append_eod else None
-        if GPT2PieceCache.applies(args.tokenizer_type, args.tokenizer_impl):
-            self.token_bytes = GPT2PieceCache(tokenizer, dtype)
-        else:
-            self.token_bytes = PlainTokenBytes(tokenizer, dtype)
+        self.token_bytes = TokenBytes(tokenizer, dtype)
 
     def _parse(self, path: str, lineno: int, lines: list[bytes]) -> tuple[list[list[str]], int]:
         """Per valid line, its values for self.keys; and how many lines were skipped."""
@@ -512,6 +392,9 @@ class Encoder:
                             break
                         if not isinstance(value, str):
                             problem = f"key '{key}' holds {type(value).__name__}, not a string"
+                            break
+                        if not (value.isascii() or _is_unicode(value)):
+                            problem = f"key '{key}' holds a lone surrogate (not valid Unicode)"
                             break
                         values.append(value)
             if problem is None:

@@ -48,7 +48,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         masked_target = (target - vocab_start).masked_fill(target_mask, 0)
 
         logits_2d = logits.view(-1, partition_vocab_size)  # [s*b, V/p]
-        masked_target_1d = masked_target.view(-1)
+        masked_target_1d = masked_target.reshape(-1)
         rows = torch.arange(logits_2d.size(0), device=logits_2d.device)
         predicted_logits = logits_2d[rows, masked_target_1d].view_as(target)
         predicted_logits = predicted_logits.masked_fill(target_mask, 0.0).contiguous()
@@ -71,7 +71,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad_input = softmax * grad_output.unsqueeze(-1)  # [s, b, V/p]
         grad_2d = grad_input.view(-1, softmax.size(-1))
         rows = torch.arange(grad_2d.size(0), device=grad_2d.device)
-        in_range = (~target_mask).view(-1).to(grad_2d.dtype)
+        in_range = (~target_mask).reshape(-1).to(grad_2d.dtype)
         grad_2d[rows, masked_target_1d] -= in_range * grad_output.reshape(-1).to(grad_2d.dtype)
         return grad_input, None
 

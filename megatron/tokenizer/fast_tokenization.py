@@ -1,9 +1,20 @@
-"""Rust `tokenizers` pipelines equal to the pure-Python references.
+"""Fast GPT-2 and BERT pipelines equal to the pure-Python references.
 
-GPT-2: ByteLevel pre-tokeniser (the same split regex, no prefix space) + BPE over the same
-vocabulary and merge ranks, no normaliser. Exhaustive checks over every code point of
-planes 0-3 and 14, plus the mixed-text tests, give ids identical to gpt2_tokenization.py, so
-it is used for every text.
+GPT-2, first choice: `tiktoken` (tiktoken_gpt2). tiktoken's BPE repeatedly merges the adjacent
+pair whose concatenation has the lowest rank; the reference merges the pair with the lowest
+merge-rule rank. The two agree when the ranks are the merge order: the 256 single bytes,
+then merge i's result with a rank that grows with i, and no other mergeable token. So the
+tiktoken encoding is built only from vocabularies that are in merge order (GPT-2's is:
+byte tokens 0-255, merge i -> id 256 + i; the id of '<|endoftext|>' is a special token) and
+it splits with the reference's GPT2_SPLIT_PATTERN. tiktoken returns ranks, which are then
+the vocab ids. Texts go through encode_ordinary, so '<|endoftext|>' inside a document is
+ordinary text, as in the reference. The tests compare ids with the reference on hand-written,
+random and code-point texts.
+
+GPT-2, fallback (no tiktoken, or a vocabulary not in merge order): the Rust `tokenizers`
+library, ByteLevel pre-tokeniser (the same split regex, no prefix space) + BPE over the same
+vocabulary and merge ranks, no normaliser. It implements the reference's pair-rank rule
+directly, and the same tests prove identical ids.
 
 BERT: BertNormalizer + BertPreTokenizer + WordPiece. It follows the same algorithm but with
 the Unicode tables of the Rust crates, which differ from Python's unicodedata for a few
@@ -16,17 +27,83 @@ the Rust pipeline only when every character in it has been checked to behave ide
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable
 
 
-def fast_gpt2(encoder: dict[str, int], bpe_ranks: dict[tuple[str, str], int]):
+def fast_gpt2(encoder: dict[str, int], merges: list[tuple[str, str]]):
     """A `tokenizers.Tokenizer` for GPT-2 byte-level BPE from the reference tables."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    merges = sorted(bpe_ranks, key=bpe_ranks.get)
     fast = Tokenizer(models.BPE(vocab=dict(encoder), merges=merges))
     fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     return fast
+
+
+def gpt2_merge_order_ranks(
+    encoder: dict[str, int], merges: list[tuple[str, str]]
+) -> tuple[dict[bytes, int], dict[str, int]] | None:
+    """tiktoken's (mergeable ranks, special tokens) for a GPT-2 vocabulary, or None.
+
+    Mergeable: the 256 single bytes and the result of every merge, as raw bytes (vocab tokens
+    are GPT-2 byte-encoded strings, see bytes_to_unicode), each ranked by its vocab id. Every
+    other vocab entry (e.g. '<|endoftext|>') is a special token with its id. None when the
+    vocabulary is not in merge order: a byte or merge result missing from it, or merge
+    results whose ids do not strictly increase along the merge list.
+    """
+    from .gpt2_tokenization import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    byte_tokens = [table[b] for b in range(256)]  # token of byte b at index b
+    results = [first + second for first, second in merges]
+    parts = set(itertools.chain.from_iterable(merges))
+    if not (encoder.keys() >= parts and encoder.keys() >= set(byte_tokens)):
+        return None
+    result_ids = list(map(encoder.get, results))
+    if None in result_ids:
+        return None
+    byte_ids = [encoder[c] for c in byte_tokens]
+    # Merge priority must be rank order: ids increase along the merge list, past every byte.
+    if result_ids and (
+        result_ids[0] <= max(byte_ids) or not all(map(operator.lt, result_ids, result_ids[1:]))
+    ):
+        return None
+    # Every token character stands for one byte, so translating the characters to the
+    # latin-1 characters of their bytes and encoding as latin-1 gives the raw bytes; done once
+    # over all tokens joined, then cut at the token lengths.
+    to_latin1 = {ord(c): b for b, c in enumerate(byte_tokens)}
+    raw = "".join(results).translate(to_latin1).encode("latin-1")
+    ends = list(itertools.accumulate(map(len, results)))
+    ranks = {bytes([b]): i for b, i in enumerate(byte_ids)}
+    ranks.update(zip(map(raw.__getitem__, map(slice, [0, *ends], ends)), result_ids))
+    mergeable_ids = set(ranks.values())
+    specials = {t: i for t, i in encoder.items() if i not in mergeable_ids}
+    if len(mergeable_ids) + len(specials) != len(encoder):  # two tokens share an id
+        return None
+    return ranks, specials
+
+
+def tiktoken_gpt2(encoder: dict[str, int], merges: list[tuple[str, str]]):
+    """A `tiktoken.Encoding` equal to the reference GPT-2 BPE on these tables, or None when
+    tiktoken is not installed or the vocabulary is not in merge order (see the module doc).
+    Built offline: nothing is downloaded or cached."""
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    from .gpt2_tokenization import GPT2_SPLIT_PATTERN
+
+    tables = gpt2_merge_order_ranks(encoder, merges)
+    if tables is None:
+        return None
+    ranks, specials = tables
+    return tiktoken.Encoding(
+        name="gpt2_from_vocab_files",
+        pat_str=GPT2_SPLIT_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens=specials,
+    )
 
 
 def fast_bert(vocab: dict[str, int], unk_token: str, max_input_chars_per_word: int, lower: bool):

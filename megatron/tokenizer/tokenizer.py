@@ -4,13 +4,14 @@ Types: GPT2BPETokenizer, BertWordPieceLowerCase, BertWordPieceCase, SentencePiec
 HFTokenizer, NullTokenizer. Every class implements AbstractTokenizer (vocab_size, vocab,
 inv_vocab, tokenize, detokenize and the special ids that exist for it).
 
-GPT-2 and BERT have two interchangeable implementations chosen with impl=:
+GPT-2 and BERT have interchangeable implementations chosen with impl=:
   "python"  the pure-Python references in gpt2_tokenization.py / bert_tokenization.py;
-  "fast"    the Rust `tokenizers` library configured to the same algorithm (see
-            fast_tokenization.py; for BERT only texts whose characters are checked to agree);
-            the tests in tests/unit/tokenizer prove it gives the reference ids.
-Optional libraries (tokenizers, sentencepiece) are imported only by the type that needs them,
-and nothing here imports torch, so tools such as preprocess_data.py start fast.
+  "fast"    GPT-2: `tiktoken` built offline from the same vocab/merges files, or the Rust
+            `tokenizers` BPE when tiktoken is missing; BERT: Rust `tokenizers` for texts whose
+            characters are checked to agree (see fast_tokenization.py). The tests in
+            tests/unit/tokenizer prove they give the reference ids.
+Optional libraries (tiktoken, tokenizers, sentencepiece) are imported only by the type that
+needs them, and nothing here imports torch, so tools such as preprocess_data.py start fast.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ TOKENIZER_TYPES = (
     "NullTokenizer",
 )
 IMPLS = ("fast", "python")
+GPT2_IMPLS = ("fast", "tiktoken", "tokenizers", "python")
 
 
 def build_tokenizer(args):
@@ -118,9 +120,9 @@ def _vocab_size_with_padding(orig_vocab_size: int, args) -> int:
     )
 
 
-def _check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"tokenizer impl {impl!r} is not one of {IMPLS}")
+def _check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> None:
+    if impl not in allowed:
+        raise ValueError(f"tokenizer impl {impl!r} is not one of {allowed}")
 
 
 def _check_file(path: str, what: str) -> None:
@@ -189,49 +191,99 @@ class _GPT2BPETokenizer(AbstractTokenizer):
     """GPT-2 byte-level BPE from vocab.json + merges.txt; eod is '<|endoftext|>'.
 
     Text that contains '<|endoftext|>' is tokenised as ordinary characters, as in Megatron.
+    impl: "fast" = tiktoken when installed and the vocabulary is in merge order, else the
+    Rust `tokenizers` BPE; "tiktoken" / "tokenizers" force one of them; "python" is the
+    reference. `backend` names the one in use. Only that one is built (the reference is
+    built on first use of `.tokenizer`).
     """
 
     def __init__(self, vocab_file: str, merge_file: str, impl: str = "fast"):
         super().__init__("GPT2 BPE")
-        _check_impl(impl)
+        _check_impl(impl, GPT2_IMPLS)
         _check_file(vocab_file, "--vocab-file")
         _check_file(merge_file, "--merge-file")
-        from .gpt2_tokenization import GPT2Tokenizer
+        from . import gpt2_tokenization as ref
 
         self.impl = impl
-        self.tokenizer = GPT2Tokenizer(vocab_file, merge_file, errors="replace")
-        if "<|endoftext|>" not in self.tokenizer.encoder:
+        self._files = (vocab_file, merge_file)
+        self._reference = None
+        self._inv_vocab = None
+        self._tiktoken = self._rust = None
+        if impl == "python":
+            self._reference = ref.GPT2Tokenizer(vocab_file, merge_file, errors="replace")
+            self.encoder = self._reference.encoder
+        else:
+            self.encoder = ref.read_vocab(vocab_file)
+        if "<|endoftext|>" not in self.encoder:
             raise ValueError(f"{vocab_file}: GPT-2 vocabulary has no '<|endoftext|>' token")
-        self.eod_id = self.tokenizer.encoder["<|endoftext|>"]
-        self._fast = None
-        if impl == "fast":
-            from .fast_tokenization import fast_gpt2
+        self.eod_id = self.encoder["<|endoftext|>"]
+        if impl == "python":
+            self.backend = "python"
+            return
+        from .fast_tokenization import fast_gpt2, tiktoken_gpt2
 
-            self._fast = fast_gpt2(self.tokenizer.encoder, self.tokenizer.bpe_ranks)
+        merges = ref.read_merges(merge_file)
+        if impl in ("fast", "tiktoken"):
+            self._tiktoken = tiktoken_gpt2(self.encoder, merges)
+            if self._tiktoken is None and impl == "tiktoken":
+                raise ValueError(
+                    f"tokenizer impl 'tiktoken': tiktoken is not installed, or {vocab_file} "
+                    f"is not in the merge order of {merge_file}"
+                )
+        if self._tiktoken is not None:
+            self.backend = "tiktoken"
+        else:
+            self.backend = "tokenizers"
+            self._rust = fast_gpt2(self.encoder, merges)
+
+    @property
+    def tokenizer(self):
+        """The pure-Python reference (gpt2_tokenization.GPT2Tokenizer), built on first use."""
+        if self._reference is None:
+            from .gpt2_tokenization import GPT2Tokenizer
+
+            self._reference = GPT2Tokenizer(*self._files, errors="replace")
+        return self._reference
 
     @property
     def vocab_size(self) -> int:
-        return len(self.tokenizer.encoder)
+        return len(self.encoder)
 
     @property
     def vocab(self) -> dict:
-        return self.tokenizer.encoder
+        return self.encoder
 
     @property
     def inv_vocab(self) -> dict:
-        return self.tokenizer.decoder
+        if self._inv_vocab is None:
+            self._inv_vocab = {v: k for k, v in self.encoder.items()}
+        return self._inv_vocab
+
+    def _tiktoken_ids(self, text: str) -> list[int]:
+        # tiktoken would replace a lone surrogate with U+FFFD; the reference (UTF-8 encoding
+        # of each piece) refuses it, so refuse it here too.
+        if not text.isascii():
+            text.encode("utf-8")
+        return self._tiktoken.encode_ordinary(text)
 
     def tokenize(self, text: str) -> list[int]:
-        if self._fast is not None:
-            return self._fast.encode(text, add_special_tokens=False).ids
-        return self.tokenizer.encode(text)
+        if self._tiktoken is not None:
+            return self._tiktoken_ids(text)
+        if self._rust is not None:
+            return self._rust.encode(text, add_special_tokens=False).ids
+        return self._reference.encode(text)
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
-        if self._fast is not None:
-            return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=False)]
-        return [self.tokenizer.encode(t) for t in texts]
+        """ids of each text, on one thread (a worker process is one CPU)."""
+        if self._tiktoken is not None:
+            return [self._tiktoken_ids(t) for t in texts]
+        if self._rust is not None:
+            return [e.ids for e in self._rust.encode_batch(texts, add_special_tokens=False)]
+        return [self._reference.encode(t) for t in texts]
 
     def detokenize(self, token_ids: list[int]) -> str:
+        if self._tiktoken is not None:
+            return self._tiktoken.decode(list(token_ids), errors="replace")
         return self.tokenizer.decode(token_ids)
 
     @property

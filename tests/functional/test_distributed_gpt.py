@@ -26,7 +26,8 @@ import pytest
 from ..dist_utils import free_port
 from .gpt_runs import ROOT, parse_log, preprocess, tiny_gpt_args
 
-pytestmark = pytest.mark.slow
+# several launches per test; each launch has its own RUN_TIMEOUT
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ITERS = 10
 REL_TOL = 2e-5

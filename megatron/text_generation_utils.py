@@ -1,0 +1,369 @@
+"""GPT text generation: logits filtering, sampling, and batched autoregressive decoding.
+
+One decoding step turns the logits of the last position into the next token:
+
+    z = logits / temperature                       (greedy: argmax of the logits)
+    z = top_k_logits(z, top_k, top_p)              (filtered entries become -inf)
+    next ~ Categorical(softmax(z))
+
+Decoding keeps every row of a batch in lockstep. Rows with a shorter prompt start
+generating earlier; while a row is still inside its prompt, the prompt token overwrites
+the sampled one. With the key/value cache (the default) the first step runs the shortest
+prompt through the model and every later step feeds one new token with the cached keys
+and values of the earlier positions (`layer_past` / `get_key_value`); with
+`recompute=True` every step runs the whole sequence so far. Both compute the same logits.
+
+Tensor parallelism: the model gathers the vocabulary-split logits (parallel output off),
+every rank samples, and the token of global rank 0 is broadcast so that all ranks feed
+the same sequence. Pipeline parallelism is not supported.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, List, Sequence, TextIO
+
+import torch
+import torch.nn.functional as F
+
+from megatron import print_rank_0
+
+# ----------------------------------------------------------------------------------------
+# Filtering and sampling (pure functions).
+# ----------------------------------------------------------------------------------------
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int, filter_value: float = -float("inf")):
+    """Keep the top_k largest logits of each row (ties with the k-th value are kept), set
+    the rest to filter_value. logits [..., v]; top_k <= 0 or >= v keeps everything."""
+    if top_k <= 0 or top_k >= logits.size(-1):
+        return logits
+    kth_value = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [..., 1]
+    return logits.masked_fill(logits < kth_value, filter_value)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float, filter_value: float = -float("inf")):
+    """Nucleus filtering: keep the smallest set of most probable tokens whose probability
+    mass softmax(logits) reaches top_p, set the rest to filter_value.
+
+    In descending order, token i is kept iff the mass of the tokens before it is < top_p,
+    so the most probable token is always kept. top_p <= 0 or >= 1 keeps everything.
+    """
+    if top_p <= 0.0 or top_p >= 1.0:
+        return logits
+    sorted_logits, sorted_indices = torch.sort(logits, descending=True, dim=-1)
+    sorted_probs = F.softmax(sorted_logits.float(), dim=-1)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # exclusive cumsum
+    sorted_remove = mass_before >= top_p
+    remove = sorted_remove.scatter(-1, sorted_indices, sorted_remove)
+    return logits.masked_fill(remove, filter_value)
+
+
+def top_k_logits(
+    logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, filter_value: float = -float("inf")
+) -> torch.Tensor:
+    """Top-k, then top-p filtering of logits [..., v] (returns a new tensor)."""
+    return top_p_filter(top_k_filter(logits, top_k, filter_value), top_p, filter_value)
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is chosen from the logits."""
+
+    temperature: float = 1.0  # logits are divided by this before filtering (> 0)
+    top_k: int = 0  # keep the k most likely tokens (0: off)
+    top_p: float = 0.0  # keep the nucleus of this probability mass (0: off)
+    greedy: bool = False  # argmax instead of sampling
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag of an out-of-range value."""
+        if not self.greedy and not self.temperature > 0.0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"--top_k must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"--top_p must be in [0, 1], got {self.top_p}")
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    vocab_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits [b, v_padded] -> next token ids [b] (int64).
+
+    Entries at ids >= vocab_size (the padding of the embedding table) are never chosen.
+    """
+    logits = logits.float()
+    if vocab_size is not None and vocab_size < logits.size(-1):
+        logits = logits.clone()
+        logits[:, vocab_size:] = -float("inf")
+    if params.greedy:
+        return torch.argmax(logits, dim=-1)
+    logits = top_k_logits(logits / params.temperature, params.top_k, params.top_p)
+    probs = F.softmax(logits, dim=-1)  # [b, v]
+    return torch.multinomial(probs, num_samples=1, generator=generator).view(-1)
+
+
+# ----------------------------------------------------------------------------------------
+# Batches and the decoding loop.
+# ----------------------------------------------------------------------------------------
+
+
+def pad_batch(
+    batch: Sequence[Sequence[int]], pad_id: int, length: int, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists to `length` -> (tokens [b, length] int64, lengths [b])."""
+    tokens = torch.full((len(batch), length), pad_id, dtype=torch.long, device=device)
+    for i, row in enumerate(batch):
+        if len(row) > length:
+            raise ValueError(f"pad_batch: row {i} has {len(row)} tokens, more than {length}")
+        tokens[i, : len(row)] = torch.tensor(list(row), dtype=torch.long, device=device)
+    lengths = torch.tensor([len(row) for row in batch], dtype=torch.long, device=device)
+    return tokens, lengths
+
+
+def get_batch(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tokens [b, s] -> (tokens, causal attention mask [1, 1, s, s] bool (True = masked),
+    position ids [b, s])."""
+    b, s = tokens.shape
+    causal = torch.ones((s, s), dtype=torch.bool, device=tokens.device).tril_()
+    attention_mask = (~causal).view(1, 1, s, s)
+    position_ids = torch.arange(s, dtype=torch.long, device=tokens.device).expand(b, s)
+    return tokens, attention_mask, position_ids
+
+
+def forward_step(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer_past=None,
+    get_key_value: bool = False,
+):
+    """Logits [b, sq, v] of the full (gathered) vocabulary, and the new key/value cache
+    with get_key_value. tokens / position_ids [b, sq]; attention_mask [1, 1, >=sk, >=sk]."""
+    output = model(
+        tokens,
+        position_ids,
+        attention_mask,
+        layer_past=layer_past,
+        get_key_value=get_key_value,
+        forward_method_parallel_output=False,
+    )
+    if get_key_value:
+        logits, presents = output
+        return logits, presents
+    if isinstance(output, tuple):  # MoE: (logits, aux loss)
+        output = output[0]
+    return output, None
+
+
+def _agree_across_ranks(tokens: torch.Tensor) -> torch.Tensor:
+    """Every rank takes global rank 0's tokens (each tensor-parallel rank sampled with
+    its own random state)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast(tokens, src=0)
+    return tokens
+
+
+@dataclass
+class GenerationOutput:
+    """Result of generate_tokens for a batch of b rows."""
+
+    tokens: torch.Tensor  # [b, s]: prompt, then generated tokens, then eod padding
+    lengths: torch.Tensor  # [b]: tokens[i, :lengths[i]] is prompt + generated (no final eod)
+    finished: torch.Tensor  # [b] bool: the row ended with an eod token (not at a limit)
+
+
+def generate_tokens(
+    model: torch.nn.Module,
+    context_tokens: torch.Tensor,
+    context_lengths: torch.Tensor,
+    max_new_tokens: int,
+    eod: int,
+    params: SamplingParams,
+    recompute: bool = False,
+    vocab_size: int | None = None,
+) -> GenerationOutput:
+    """Extend each row of context_tokens [b, s] (row i's prompt is its first
+    context_lengths[i] >= 1 tokens) by up to max_new_tokens tokens, stopping a row at
+    its first generated eod or at position s (s must be <= the model's positions).
+
+    Runs under torch.no_grad with the model in eval mode; see the module docstring for
+    the key/value cache, recompute and tensor-parallel behaviour.
+    """
+    if context_lengths.min() < 1:
+        raise ValueError("generate_tokens: every prompt needs at least one token")
+    b, max_length = context_tokens.shape
+    tokens, attention_mask, position_ids = get_batch(context_tokens.clone())
+    limits = torch.clamp(context_lengths + max_new_tokens, max=max_length)  # [b]
+    lengths = limits.clone()
+    done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
+    finished = torch.zeros_like(done)
+    model.eval()
+    layer_past, fed = None, 0
+    with torch.no_grad():
+        for pos in range(int(context_lengths.min()), int(limits.max())):
+            # logits at position pos - 1 predict the token at pos
+            if recompute:
+                logits, _ = forward_step(
+                    model, tokens[:, :pos], position_ids[:, :pos], attention_mask[..., :pos, :pos]
+                )
+            else:
+                logits, layer_past = forward_step(
+                    model,
+                    tokens[:, fed:pos],
+                    position_ids[:, fed:pos],
+                    attention_mask[..., :pos, :pos],
+                    layer_past=layer_past,
+                    get_key_value=True,
+                )
+                fed = pos
+            new = sample_next_token(logits[:, -1, :], params, vocab_size)  # [b]
+            new = _agree_across_ranks(new.to(tokens.dtype).contiguous())
+            generating = (context_lengths <= pos) & ~done
+            tokens[:, pos] = torch.where(
+                generating, new, torch.where(done, torch.full_like(new, eod), tokens[:, pos])
+            )
+            ended = generating & (new == eod)
+            lengths = torch.where(ended, torch.full_like(lengths, pos), lengths)
+            finished |= ended
+            done |= ended | (generating & (pos + 1 >= limits))
+            if bool(done.all()):
+                break
+    return GenerationOutput(tokens=tokens, lengths=lengths, finished=finished)
+
+
+# ----------------------------------------------------------------------------------------
+# Unconditional and conditional sampling, with their output files.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationSettings:
+    """Everything generation reads from the command line."""
+
+    batch_size: int  # --micro-batch-size
+    max_length: int  # --seq-length: prompt + generated tokens never exceed it
+    out_seq_length: int  # --out-seq-length: generated tokens per sample at most
+    params: SamplingParams
+    recompute: bool = False  # --recompute: no key/value cache
+    log_interval: int = 100  # progress line every this many samples
+
+
+def _batched(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _generate_batch(model, prompts: List[List[int]], tokenizer, settings, device) -> List[dict]:
+    """Generate for one batch of tokenized prompts -> [{'text', 'length', 'finished'}]."""
+    longest = max(len(p) for p in prompts)
+    length = min(settings.max_length, longest + settings.out_seq_length)
+    context, context_lengths = pad_batch(prompts, tokenizer.eod, length, device)
+    out = generate_tokens(
+        model,
+        context,
+        context_lengths,
+        settings.out_seq_length,
+        tokenizer.eod,
+        settings.params,
+        recompute=settings.recompute,
+        vocab_size=tokenizer.vocab_size,
+    )
+    results = []
+    for row, start in enumerate(context_lengths.tolist()):
+        generated = out.tokens[row, start : int(out.lengths[row])].tolist()
+        results.append(
+            {
+                "text": tokenizer.detokenize(generated),
+                "length": len(generated),
+                "finished": bool(out.finished[row]),
+            }
+        )
+    return results
+
+
+def generate_samples_unconditional(
+    model, tokenizer, num_samples: int, settings: GenerationSettings, device=None
+) -> Iterator[dict]:
+    """Yield num_samples samples {'text', 'length' (generated tokens), 'finished' (ended
+    with eod)}, each started from a lone eod token, settings.batch_size at a time."""
+    settings.params.validate()
+    start, done = time.time(), 0
+    for batch in _batched(range(num_samples), settings.batch_size):
+        for sample in _generate_batch(
+            model, [[tokenizer.eod] for _ in batch], tokenizer, settings, device
+        ):
+            yield sample
+            done += 1
+            if done % settings.log_interval == 0 or done == num_samples:
+                print_rank_0(
+                    f" generated {done}/{num_samples} samples "
+                    f"({time.time() - start:.1f} s elapsed)"
+                )
+
+
+def read_prompts(path: str, tokenizer, max_length: int) -> List[tuple[str, List[int]]]:
+    """(prompt, tokens) for each line of `path` (newline stripped; an empty line gives an
+    unconditional sample). Raises ValueError naming the file and line of a prompt that
+    leaves no room to generate within max_length tokens."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ValueError(f"--sample-input-file {path}: cannot read ({e.strerror})") from e
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        ids = tokenizer.tokenize(line) if line else [tokenizer.eod]
+        if len(ids) >= max_length:
+            raise ValueError(
+                f"{path} line {number}: the prompt has {len(ids)} tokens; --seq-length "
+                f"{max_length} leaves no room to generate"
+            )
+        prompts.append((line, ids))
+    return prompts
+
+
+def generate_samples_conditional(
+    model, tokenizer, prompts: Sequence[tuple[str, List[int]]], settings, device=None
+) -> Iterator[dict]:
+    """Yield {'prompt', 'text' (the continuation), 'length', 'finished'} for each
+    (prompt, tokens), settings.batch_size prompts at a time."""
+    settings.params.validate()
+    start, done = time.time(), 0
+    for batch in _batched(list(prompts), settings.batch_size):
+        samples = _generate_batch(model, [ids for _, ids in batch], tokenizer, settings, device)
+        for (prompt, _), sample in zip(batch, samples):
+            yield {"prompt": prompt, **sample}
+            done += 1
+            if done % settings.log_interval == 0 or done == len(prompts):
+                print_rank_0(
+                    f" generated {done}/{len(prompts)} continuations "
+                    f"({time.time() - start:.1f} s elapsed)"
+                )
+
+
+def write_json_lines(samples: Iterable[dict], out: TextIO) -> int:
+    """One JSON object per line (flushed as it comes); returns the count."""
+    count = 0
+    for sample in samples:
+        out.write(json.dumps(sample, ensure_ascii=False) + "\n")
+        out.flush()
+        count += 1
+    return count
+
+
+def write_context_blocks(samples: Iterable[dict], out: TextIO) -> int:
+    """Megatron's plain-text layout: for each sample a block
+    '\\nContext: <prompt>\\n\\nMegatron-LM: <continuation>\\n'; returns the count."""
+    count = 0
+    for sample in samples:
+        out.write(f"\nContext: {sample['prompt']}\n\nMegatron-LM: {sample['text']}\n")
+        out.flush()
+        count += 1
+    return count

@@ -1,0 +1,173 @@
+"""Sample text from a trained GPT checkpoint.
+
+Unconditional (--num-samples N --genfile FILE): N samples, each started from the
+end-of-document token, written as JSON lines {"text", "length", "finished"}.
+Conditional (--sample-input-file FILE): one prompt per line; continuations go to
+--sample-output-file (default FILE.out): JSON lines {"prompt", "text", "length",
+"finished"} when its name ends in .json or .jsonl, else Megatron's
+"Context: ... / Megatron-LM: ..." text blocks.
+
+Takes the GPT model flags used for pretraining plus --load. Sampling: --temperature,
+--top_k, --top_p, --greedy; --recompute runs the whole sequence every step instead of
+using the key/value cache. Works under tensor parallelism (torchrun); pipeline
+parallelism is not supported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+
+import torch  # noqa: E402
+
+from megatron import get_args, get_tokenizer, print_rank_0  # noqa: E402
+from megatron.accelerator import current_device  # noqa: E402
+from megatron.checkpointing import get_checkpoint_tracker_filename, load_checkpoint  # noqa: E402
+from megatron.initialize import initialize_megatron  # noqa: E402
+from megatron.model import Float16Module, GPTModel  # noqa: E402
+from megatron.model.config import config_from_args  # noqa: E402
+from megatron.text_generation_utils import (  # noqa: E402
+    GenerationSettings,
+    SamplingParams,
+    generate_samples_conditional,
+    generate_samples_unconditional,
+    read_prompts,
+    write_context_blocks,
+    write_json_lines,
+)
+
+SCRIPT = "tools/generate_samples_gpt.py"
+
+
+def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The text generation flags (Megatron's spellings)."""
+    group = parser.add_argument_group(title="text generation")
+    group.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
+    group.add_argument("--greedy", action="store_true", default=False,
+                       help="Take the most likely token (no sampling).")
+    group.add_argument("--top_p", type=float, default=0.0,
+                       help="Nucleus sampling: keep this much probability mass (0: off).")
+    group.add_argument("--top_k", type=int, default=0,
+                       help="Keep the k most likely tokens (0: off).")
+    group.add_argument("--out-seq-length", type=int, default=1024,
+                       help="Most tokens to generate per sample.")
+    group.add_argument("--sample-input-file", type=str, default=None,
+                       help="Prompts, one per line (conditional generation).")
+    group.add_argument("--sample-output-file", type=str, default=None,
+                       help="Where continuations go (default: <sample-input-file>.out).")
+    group.add_argument("--num-samples", type=int, default=0,
+                       help="Unconditional samples to generate (written to --genfile).")
+    group.add_argument("--genfile", type=str, default=None,
+                       help="Output file of the unconditional samples (JSON lines).")
+    group.add_argument("--recompute", action="store_true",
+                       help="Run the whole sequence every step instead of caching keys/values.")
+    return parser
+
+
+def check_generation_args(args: argparse.Namespace) -> None:
+    """Exit with one line naming the flag of an unusable setting."""
+    problem = None
+    if args.sample_input_file is None and args.num_samples <= 0:
+        problem = "give --num-samples N (with --genfile) or --sample-input-file FILE"
+    elif args.sample_input_file is None and args.genfile is None:
+        problem = "--num-samples needs --genfile FILE for the samples"
+    elif args.out_seq_length < 1:
+        problem = f"--out-seq-length must be >= 1, got {args.out_seq_length}"
+    elif args.pipeline_model_parallel_size > 1:
+        problem = (f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} is not "
+                   "supported for generation; reshape the checkpoint to pipeline parallel 1 "
+                   "with tools/checkpoint_util.py")
+    elif args.deepspeed:
+        problem = ("--deepspeed checkpoints are not read by generation; convert with "
+                   "tools/convert_checkpoint/deepspeed_to_megatron.py and drop --deepspeed")
+    elif args.load is None:
+        problem = "--load (the checkpoint folder) is required"
+    elif not os.path.isfile(get_checkpoint_tracker_filename(args.load)):
+        problem = (f"--load {args.load}: no checkpoint there "
+                   f"({get_checkpoint_tracker_filename(args.load)} not found)")
+    if problem is None:
+        try:
+            sampling_params(args).validate()
+        except ValueError as e:
+            problem = str(e)
+    if problem is not None:
+        sys.exit(f"{SCRIPT}: error: {problem}")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          greedy=args.greedy)
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True) -> GPTModel:
+    """GPT whose logits are gathered over the tensor-parallel ranks (full vocabulary)."""
+    print_rank_0("building GPT model ...")
+    return GPTModel(config_from_args(get_args()), num_tokentypes=0, parallel_output=False,
+                    pre_process=pre_process, post_process=post_process)
+
+
+def build_inference_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The model on this rank's device (fp16/bf16 as the flags say), weights loaded from
+    --load, in eval mode. No data-parallel wrapper: nothing is trained."""
+    # The key/value cache and activation recompute (a training-time memory saver) exclude
+    # each other in the transformer; generation has no backward pass to save memory for.
+    args.checkpoint_activations = False
+    model = model_provider().to(current_device())
+    if args.fp16 or args.bf16:
+        model = Float16Module(model, args)
+    load_checkpoint(model, None, None)
+    return model.eval()
+
+
+def _open_output(path: str):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    return open(path, "w", encoding="utf-8")
+
+
+def main() -> None:
+    initialize_megatron(
+        extra_args_provider=add_text_generate_args,
+        args_defaults={"tokenizer_type": "GPT2BPETokenizer", "no_load_rng": True,
+                       "no_load_optim": True},
+    )
+    args = get_args()
+    check_generation_args(args)
+    tokenizer = get_tokenizer()
+    model = build_inference_model(args)
+    settings = GenerationSettings(
+        batch_size=args.micro_batch_size, max_length=args.seq_length,
+        out_seq_length=args.out_seq_length, params=sampling_params(args),
+        recompute=args.recompute, log_interval=args.log_interval,
+    )
+    device = torch.device(current_device())
+    writes = torch.distributed.get_rank() == 0  # every rank generates, rank 0 writes
+
+    if args.sample_input_file is not None:
+        try:
+            prompts = read_prompts(args.sample_input_file, tokenizer, args.seq_length)
+        except ValueError as e:
+            sys.exit(f"{SCRIPT}: error: {e}")
+        out_path = args.sample_output_file or args.sample_input_file + ".out"
+        samples = generate_samples_conditional(model, tokenizer, prompts, settings, device)
+        writer = write_json_lines if out_path.endswith((".json", ".jsonl")) else write_context_blocks
+    else:
+        out_path = args.genfile
+        samples = generate_samples_unconditional(model, tokenizer, args.num_samples, settings,
+                                                 device)
+        writer = write_json_lines
+    if writes:
+        with _open_output(out_path) as out:
+            count = writer(samples, out)
+        print(f" wrote {count} samples to {out_path}", flush=True)
+    else:
+        for _ in samples:  # the same forward passes as rank 0, which writes
+            pass
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()
