@@ -303,8 +303,7 @@ def generate_samples_unconditional(
             done += 1
             if done % settings.log_interval == 0 or done == num_samples:
                 print_rank_0(
-                    f" generated {done}/{num_samples} samples "
-                    f"({time.time() - start:.1f} s elapsed)"
+                    f" generated {done}/{num_samples} samples ({time.time() - start:.1f} s elapsed)"
                 )
 
 

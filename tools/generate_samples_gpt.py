@@ -46,24 +46,53 @@ def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.Argument
     """The text generation flags (Megatron's spellings)."""
     group = parser.add_argument_group(title="text generation")
     group.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
-    group.add_argument("--greedy", action="store_true", default=False,
-                       help="Take the most likely token (no sampling).")
-    group.add_argument("--top_p", type=float, default=0.0,
-                       help="Nucleus sampling: keep this much probability mass (0: off).")
-    group.add_argument("--top_k", type=int, default=0,
-                       help="Keep the k most likely tokens (0: off).")
-    group.add_argument("--out-seq-length", type=int, default=1024,
-                       help="Most tokens to generate per sample.")
-    group.add_argument("--sample-input-file", type=str, default=None,
-                       help="Prompts, one per line (conditional generation).")
-    group.add_argument("--sample-output-file", type=str, default=None,
-                       help="Where continuations go (default: <sample-input-file>.out).")
-    group.add_argument("--num-samples", type=int, default=0,
-                       help="Unconditional samples to generate (written to --genfile).")
-    group.add_argument("--genfile", type=str, default=None,
-                       help="Output file of the unconditional samples (JSON lines).")
-    group.add_argument("--recompute", action="store_true",
-                       help="Run the whole sequence every step instead of caching keys/values.")
+    group.add_argument(
+        "--greedy",
+        action="store_true",
+        default=False,
+        help="Take the most likely token (no sampling).",
+    )
+    group.add_argument(
+        "--top_p",
+        type=float,
+        default=0.0,
+        help="Nucleus sampling: keep this much probability mass (0: off).",
+    )
+    group.add_argument(
+        "--top_k", type=int, default=0, help="Keep the k most likely tokens (0: off)."
+    )
+    group.add_argument(
+        "--out-seq-length", type=int, default=1024, help="Most tokens to generate per sample."
+    )
+    group.add_argument(
+        "--sample-input-file",
+        type=str,
+        default=None,
+        help="Prompts, one per line (conditional generation).",
+    )
+    group.add_argument(
+        "--sample-output-file",
+        type=str,
+        default=None,
+        help="Where continuations go (default: <sample-input-file>.out).",
+    )
+    group.add_argument(
+        "--num-samples",
+        type=int,
+        default=0,
+        help="Unconditional samples to generate (written to --genfile).",
+    )
+    group.add_argument(
+        "--genfile",
+        type=str,
+        default=None,
+        help="Output file of the unconditional samples (JSON lines).",
+    )
+    group.add_argument(
+        "--recompute",
+        action="store_true",
+        help="Run the whole sequence every step instead of caching keys/values.",
+    )
     return parser
 
 
@@ -77,17 +106,23 @@ def check_generation_args(args: argparse.Namespace) -> None:
     elif args.out_seq_length < 1:
         problem = f"--out-seq-length must be >= 1, got {args.out_seq_length}"
     elif args.pipeline_model_parallel_size > 1:
-        problem = (f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} is not "
-                   "supported for generation; reshape the checkpoint to pipeline parallel 1 "
-                   "with tools/checkpoint_util.py")
+        problem = (
+            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} is not "
+            "supported for generation; reshape the checkpoint to pipeline parallel 1 "
+            "with tools/checkpoint_util.py"
+        )
     elif args.deepspeed:
-        problem = ("--deepspeed checkpoints are not read by generation; convert with "
-                   "tools/convert_checkpoint/deepspeed_to_megatron.py and drop --deepspeed")
+        problem = (
+            "--deepspeed checkpoints are not read by generation; convert with "
+            "tools/convert_checkpoint/deepspeed_to_megatron.py and drop --deepspeed"
+        )
     elif args.load is None:
         problem = "--load (the checkpoint folder) is required"
     elif not os.path.isfile(get_checkpoint_tracker_filename(args.load)):
-        problem = (f"--load {args.load}: no checkpoint there "
-                   f"({get_checkpoint_tracker_filename(args.load)} not found)")
+        problem = (
+            f"--load {args.load}: no checkpoint there "
+            f"({get_checkpoint_tracker_filename(args.load)} not found)"
+        )
     if problem is None:
         try:
             sampling_params(args).validate()
@@ -98,15 +133,21 @@ def check_generation_args(args: argparse.Namespace) -> None:
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          greedy=args.greedy)
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy
+    )
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True) -> GPTModel:
     """GPT whose logits are gathered over the tensor-parallel ranks (full vocabulary)."""
     print_rank_0("building GPT model ...")
-    return GPTModel(config_from_args(get_args()), num_tokentypes=0, parallel_output=False,
-                    pre_process=pre_process, post_process=post_process)
+    return GPTModel(
+        config_from_args(get_args()),
+        num_tokentypes=0,
+        parallel_output=False,
+        pre_process=pre_process,
+        post_process=post_process,
+    )
 
 
 def build_inference_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -131,17 +172,23 @@ def _open_output(path: str):
 def main() -> None:
     initialize_megatron(
         extra_args_provider=add_text_generate_args,
-        args_defaults={"tokenizer_type": "GPT2BPETokenizer", "no_load_rng": True,
-                       "no_load_optim": True},
+        args_defaults={
+            "tokenizer_type": "GPT2BPETokenizer",
+            "no_load_rng": True,
+            "no_load_optim": True,
+        },
     )
     args = get_args()
     check_generation_args(args)
     tokenizer = get_tokenizer()
     model = build_inference_model(args)
     settings = GenerationSettings(
-        batch_size=args.micro_batch_size, max_length=args.seq_length,
-        out_seq_length=args.out_seq_length, params=sampling_params(args),
-        recompute=args.recompute, log_interval=args.log_interval,
+        batch_size=args.micro_batch_size,
+        max_length=args.seq_length,
+        out_seq_length=args.out_seq_length,
+        params=sampling_params(args),
+        recompute=args.recompute,
+        log_interval=args.log_interval,
     )
     device = torch.device(current_device())
     writes = torch.distributed.get_rank() == 0  # every rank generates, rank 0 writes
@@ -153,11 +200,14 @@ def main() -> None:
             sys.exit(f"{SCRIPT}: error: {e}")
         out_path = args.sample_output_file or args.sample_input_file + ".out"
         samples = generate_samples_conditional(model, tokenizer, prompts, settings, device)
-        writer = write_json_lines if out_path.endswith((".json", ".jsonl")) else write_context_blocks
+        writer = (
+            write_json_lines if out_path.endswith((".json", ".jsonl")) else write_context_blocks
+        )
     else:
         out_path = args.genfile
-        samples = generate_samples_unconditional(model, tokenizer, args.num_samples, settings,
-                                                 device)
+        samples = generate_samples_unconditional(
+            model, tokenizer, args.num_samples, settings, device
+        )
         writer = write_json_lines
     if writes:
         with _open_output(out_path) as out:

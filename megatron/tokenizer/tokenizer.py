@@ -187,6 +187,13 @@ class AbstractTokenizer(ABC):
         return self._missing("MASK")
 
 
+def _refuse_surrogates(text: str) -> None:
+    """Raise UnicodeEncodeError, as the GPT-2 reference does (it UTF-8 encodes each piece),
+    when text holds a lone surrogate; tiktoken would silently replace it with U+FFFD."""
+    if not text.isascii():
+        text.encode("utf-8")
+
+
 class _GPT2BPETokenizer(AbstractTokenizer):
     """GPT-2 byte-level BPE from vocab.json + merges.txt; eod is '<|endoftext|>'.
 
@@ -260,16 +267,14 @@ class _GPT2BPETokenizer(AbstractTokenizer):
         return self._inv_vocab
 
     def _tiktoken_ids(self, text: str) -> list[int]:
-        # tiktoken would replace a lone surrogate with U+FFFD; the reference (UTF-8 encoding
-        # of each piece) refuses it, so refuse it here too.
-        if not text.isascii():
-            text.encode("utf-8")
+        _refuse_surrogates(text)
         return self._tiktoken.encode_ordinary(text)
 
     def tokenize(self, text: str) -> list[int]:
         if self._tiktoken is not None:
             return self._tiktoken_ids(text)
         if self._rust is not None:
+            _refuse_surrogates(text)
             return self._rust.encode(text, add_special_tokens=False).ids
         return self._reference.encode(text)
 
@@ -278,6 +283,8 @@ class _GPT2BPETokenizer(AbstractTokenizer):
         if self._tiktoken is not None:
             return [self._tiktoken_ids(t) for t in texts]
         if self._rust is not None:
+            for t in texts:
+                _refuse_surrogates(t)
             return [e.ids for e in self._rust.encode_batch(texts, add_special_tokens=False)]
         return [self._reference.encode(t) for t in texts]
 

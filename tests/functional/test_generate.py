@@ -165,8 +165,10 @@ def test_stops_at_eod(tiny_model):
     for row in (1, 2):  # rows that never produce it run to their limit
         if eod not in first.tokens[row, len(PROMPTS[row]) : int(first.lengths[row])].tolist():
             assert not bool(out.finished[row])
-            assert torch.equal(out.tokens[row, : int(out.lengths[row])],
-                               first.tokens[row, : int(first.lengths[row])])
+            assert torch.equal(
+                out.tokens[row, : int(out.lengths[row])],
+                first.tokens[row, : int(first.lengths[row])],
+            )
 
 
 def _check_tensor_parallel(rank, world_size):
@@ -211,7 +213,10 @@ def test_read_prompts(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("ab\n\nxyz\n")
     assert read_prompts(str(path), _CharTokenizer(), 8) == [
-        ("ab", [97, 98]), ("", [0]), ("xyz", [120, 121, 122])]
+        ("ab", [97, 98]),
+        ("", [0]),
+        ("xyz", [120, 121, 122]),
+    ]
     path.write_text("ok\n" + "x" * 8 + "\n")
     with pytest.raises(ValueError, match=r"prompts.txt line 2: the prompt has 8 tokens"):
         read_prompts(str(path), _CharTokenizer(), 8)
@@ -229,9 +234,18 @@ def test_context_blocks_layout():
 # tools/generate_samples_gpt.py on a checkpoint written by pretrain_gpt.py.
 # ----------------------------------------------------------------------------------------
 
-MODEL_FLAGS = ["--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",
-               "--max-position-embeddings", "--micro-batch-size", "--vocab-file",
-               "--merge-file", "--tokenizer-type", "--seed"]
+MODEL_FLAGS = [
+    "--num-layers",
+    "--hidden-size",
+    "--num-attention-heads",
+    "--seq-length",
+    "--max-position-embeddings",
+    "--micro-batch-size",
+    "--vocab-file",
+    "--merge-file",
+    "--tokenizer-type",
+    "--seed",
+]
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +268,12 @@ def _generate_cli(flags, check=True):
         env.pop(name, None)
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "generate_samples_gpt.py"), *flags],
-        capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=env,
+    )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -269,8 +288,21 @@ def _json_lines(path):
 def test_unconditional_samples_to_genfile(trained):
     work, flags = trained
     genfile = work / "out" / "samples.json"
-    _generate_cli(flags + ["--num-samples", "4", "--genfile", str(genfile),
-                           "--out-seq-length", "12", "--temperature", "1.0", "--top_p", "0.9"])
+    _generate_cli(
+        flags
+        + [
+            "--num-samples",
+            "4",
+            "--genfile",
+            str(genfile),
+            "--out-seq-length",
+            "12",
+            "--temperature",
+            "1.0",
+            "--top_p",
+            "0.9",
+        ]
+    )
     samples = _json_lines(genfile)
     assert len(samples) == 4  # two batches: 3, then 1
     for sample in samples:
@@ -291,8 +323,19 @@ def test_conditional_greedy_cache_equals_recompute(trained):
     for mode in ("cache", "recompute"):
         out = work / f"{mode}.jsonl"
         extra = ["--recompute"] if mode == "recompute" else []
-        _generate_cli(flags + ["--sample-input-file", str(prompts), "--sample-output-file",
-                               str(out), "--greedy", "--out-seq-length", "8", *extra])
+        _generate_cli(
+            flags
+            + [
+                "--sample-input-file",
+                str(prompts),
+                "--sample-output-file",
+                str(out),
+                "--greedy",
+                "--out-seq-length",
+                "8",
+                *extra,
+            ]
+        )
         outputs[mode] = _json_lines(out)
     assert outputs["cache"] == outputs["recompute"]
     rows = outputs["cache"]
@@ -303,7 +346,8 @@ def test_conditional_greedy_cache_equals_recompute(trained):
 
 def _generate_script():
     spec = importlib.util.spec_from_file_location(
-        "generate_samples_gpt", os.path.join(ROOT, "tools", "generate_samples_gpt.py"))
+        "generate_samples_gpt", os.path.join(ROOT, "tools", "generate_samples_gpt.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -314,14 +358,22 @@ def _generate_script():
     [
         ([], "give --num-samples N (with --genfile) or --sample-input-file FILE"),
         (["--num-samples", "2"], "--num-samples needs --genfile FILE"),
-        (["--num-samples", "2", "--genfile", "s.json", "--out-seq-length", "0"],
-         "--out-seq-length must be >= 1, got 0"),
-        (["--sample-input-file", "p.txt", "--pipeline-model-parallel-size", "2"],
-         "--pipeline-model-parallel-size 2 is not supported for generation"),
-        (["--sample-input-file", "p.txt", "--load", "/nonexistent/ckpt"],
-         "--load /nonexistent/ckpt: no checkpoint there"),
-        (["--sample-input-file", "p.txt", "--load", "CKPT", "--top_p", "2"],
-         "--top_p must be in [0, 1], got 2.0"),
+        (
+            ["--num-samples", "2", "--genfile", "s.json", "--out-seq-length", "0"],
+            "--out-seq-length must be >= 1, got 0",
+        ),
+        (
+            ["--sample-input-file", "p.txt", "--pipeline-model-parallel-size", "2"],
+            "--pipeline-model-parallel-size 2 is not supported for generation",
+        ),
+        (
+            ["--sample-input-file", "p.txt", "--load", "/nonexistent/ckpt"],
+            "--load /nonexistent/ckpt: no checkpoint there",
+        ),
+        (
+            ["--sample-input-file", "p.txt", "--load", "CKPT", "--top_p", "2"],
+            "--top_p must be in [0, 1], got 2.0",
+        ),
     ],
 )
 def test_generation_flags_are_checked(argv, message, tmp_path):
@@ -331,7 +383,8 @@ def test_generation_flags_are_checked(argv, message, tmp_path):
     argv = [str(tmp_path) if a == "CKPT" else a for a in argv]
     script = _generate_script()
     args = build_parser(script.add_text_generate_args).parse_args(
-        ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", *argv])
+        ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", *argv]
+    )
     with pytest.raises(SystemExit) as exc:
         script.check_generation_args(args)
     assert str(exc.value).startswith(f"tools/generate_samples_gpt.py: error: {message}")
