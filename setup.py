@@ -38,6 +38,6 @@ setup(
                                "fused_kernels/*.h"]},
     ext_modules=_ext_modules(),
     install_requires=_requirements(),
-    extras_require={"test": ["pytest", "pytest-timeout", "ruff", "tiktoken"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "ruff"]},
     python_requires=">=3.9",
 )

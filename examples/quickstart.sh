@@ -70,3 +70,7 @@ python pretrain_gpt.py $GPT_ARGS --exit-interval "$FIRST" "$@"
 echo "== resume from the checkpoint at iteration $FIRST and continue to $ITERS"
 python pretrain_gpt.py $GPT_ARGS "$@"
 echo "== done: checkpoints in $WORK/checkpoints (latest: $(cat "$WORK/checkpoints/latest_checkpointed_iteration.txt"))"
+echo "== generate 2 samples from the trained model (tools/generate_samples_gpt.py)"
+python tools/generate_samples_gpt.py $GPT_ARGS --num-samples 2 --genfile "$WORK/samples.json" \
+       --out-seq-length 48 --top_p 0.9
+echo "== samples in $WORK/samples.json"

@@ -40,7 +40,7 @@ def build_pretraining_data_loader(dataset, consumed_samples: int):
         # The loader draws a base seed for its workers each time an iterator is made;
         # from its own generator, so that making iterators after a checkpoint's RNG state
         # was restored leaves the training RNG (dropout) exactly where it was saved.
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(getattr(args, "seed", 1234)),
     )
 
 

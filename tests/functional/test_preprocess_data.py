@@ -2,7 +2,8 @@
 
 Outputs are read back with the indexed-dataset readers and compared with the tokenizer
 called directly; every flag combination that must not change the result (workers,
-partitions, .gz / glob input, the pure-Python tokenizer) is compared byte for byte.
+partitions, .gz / glob input, the pure-Python and Rust `tokenizers` backends) is compared
+byte for byte.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ from __future__ import annotations
 import argparse
 import filecmp
 import gzip
-import importlib.util
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -34,14 +33,6 @@ EXTRA_DOCS = [
     "Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u2014 \u201cquoted\u201d \u2019tis \u00a0nbsp \u4e2d\u6587 \U0001f600!",
     "Numbers 3.14159 and 2\u00b2, \u0661\u0662\u0663 Arabic digits, \x1c separators \x1f.",
 ]
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("preprocess_data_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_tool(*args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
@@ -134,11 +125,16 @@ def test_readme_command_matches_tokenizer(corpus, baseline, gpt2):
     )
 
 
-def test_fast_equals_pure_python_tokenizer(corpus, baseline, vocab_dir, tmp_path):
+@pytest.mark.parametrize("impl", ["python", "tokenizers"])
+def test_default_equals_pure_python_and_rust_tokenizers(
+    corpus, baseline, vocab_dir, tmp_path, impl
+):
+    """The default (tiktoken) writes the bytes of the pure-Python reference and of the Rust
+    `tokenizers` fallback."""
     path, _ = corpus
-    out = tmp_path / "py"
+    out = tmp_path / impl
     run_tool("--input", path, "--output-prefix", str(out), *gpt2_flags(vocab_dir),
-             "--tokenizer-impl", "python")  # fmt: skip
+             "--tokenizer-impl", impl)  # fmt: skip
     assert same_dataset(baseline[0], str(out) + "_text_document")
 
 
@@ -193,6 +189,19 @@ def test_missing_key_is_an_error(vocab_dir, tmp_path):
     assert proc.returncode == 1
     assert re.search(rf"{re.escape(str(path))}:2: key 'text' not found", proc.stderr)
     assert sorted(os.listdir(tmp_path)) == ["keys.json"]
+
+
+def test_lone_surrogate_is_invalid_input(vocab_dir, tmp_path):
+    path = tmp_path / "surrogate.json"
+    path.write_text('{"text": "fine"}\n{"text": "broken \\ud83d emoji"}\n')
+    out = tmp_path / "s"
+    proc = run_tool("--input", str(path), "--output-prefix", str(out), *gpt2_flags(vocab_dir),
+                    expect_ok=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert f"{path}:2: key 'text' holds a lone surrogate" in proc.stderr
+    proc = run_tool("--input", str(path), "--output-prefix", str(out), *gpt2_flags(vocab_dir),
+                    "--skip-invalid")  # fmt: skip
+    assert "Done: 1 documents written, 0 skipped empty, 1 skipped invalid" in proc.stdout
 
 
 def test_split_sentences_bert_with_trained_punkt(corpus, vocab_dir, tmp_path):
@@ -258,22 +267,3 @@ def test_sigterm_leaves_no_files(vocab_dir, tmp_path):
         proc.wait(timeout=60)
     assert proc.returncode == 143, proc.stderr.read()
     assert sorted(os.listdir(tmp_path)) == ["stream.json"]
-
-
-def test_ascii_pattern_equals_gpt2_pattern():
-    """The stdlib-`re` split used for ASCII (and class-mapped) text cuts GPT-2's pieces."""
-    import regex
-
-    from megatron.tokenizer.gpt2_tokenization import GPT2_SPLIT_PATTERN
-
-    tool = _load_tool()
-    cache = tool.GPT2PieceCache(tokenizer=None, dtype=np.uint16)
-    reference = regex.compile(GPT2_SPLIT_PATTERN).findall
-    rng = random.Random(0)
-    alphabet = (
-        "ab Z09'sltdrevm \t\n\x0b\x0c\r\x1c\x1f.,;!-_\u00e9\u00a0\u2019\u4e2d\u00b2\u0661\u2028"
-    )
-    samples = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
-               for _ in range(3000)] + EXTRA_DOCS  # fmt: skip
-    for text in samples:
-        assert cache.pieces(text) == reference(text), repr(text)

@@ -116,7 +116,8 @@ def test_build_gpt2_and_bert(vocab_dir, capsys):
 
 def test_import_does_not_load_torch_or_backends(vocab_dir):
     """Importing megatron.tokenizer, and building/using a GPT-2 tokenizer, stays torch-free;
-    sentencepiece is only imported by the SentencePiece type."""
+    sentencepiece is only imported by the SentencePiece type, and the GPT-2 default builds
+    neither the Rust `tokenizers` pipeline nor the pure-Python reference."""
     code = f"""
 import sys
 import megatron.tokenizer
@@ -129,8 +130,9 @@ args = SimpleNamespace(rank=0, tokenizer_type="GPT2BPETokenizer", make_vocab_siz
     merge_file={os.path.join(vocab_dir, "gpt2-merges.txt")!r})
 tok = build_tokenizer(args)
 assert tok.tokenize("Hello world") == [15496, 995]
-loaded = [m for m in ("torch", "sentencepiece") if m in sys.modules]
-assert not loaded, loaded
+loaded = [m for m in ("torch", "sentencepiece", "tokenizers") if m in sys.modules]
+assert not loaded, loaded  # GPT-2 builds tiktoken only
+assert tok.backend == "tiktoken" and tok._reference is None
 print("ok")
 """
     env = dict(os.environ, PYTHONPATH=REPO)
