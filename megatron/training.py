@@ -174,20 +174,21 @@ def get_model(model_provider_func):
 def get_learning_rate_scheduler(optimizer):
     """AnnealingLR counted in iterations or in samples, as the flags say."""
     args = get_args()
-    if args.train_iters:
-        decay_steps = args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters
-        decay_steps *= args.global_batch_size
-        if args.lr_warmup_fraction is not None:
-            warmup_steps = args.lr_warmup_fraction * decay_steps
-        else:
-            warmup_steps = args.lr_warmup_iters * args.global_batch_size
-    elif args.train_samples:
+    # --train-samples takes precedence: train_iters is derived from it at start-up
+    if args.train_samples:
         decay_steps = (args.lr_decay_samples if args.lr_decay_samples is not None
                        else args.train_samples)
         if args.lr_warmup_fraction is not None:
             warmup_steps = args.lr_warmup_fraction * decay_steps
         else:
             warmup_steps = args.lr_warmup_samples
+    elif args.train_iters:
+        decay_steps = args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters
+        decay_steps *= args.global_batch_size
+        if args.lr_warmup_fraction is not None:
+            warmup_steps = args.lr_warmup_fraction * decay_steps
+        else:
+            warmup_steps = args.lr_warmup_iters * args.global_batch_size
     else:
         raise ValueError("either --train-iters or --train-samples must be given")
     return AnnealingLR(

@@ -759,7 +759,8 @@ def summary(args: argparse.Namespace, stats: Stats, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # One Rust tokenizer thread per process: --workers is then the real degree of parallelism.
+    # tiktoken encodes on the calling thread; the Rust `tokenizers` fallback gets one thread
+    # per process too, so --workers is the real degree of parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
     args = get_args(argv)

@@ -225,3 +225,37 @@ def test_sigterm_saves_and_exits_zero(data_path, vocab_dir, tmp_path):
     assert os.path.isfile(os.path.join(save, f"iter_{it:07d}", "mp_rank_00",
                                        "model_optim_rng.pt"))
     assert "exiting on signal" in text
+
+
+def test_sample_based_run_tensorboard_and_exit_interval(data_path, vocab_dir, tmp_path):
+    """--train-samples with sample-based warmup/decay, TensorBoard logs, --exit-interval
+    saving before it exits, and a resume that finishes the sample budget."""
+    save, tb = str(tmp_path / "ckpt"), str(tmp_path / "tb")
+    args = tiny_gpt_args(data_path, vocab_dir, 0)
+    i = args.index("--train-iters")
+    del args[i:i + 2]
+    for flag in ("--lr-decay-iters", "--lr-warmup-iters"):
+        i = args.index(flag)
+        del args[i:i + 2]
+    args += ["--train-samples", "80", "--lr-decay-samples", "80", "--lr-warmup-samples", "16",
+             "--save", save, "--load", save, "--eval-iters", "0", "--tensorboard-dir", tb]
+    proc = run_pretrain(args + ["--exit-interval", "4"])
+    rows = parse_log(proc.stdout)
+    assert sorted(rows) == [1, 2, 3, 4]
+    assert rows[1]["lr"] == "5.000E-04"  # warmup: 8 of 16 samples -> half the peak lr
+    assert "exiting program at iteration 4" in proc.stdout
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read() == "4"
+    events = [n for n in os.listdir(tb) if n.startswith("events.out.tfevents")]
+    assert events, os.listdir(tb)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tb)
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("lm loss")] == [1, 2, 3, 4]
+    assert "learning-rate" in acc.Tags()["scalars"]
+
+    proc = run_pretrain(args)
+    rows = parse_log(proc.stdout)
+    assert sorted(rows) == list(range(5, 11))
+    assert rows[10]["consumed"] == 80

@@ -2,11 +2,13 @@
 
 Runs the tool as a user would (a subprocess, start-up included) on a real English corpus
 (tools/bench/make_corpus.py, >= 10 MB) with GPT2BPETokenizer --append-eod, at each
---workers count, once with the default fast tokenizer and once with `--tokenizer-impl
-python` (the pure-Python BPE, the algorithm of Megatron-DeepSpeed's own tool). The two runs
-are interleaved and repeated; the best wall time of each is reported, with the CPU seconds
-(user + sys of the tool and its workers) of that run, and the outputs of the two must be
-byte-identical (.bin and .idx).
+--workers count, once with the default fast tokenizer (tiktoken) and once with
+`--tokenizer-impl python` (the pure-Python BPE, the algorithm of Megatron-DeepSpeed's own
+tool). The two runs are interleaved and repeated; the best wall time of each is reported,
+with the CPU seconds (user + sys of the tool and its workers) and the 1-minute load average
+at the start of that run, and the outputs of the two must be byte-identical (.bin and .idx).
+The fast rows are also compared with the issue's reference figure for Megatron-DeepSpeed's
+own tool on a 2-core machine (--reference-wall, wall seconds per worker count).
 
     python tools/bench/bench_preprocess.py --workers 1 2 --repeats 3 --output-md out.md
 """
@@ -29,6 +31,8 @@ _ROOT = os.path.dirname(os.path.dirname(_HERE))
 _TOOL = os.path.join(_ROOT, "tools", "preprocess_data.py")
 _MB = 1024 * 1024
 _DONE = re.compile(r"Done: (\d+) documents written.*?(\d+) tokens")
+# Megatron-DeepSpeed's own preprocess_data.py, 11.4 MB / 4,095 documents, 2-core machine.
+_REFERENCE_WALL = {1: 11.0, 2: 8.2}
 
 
 def _default_vocab_dir() -> str | None:
@@ -55,6 +59,7 @@ def run_tool(corpus: str, prefix: str, vocab_dir: str, workers: int, impl: str) 
         "--tokenizer-type", "GPT2BPETokenizer", "--dataset-impl", "mmap", "--append-eod",
         "--workers", str(workers), "--log-interval", "1000000", "--tokenizer-impl", impl,
     ]  # fmt: skip
+    load = os.getloadavg()[0]
     cpu0, start = _children_cpu(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall, cpu = time.perf_counter() - start, _children_cpu() - cpu0
@@ -63,7 +68,20 @@ def run_tool(corpus: str, prefix: str, vocab_dir: str, workers: int, impl: str) 
     match = _DONE.search(proc.stdout)
     if match is None:
         raise RuntimeError(f"no summary line in the output of {' '.join(cmd)}:\n{proc.stdout}")
-    return {"wall_s": wall, "cpu_s": cpu, "docs": int(match[1]), "tokens": int(match[2])}
+    return {
+        "wall_s": wall, "cpu_s": cpu, "load": load, "docs": int(match[1]), "tokens": int(match[2])
+    }  # fmt: skip
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def identical(prefix_a: str, prefix_b: str) -> bool:
@@ -74,8 +92,16 @@ def identical(prefix_a: str, prefix_b: str) -> bool:
     )
 
 
-def bench(corpus: str, vocab_dir: str, workers: list[int], repeats: int, work_dir: str) -> list:
+def bench(
+    corpus: str,
+    vocab_dir: str,
+    workers: list[int],
+    repeats: int,
+    work_dir: str,
+    reference_wall: dict[int, float] | None = None,
+) -> list:
     """Rows of results: one per (workers, impl), best of `repeats` by wall time."""
+    reference_wall = _REFERENCE_WALL if reference_wall is None else reference_wall
     size_mb = os.path.getsize(corpus) / _MB
     rows = []
     for w in workers:
@@ -95,6 +121,7 @@ def bench(corpus: str, vocab_dir: str, workers: list[int], repeats: int, work_di
                 "mb_per_s": size_mb / r["wall_s"], "docs_per_s": r["docs"] / r["wall_s"],
                 "speedup": best["python"]["wall_s"] / r["wall_s"],
                 "cpu_speedup": best["python"]["cpu_s"] / r["cpu_s"],
+                "load": r["load"], "reference_wall_s": reference_wall.get(w),
                 "identical": same, "docs": r["docs"], "tokens": r["tokens"],
             })  # fmt: skip
     return rows
@@ -105,16 +132,21 @@ def markdown(rows: list, corpus: str) -> str:
     docs = rows[0]["docs"] if rows else 0
     lines = [
         f"Corpus: {size_mb:.1f} MB, {docs} documents; GPT2BPETokenizer, --append-eod, mmap.",
+        f"Machine: {_cpu_model()}, {os.cpu_count()} CPUs; {time.strftime('%a %b %d %H:%M:%S %Z %Y')}.",
         "",
-        "| tokenizer | workers | wall s | CPU s | MB/s | docs/s | speed-up (wall) "
-        "| speed-up (CPU) | .bin/.idx identical |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| tokenizer | workers | wall s | CPU s | load avg | MB/s | docs/s | speed-up (wall) "
+        "| speed-up (CPU) | reference figure wall s | vs reference figure (wall) "
+        "| .bin/.idx identical |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        ref = r["reference_wall_s"]
+        vs_ref = f"{ref / r['wall_s']:.2f}x" if ref and r["impl"] != "python" else ""
         lines.append(
             f"| {r['tool']} | {r['workers']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | "
-            f"{r['mb_per_s']:.2f} | {r['docs_per_s']:.0f} | {r['speedup']:.2f}x | "
-            f"{r['cpu_speedup']:.2f}x | {'yes' if r['identical'] else 'NO'} |"
+            f"{r['load']:.1f} | {r['mb_per_s']:.2f} | {r['docs_per_s']:.0f} | "
+            f"{r['speedup']:.2f}x | {r['cpu_speedup']:.2f}x | {ref if ref else ''} | {vs_ref} | "
+            f"{'yes' if r['identical'] else 'NO'} |"
         )
     return "\n".join(lines)
 
