@@ -174,7 +174,7 @@ def _agree_across_ranks(tokens: torch.Tensor) -> torch.Tensor:
 class GenerationOutput:
     """Result of generate_tokens for a batch of b rows."""
 
-    tokens: torch.Tensor  # [b, s]: prompt, then generated tokens, then eod padding
+    tokens: torch.Tensor  # [b, s]: prompt, generated tokens, eod fill, caller's padding
     lengths: torch.Tensor  # [b]: tokens[i, :lengths[i]] is prompt + generated (no final eod)
     finished: torch.Tensor  # [b] bool: the row ended with an eod token (not at a limit)
 

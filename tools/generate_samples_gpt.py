@@ -27,7 +27,7 @@ from megatron import get_args, get_tokenizer, print_rank_0  # noqa: E402
 from megatron.accelerator import current_device  # noqa: E402
 from megatron.checkpointing import get_checkpoint_tracker_filename, load_checkpoint  # noqa: E402
 from megatron.initialize import initialize_megatron  # noqa: E402
-from megatron.model import Float16Module, GPTModel  # noqa: E402
+from megatron.model import GPTModel  # noqa: E402
 from megatron.model.config import config_from_args  # noqa: E402
 from megatron.text_generation_utils import (  # noqa: E402
     GenerationSettings,
@@ -151,14 +151,19 @@ def model_provider(pre_process: bool = True, post_process: bool = True) -> GPTMo
 
 
 def build_inference_model(args: argparse.Namespace) -> torch.nn.Module:
-    """The model on this rank's device (fp16/bf16 as the flags say), weights loaded from
-    --load, in eval mode. No data-parallel wrapper: nothing is trained."""
+    """The model on this rank's device in fp16/bf16 as the flags say, weights loaded from
+    --load, in eval mode. No data-parallel wrapper (nothing is trained) and no
+    Float16Module: the inputs are integer ids and a boolean mask, and its fp32 copy of
+    every output would copy the whole key/value cache at each step; the sampler takes
+    half-precision logits as they are."""
     # The key/value cache and activation recompute (a training-time memory saver) exclude
     # each other in the transformer; generation has no backward pass to save memory for.
     args.checkpoint_activations = False
     model = model_provider().to(current_device())
-    if args.fp16 or args.bf16:
-        model = Float16Module(model, args)
+    if args.fp16:
+        model = model.half()
+    elif args.bf16:
+        model = model.bfloat16()
     load_checkpoint(model, None, None)
     return model.eval()
 
@@ -190,6 +195,11 @@ def main() -> None:
         recompute=args.recompute,
         log_interval=args.log_interval,
     )
+    if args.out_seq_length >= args.seq_length:
+        print_rank_0(
+            f" note: samples stop at --seq-length {args.seq_length} tokens, prompt "
+            f"included (--out-seq-length {args.out_seq_length} asks for more)"
+        )
     device = torch.device(current_device())
     writes = torch.distributed.get_rank() == 0  # every rank generates, rank 0 writes
 

@@ -17,7 +17,7 @@ _LAZY = {
     "DistributedDataParallel": ".distributed",
     "BertModel": ".bert_model",
     "T5Model": ".t5_model",
-    "GPTModelPipe": ".gpt_model",
+    "GPTModelPipe": ".gpt_model_pipe",
 }
 
 

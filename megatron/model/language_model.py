@@ -30,6 +30,7 @@ from .utils import (
     INIT_SALT_EMBEDDING,
     INIT_SALT_POOLER,
     get_linear_layer,
+    init_full_parameter,
     init_method_normal,
     init_rng,
     scaled_init_method_normal,
@@ -89,13 +90,13 @@ class Embedding(MegatronModule):
         )
         self._position_embeddings_key = "position_embeddings"
         if config.perform_initialization:
-            init_method(self.position_embeddings.weight)
+            init_full_parameter(self.position_embeddings.weight, init_method)
         self._tokentype_embeddings_key = "tokentype_embeddings"
         self.tokentype_embeddings = None
         if num_tokentypes > 0:
             self.tokentype_embeddings = torch.nn.Embedding(num_tokentypes, config.hidden_size)
             if config.perform_initialization:
-                init_method(self.tokentype_embeddings.weight)
+                init_full_parameter(self.tokentype_embeddings.weight, init_method)
         self.embedding_dropout = torch.nn.Dropout(config.hidden_dropout)
 
     def add_tokentype_embeddings(self, num_tokentypes: int) -> None:
@@ -104,7 +105,7 @@ class Embedding(MegatronModule):
             raise RuntimeError("Embedding: tokentype embeddings are already present")
         self.num_tokentypes = num_tokentypes
         self.tokentype_embeddings = torch.nn.Embedding(num_tokentypes, self.hidden_size)
-        self.init_method(self.tokentype_embeddings.weight)
+        init_full_parameter(self.tokentype_embeddings.weight, self.init_method)
 
     def forward(
         self,

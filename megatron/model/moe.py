@@ -109,17 +109,3 @@ def moe_aux_loss(model: torch.nn.Module) -> torch.Tensor | None:
     if not losses:
         return None
     return torch.stack([loss.float().reshape(()) for loss in losses]).sum()
-
-
-def check_moe_config(config: TransformerConfig, deepspeed: bool) -> None:
-    """MoE needs DeepSpeed's engine (expert groups, expert gradient reduction) and no
-    Megatron pipeline."""
-    if max(config.num_experts or [1]) <= 1:
-        return
-    if not deepspeed:
-        raise ValueError(
-            f"--num-experts {' '.join(map(str, config.num_experts))} needs "
-            "--deepspeed (DeepSpeed's MoE layers)"
-        )
-    if config.pipeline_model_parallel_size > 1:
-        raise ValueError("--num-experts > 1 needs --pipeline-model-parallel-size 1")

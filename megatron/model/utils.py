@@ -51,6 +51,21 @@ def fuse_pointwise(fn: Callable) -> Callable:
     return call
 
 
+def init_full_parameter(param: torch.Tensor, init_method: InitMethod) -> None:
+    """Run `init_method` on a parameter created before it (e.g. a torch.nn.Embedding).
+
+    Under DeepSpeed ZeRO-3 (`deepspeed.zero.Init`) the parameter is already partitioned
+    when the constructor returns, so it is gathered, initialised on rank 0 and
+    re-partitioned; otherwise it is initialised in place."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(param, modifier_rank=0):
+            init_method(param)
+        return
+    init_method(param)
+
+
 def init_method_normal(sigma: float) -> InitMethod:
     """Initialiser drawing from N(0, sigma^2)."""
 

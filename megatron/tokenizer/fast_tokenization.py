@@ -5,11 +5,11 @@ pair whose concatenation has the lowest rank; the reference merges the pair with
 merge-rule rank. The two agree when the ranks are the merge order: the 256 single bytes,
 then merge i's result with a rank that grows with i, and no other mergeable token. So the
 tiktoken encoding is built only from vocabularies that are in merge order (GPT-2's is:
-byte tokens 0-255, merge i -> id 256 + i; the id of '<|endoftext|>' is a special token) and
-it splits with the reference's GPT2_SPLIT_PATTERN. tiktoken returns ranks, which are then
-the vocab ids. Texts go through encode_ordinary, so '<|endoftext|>' inside a document is
-ordinary text, as in the reference. The tests compare ids with the reference on hand-written,
-random and code-point texts.
+byte tokens 0-255, merge i -> id 256 + i; '<|endoftext|>' becomes a special token), and
+tiktoken's ranks are then the vocab ids. It splits with GPT2_TIKTOKEN_PATTERN, the
+reference's GPT2_SPLIT_PATTERN regrouped for speed. Texts go through encode_ordinary, so
+'<|endoftext|>' inside a document is ordinary text, as in the reference. The tests compare
+ids with the reference on hand-written, random and code-point texts.
 
 GPT-2, fallback (no tiktoken, or a vocabulary not in merge order): the Rust `tokenizers`
 library, ByteLevel pre-tokeniser (the same split regex, no prefix space) + BPE over the same
@@ -84,6 +84,16 @@ def gpt2_merge_order_ranks(
     return ranks, specials
 
 
+# GPT2_SPLIT_PATTERN with its lookahead-free alternatives in one group: the same split, as
+# leftmost-first alternation is associative ((A|B)|C matches what A|B|C matches). tiktoken's
+# regex engine then runs words, numbers, punctuation and single spaces as one automaton and
+# leaves only whitespace runs to its slower backtracking engine (the lookahead needs it):
+# about 1.6x faster on English text.
+GPT2_TIKTOKEN_PATTERN = (
+    r"""(?:'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+)|\s+(?!\S)|\s+"""
+)
+
+
 def tiktoken_gpt2(encoder: dict[str, int], merges: list[tuple[str, str]]):
     """A `tiktoken.Encoding` equal to the reference GPT-2 BPE on these tables, or None when
     tiktoken is not installed or the vocabulary is not in merge order (see the module doc).
@@ -92,15 +102,13 @@ def tiktoken_gpt2(encoder: dict[str, int], merges: list[tuple[str, str]]):
         import tiktoken
     except ImportError:
         return None
-    from .gpt2_tokenization import GPT2_SPLIT_PATTERN
-
     tables = gpt2_merge_order_ranks(encoder, merges)
     if tables is None:
         return None
     ranks, specials = tables
     return tiktoken.Encoding(
         name="gpt2_from_vocab_files",
-        pat_str=GPT2_SPLIT_PATTERN,
+        pat_str=GPT2_TIKTOKEN_PATTERN,
         mergeable_ranks=ranks,
         special_tokens=specials,
     )

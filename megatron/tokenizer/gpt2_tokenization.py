@@ -66,8 +66,8 @@ def read_merges(merges_file: str) -> list[tuple[str, str]]:
     with open(merges_file, encoding="utf-8") as f:
         lines = f.read().split("\n")
     start = 1 if lines and lines[0].startswith("#version") else 0
-    merges = [tuple(line.split()) for line in lines[start:] if line]
-    if any(len(pair) != 2 for pair in merges):
+    merges = list(map(tuple, map(str.split, filter(None, lines[start:]))))
+    if set(map(len, merges)) - {2}:
         lineno, bad = next(
             (i + 1, line)
             for i, line in enumerate(lines)

@@ -254,13 +254,6 @@ def test_deepspeed_matches_megatron(runs, name):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="language_model.Embedding initialises "
-    "position_embeddings after torch.nn.Embedding.__init__, which "
-    "deepspeed.zero.Init has already partitioned: under ZeRO-3 they keep "
-    "torch's N(0, 1) init (needs zero.GatheredParameters there)",
-)
 def test_zero3_matches_megatron(runs):
     logs = runs["logs"]
     _assert_close(_losses(logs["zero3"]), _losses(logs["megatron"]), rel=1e-5)

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from megatron.tokenizer.fast_tokenization import gpt2_merge_order_ranks
+from megatron.tokenizer.fast_tokenization import GPT2_TIKTOKEN_PATTERN, gpt2_merge_order_ranks
 from megatron.tokenizer.gpt2_tokenization import (
+    GPT2_SPLIT_PATTERN,
     GPT2Tokenizer,
     bytes_to_unicode,
     get_pairs,
@@ -131,6 +132,16 @@ def test_bad_files_give_clear_errors(tmp_path, gpt2_files):
         _GPT2BPETokenizer(gpt2_files[0], str(merges))
     with pytest.raises(ValueError, match="tokenizer impl 'rust'"):
         _GPT2BPETokenizer(*gpt2_files, impl="rust")
+
+
+def test_tiktoken_pattern_splits_like_the_reference(hand_texts, mixed_texts):
+    """The regrouped pattern tiktoken runs cuts exactly the reference's pieces."""
+    import regex
+
+    assert GPT2_TIKTOKEN_PATTERN.replace("(?:", "", 1).replace(")|", "|", 1) == GPT2_SPLIT_PATTERN
+    grouped, reference = regex.compile(GPT2_TIKTOKEN_PATTERN), regex.compile(GPT2_SPLIT_PATTERN)
+    for text in hand_texts + mixed_texts:
+        assert grouped.findall(text) == reference.findall(text), repr(text)
 
 
 def test_default_is_tiktoken_and_builds_nothing_else(gpt2_files):
