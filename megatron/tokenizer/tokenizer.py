@@ -53,6 +53,8 @@ def build_tokenizer(args):
         vocab_file = _require(args, "vocab_file", tokenizer_type)
         merge_file = _require(args, "merge_file", tokenizer_type)
         tokenizer = _GPT2BPETokenizer(vocab_file, merge_file, impl=impl)
+        if tokenizer.fallback_reason and rank == 0:
+            print(f" > GPT-2 BPE: {tokenizer.fallback_reason}", flush=True)
     elif tokenizer_type == "SentencePieceTokenizer":
         model = _require(args, "tokenizer_model", tokenizer_type)
         tokenizer = _SentencePieceTokenizer(model, vocab_extra_ids=extra_ids)
@@ -216,6 +218,7 @@ class _GPT2BPETokenizer(AbstractTokenizer):
         self._reference = None
         self._inv_vocab = None
         self._tiktoken = self._rust = None
+        self.fallback_reason: str | None = None
         if impl == "python":
             self._reference = ref.GPT2Tokenizer(vocab_file, merge_file, errors="replace")
             self.encoder = self._reference.encoder
@@ -242,6 +245,11 @@ class _GPT2BPETokenizer(AbstractTokenizer):
         else:
             self.backend = "tokenizers"
             self._rust = fast_gpt2(self.encoder, merges)
+            if impl == "fast":
+                self.fallback_reason = (
+                    "tiktoken is not installed or the vocabulary is not in merge order; "
+                    "using the Rust `tokenizers` BPE (same ids, slower)"
+                )
 
     @property
     def tokenizer(self):

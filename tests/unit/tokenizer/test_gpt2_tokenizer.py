@@ -156,7 +156,7 @@ def test_default_is_tiktoken_and_builds_nothing_else(gpt2_files):
 def test_without_tiktoken_falls_back_to_tokenizers(gpt2_files, monkeypatch):
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` now fails
     tok = _GPT2BPETokenizer(*gpt2_files)
-    assert tok.backend == "tokenizers"
+    assert tok.backend == "tokenizers" and "tiktoken is not installed" in tok.fallback_reason
     assert tok.tokenize("Hello world") == [15496, 995]
     with pytest.raises(ValueError, match="tokenizer impl 'tiktoken': tiktoken is not installed"):
         _GPT2BPETokenizer(*gpt2_files, impl="tiktoken")
