@@ -1,0 +1,2 @@
+"""Downstream tasks run through tasks/main.py (zero-shot GPT evaluation: WIKITEXT103,
+LAMBADA)."""
