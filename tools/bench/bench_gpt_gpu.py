@@ -87,8 +87,7 @@ def run_megatron(shape, warmup, iters, extra_flags=()):
     layers, hidden, heads, seq, mbs, vocab = SHAPES[shape]
     from megatron import get_args, global_vars
     from megatron.initialize import initialize_megatron
-    from megatron.optimizer import get_megatron_optimizer
-    from megatron.training import get_learning_rate_scheduler, get_model, train_step
+    from megatron.training import setup_model_and_optimizer, train_step
     from megatron.utils import unwrap_model
 
     flags = [
@@ -131,9 +130,8 @@ def run_megatron(shape, warmup, iters, extra_flags=()):
     args.iteration = 0
     import pretrain_gpt
 
-    model = get_model(pretrain_gpt.model_provider)
-    optimizer = get_megatron_optimizer(unwrap_model(model))
-    scheduler = get_learning_rate_scheduler(optimizer)
+    # the same set-up as pretrain(): Megatron's optimizer, or the DeepSpeed engine
+    model, optimizer, scheduler = setup_model_and_optimizer(pretrain_gpt.model_provider)
 
     def batches():
         g = torch.Generator().manual_seed(0)
