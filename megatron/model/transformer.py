@@ -562,16 +562,24 @@ class ParallelTransformer(MegatronModule):
     def _checkpointed_forward(
         self, hidden_states, attention_mask, encoder_output, enc_dec_attn_mask, is_causal
     ):
-        """Run the layers in chunks of checkpoint_num_layers, recomputed in backward."""
+        """Run the layers in chunks of checkpoint_num_layers, recomputed in backward.
+
+        Only tensors go through the checkpoint function (DeepSpeed's partitioned
+        checkpointing cannot carry None arguments); absent inputs are closed over."""
+        extras = (attention_mask, encoder_output, enc_dec_attn_mask)
+        given = [i for i, t in enumerate(extras) if t is not None]
 
         def custom(start: int, end: int):
-            def custom_forward(x_, attention_mask, encoder_output, enc_dec_attn_mask):
+            def custom_forward(x_, *tensors):
+                inputs = [None, None, None]
+                for i, t in zip(given, tensors):
+                    inputs[i] = t
                 for index in range(start, end):
                     x_ = self._get_layer(index)(
                         x_,
-                        attention_mask,
-                        encoder_output=encoder_output,
-                        enc_dec_attn_mask=enc_dec_attn_mask,
+                        inputs[0],
+                        encoder_output=inputs[1],
+                        enc_dec_attn_mask=inputs[2],
                         attention_mask_is_causal=is_causal,
                     )
                 return x_
@@ -585,9 +593,7 @@ class ParallelTransformer(MegatronModule):
                 custom(start, end),
                 self.distribute_checkpointed_activations,
                 hidden_states,
-                attention_mask,
-                encoder_output,
-                enc_dec_attn_mask,
+                *[extras[i] for i in given],
             )
             start = end
         return hidden_states
