@@ -783,6 +783,13 @@ def _check_moe(args: argparse.Namespace) -> None:
             raise ArgumentError(
                 f"--moe-expert-parallel-size ({ep}) does not divide --num-experts ({n})"
             )
+    if max(experts) > 1 and args.checkpoint_activations:
+        # the recomputed MoE layers would not carry the auxiliary loss into the gradients
+        raise ArgumentError(
+            f"--num-experts {' '.join(map(str, experts))} with --checkpoint-activations is not "
+            "supported: the MoE auxiliary loss would not be back-propagated; train MoE models "
+            "without --checkpoint-activations"
+        )
 
 
 def _check_activation_checkpointing(args: argparse.Namespace) -> None:

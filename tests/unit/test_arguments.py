@@ -168,6 +168,7 @@ INVALID = [
     ("--num-experts 4 4 4", 1, ["--num-experts has 3 values", "--expert-interval 2"]),
     ("--moe-expert-parallel-size 2", 1, ["--moe-expert-parallel-size (2)", "size (1)"]),
     ("--num-experts 3 --moe-expert-parallel-size 2", 2, ["(2)", "--num-experts (3)"]),
+    ("--num-experts 2 --checkpoint-activations", 1, ["--num-experts 2", "--checkpoint-activations"]),
     ("--lr 1e-4 --min-lr 1e-3", 1, ["--min-lr (0.001)", "--lr (0.0001)"]),
     ("--ffn-hidden-size 90 --tensor-model-parallel-size 4", 4, ["--ffn-hidden-size (90)"]),
     ("--model-parallel-size 2 --tensor-model-parallel-size 4", 8, ["--model-parallel-size (2)"]),
