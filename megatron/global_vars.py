@@ -81,10 +81,6 @@ def _build_tokenizer(args):
     return _GLOBAL_TOKENIZER
 
 
-def rebuild_tokenizer(args):
-    return _build_tokenizer(args)
-
-
 def _set_tensorboard_writer(args) -> None:
     global _GLOBAL_TENSORBOARD_WRITER
     _GLOBAL_TENSORBOARD_WRITER = None

@@ -1,6 +1,5 @@
 """Number of micro-batches per iteration: constant, or ramped up with the global batch size."""
 
-import math
 from abc import ABC, abstractmethod
 
 
@@ -116,7 +115,3 @@ class RampupBatchsizeNumMicroBatches(NumMicroBatchesCalculator):
         self.num_micro_batches = max(
             1, self.current_global_batch_size // self.micro_batch_times_data_parallel_size
         )
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))

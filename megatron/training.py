@@ -27,7 +27,7 @@ from . import (
     print_rank_last,
     update_num_microbatches,
 )
-from .accelerator import current_device, get_accelerator
+from .accelerator import current_device
 from .checkpointing import load_checkpoint, save_checkpoint
 from .initialize import initialize_megatron, set_jit_fusion_options
 from .learning_rates import AnnealingLR
@@ -219,9 +219,6 @@ def setup_model_and_optimizer(model_provider_func):
         args.iteration = load_checkpoint(model, optimizer, lr_scheduler)
         timers("load-checkpoint").stop()
         timers.log(["load-checkpoint"])
-    if args.iteration == 0 and len(unwrap_model(model)) == 1 and hasattr(
-            unwrap_model(model)[0], "init_state_dict_from_bert"):
-        unwrap_model(model)[0].init_state_dict_from_bert()
     return model, optimizer, lr_scheduler
 
 
@@ -657,10 +654,6 @@ def build_train_valid_test_data_iterators(build_train_valid_test_datasets_provid
         return iter(loader) if args.dataloader_type == "single" else iter(cyclic_iter(loader))
 
     return _iterator(train_dataloader), _iterator(valid_dataloader), _iterator(test_dataloader)
-
-
-def _empty_cache() -> None:
-    get_accelerator().empty_cache()
 
 
 __all__ = ["pretrain", "train", "train_step", "evaluate", "get_model",
