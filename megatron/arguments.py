@@ -386,6 +386,13 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     add("--lazy-mpu-init", action=_TRUE, default=None, help="No process groups yet.")
     add("--use-cpu-initialization", action=_TRUE, default=None, help="Init on CPU, then shard.")
     add("--sequence-parallel", action=_TRUE, help="Split norm/dropout regions along the sequence.")
+    add(
+        "--no-async-tensor-model-parallel-allreduce",
+        action="store_false",
+        dest="async_tensor_model_parallel_allreduce",
+        help="Wait for each column-parallel input-gradient all-reduce (or reduce-scatter) "
+        "instead of overlapping it with the weight-gradient GEMM.",
+    )
 
 
 def _add_validation_args(parser: argparse.ArgumentParser) -> None:
@@ -783,13 +790,6 @@ def _check_moe(args: argparse.Namespace) -> None:
             raise ArgumentError(
                 f"--moe-expert-parallel-size ({ep}) does not divide --num-experts ({n})"
             )
-    if max(experts) > 1 and args.checkpoint_activations:
-        # the recomputed MoE layers would not carry the auxiliary loss into the gradients
-        raise ArgumentError(
-            f"--num-experts {' '.join(map(str, experts))} with --checkpoint-activations is not "
-            "supported: the MoE auxiliary loss would not be back-propagated; train MoE models "
-            "without --checkpoint-activations"
-        )
 
 
 def _check_activation_checkpointing(args: argparse.Namespace) -> None:

@@ -80,6 +80,8 @@ class TransformerConfig:
     """Model chunks per pipeline rank (interleaved 1F1B)."""
     sequence_parallel: bool = False
     """Split layer-norm and dropout regions along the sequence in the TP group."""
+    async_tensor_model_parallel_allreduce: bool = True
+    """Overlap column-parallel input-gradient communication with the weight-gradient GEMM."""
     use_cpu_initialization: bool = False
     """Initialise the full weight on CPU and copy this rank's shard (parity with TP=1)."""
     perform_initialization: bool = True

@@ -43,10 +43,15 @@ def post_language_model_processing(
     parallel_output: bool,
     fp16_lm_cross_entropy: bool,
     sequence_parallel: bool = False,
+    async_grad_allreduce: bool = True,
 ) -> torch.Tensor:
     """lm_output [s, b, h] -> logits [b, s, v/p] (labels None) or loss [b, s] (fp32)."""
     output = parallel_lm_logits(
-        lm_output, logit_weights, parallel_output, sequence_parallel=sequence_parallel
+        lm_output,
+        logit_weights,
+        parallel_output,
+        sequence_parallel=sequence_parallel,
+        async_grad_allreduce=async_grad_allreduce,
     )  # [s, b, v/p]
     if labels is None:
         return output.transpose(0, 1).contiguous()  # [b, s, v/p]
@@ -146,6 +151,7 @@ class GPTModel(MegatronModule):
             parallel_output,
             self.fp16_lm_cross_entropy,
             sequence_parallel=self.sequence_parallel,
+            async_grad_allreduce=self.config.async_tensor_model_parallel_allreduce,
         )
         if get_key_value:
             output = [output, presents]

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Mapping, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from megatron import mpu
 
@@ -43,17 +42,16 @@ def parallel_lm_logits(
     parallel_output: bool,
     bias: torch.Tensor | None = None,
     sequence_parallel: bool = False,
+    async_grad_allreduce: bool = True,
 ) -> torch.Tensor:
     """Logits = input E^T (+ bias) with E [v/p, h] this rank's vocabulary rows.
 
     input_ [s, b, h] ([s/p, b, h] under sequence parallelism: gathered first) ->
     [s, b, v/p], or [s, b, v] gathered over ranks when not parallel_output.
     """
-    if sequence_parallel:
-        input_parallel = mpu.gather_from_sequence_parallel_region(input_)
-    else:
-        input_parallel = mpu.copy_to_tensor_model_parallel_region(input_)
-    logits_parallel = F.linear(input_parallel, word_embeddings_weight, bias)
+    logits_parallel = mpu.linear_with_grad_accumulation_and_async_allreduce(
+        input_, word_embeddings_weight, bias, sequence_parallel, async_grad_allreduce
+    )  # [s, b, v/p]
     if parallel_output:
         return logits_parallel
     return mpu.gather_from_tensor_model_parallel_region(logits_parallel)

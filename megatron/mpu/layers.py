@@ -17,18 +17,26 @@ from __future__ import annotations
 from typing import Callable, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn import init
 from torch.nn.parameter import Parameter
 
 from megatron.accelerator import current_device
 
-from .initialize import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from .initialize import (
+    get_tensor_model_parallel_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
 from .mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
+    _all_gather_single,
+    _gather_along_first_dim,
+    _is_gloo,
+    _reduce_scatter_along_first_dim,
+    _reduce_scatter_single,
     gather_from_tensor_model_parallel_region,
-    reduce_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region_inplace,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
@@ -42,6 +50,7 @@ __all__ = [
     "VocabParallelEmbedding",
     "ColumnParallelLinear",
     "RowParallelLinear",
+    "linear_with_grad_accumulation_and_async_allreduce",
 ]
 
 _MODEL_PARALLEL_ATTRIBUTE_DEFAULTS = {
@@ -127,6 +136,109 @@ def _initialize_affine_weight(
     return master if return_master_weight else None
 
 
+def _start_gather_along_first_dim(input_: torch.Tensor, group):
+    """Start an all-gather along the first dimension: (output, work handle or None)."""
+    if _is_gloo(group):
+        return _gather_along_first_dim(input_), None
+    world_size = dist.get_world_size(group=group)
+    input_ = input_.contiguous()
+    output = torch.empty(
+        (world_size * input_.size(0),) + tuple(input_.shape[1:]),
+        dtype=input_.dtype,
+        device=input_.device,
+    )
+    return output, _all_gather_single(output, input_, group=group, async_op=True)
+
+
+def _start_input_grad_reduction(grad_input: torch.Tensor, sequence_parallel: bool, group):
+    """Start summing the input gradient over the group: all-reduce in place, or with
+    sequence parallelism reduce-scatter along the first dimension. (result, handle|None)."""
+    if sequence_parallel:
+        if _is_gloo(group):
+            return _reduce_scatter_along_first_dim(grad_input), None
+        world_size = dist.get_world_size(group=group)
+        output = torch.empty(
+            (grad_input.size(0) // world_size,) + tuple(grad_input.shape[1:]),
+            dtype=grad_input.dtype,
+            device=grad_input.device,
+        )
+        return output, _reduce_scatter_single(output, grad_input, group=group, async_op=True)
+    return grad_input, dist.all_reduce(grad_input, group=group, async_op=True)
+
+
+class _LinearWithAsyncCommunication(torch.autograd.Function):
+    """Y = X W^T + b for a column-parallel GEMM, with its tensor-parallel communication.
+
+    X is replicated over the p tensor-parallel ranks, or with sequence parallelism split
+    along the sequence ([s/p, b, h]) and all-gathered here. In backward
+        dX = dY W   summed over the group (all-reduce; sequence parallel: reduce-scatter)
+        dW = dY^T X,  db = sum dY
+    and the dX communication runs while the dW GEMM computes (`async_comm`). Under
+    sequence parallelism X is not kept gathered: backward gathers it again while dX is
+    computed, so the saved activation stays [s/p, b, h].
+    """
+
+    @staticmethod
+    def forward(ctx, input_, weight, bias, sequence_parallel, async_comm):
+        ctx.save_for_backward(input_, weight)
+        ctx.use_bias = bias is not None
+        ctx.sequence_parallel = sequence_parallel
+        ctx.async_comm = async_comm
+        total_input = _gather_along_first_dim(input_) if sequence_parallel else input_
+        return F.linear(total_input, weight, bias)  # [s, b, out/p]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input_, weight = ctx.saved_tensors
+        group = get_tensor_model_parallel_group()
+        tp = get_tensor_model_parallel_world_size()
+        handle = None
+        total_input = input_
+        if ctx.sequence_parallel and tp > 1:
+            total_input, handle = _start_gather_along_first_dim(input_, group)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad_output.matmul(weight)  # [s, b, in]
+        if handle is not None:
+            handle.wait()
+        handle = None
+        if grad_input is not None and tp > 1:
+            grad_input, handle = _start_input_grad_reduction(
+                grad_input.contiguous(), ctx.sequence_parallel, group
+            )
+            if not ctx.async_comm and handle is not None:
+                handle.wait()
+                handle = None
+        grad_output_2d = grad_output.reshape(-1, grad_output.size(-1))  # [s*b, out/p]
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_output_2d.t().matmul(total_input.reshape(-1, input_.size(-1)))
+        if ctx.use_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_output_2d.sum(dim=0)
+        if handle is not None:
+            handle.wait()
+        return grad_input, grad_weight, grad_bias, None, None
+
+
+def linear_with_grad_accumulation_and_async_allreduce(
+    input_: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    sequence_parallel: bool = False,
+    async_grad_allreduce: bool = True,
+) -> torch.Tensor:
+    """X W^T + b with X replicated over the tensor-parallel group (or, with
+    `sequence_parallel`, split along the first dimension and gathered); see
+    `_LinearWithAsyncCommunication` for the backward communication and its overlap.
+
+    Equals `F.linear(copy_to_tensor_model_parallel_region(X), W, b)` (sequence parallel:
+    `gather_from_sequence_parallel_region(X)`) in value and gradient.
+    """
+    return _LinearWithAsyncCommunication.apply(
+        input_, weight, bias, sequence_parallel, async_grad_allreduce
+    )
+
+
 class VocabParallelEmbedding(torch.nn.Module):
     """Embedding whose vocabulary is split into contiguous ranges across TP ranks.
 
@@ -197,7 +309,7 @@ class VocabParallelEmbedding(torch.nn.Module):
         )
         if self.tensor_model_parallel_size > 1:
             output_parallel = output_parallel.masked_fill(input_mask.unsqueeze(-1), 0.0)
-        return reduce_from_tensor_model_parallel_region(output_parallel)
+        return reduce_from_tensor_model_parallel_region_inplace(output_parallel)
 
 
 class ColumnParallelLinear(torch.nn.Module):
@@ -228,6 +340,7 @@ class ColumnParallelLinear(torch.nn.Module):
         use_cpu_initialization: bool = False,
         perform_initialization: bool = True,
         sequence_parallel: bool = False,
+        async_tensor_model_parallel_allreduce: bool = True,
     ) -> None:
         super().__init__()
         if sequence_parallel and gather_output:
@@ -240,6 +353,7 @@ class ColumnParallelLinear(torch.nn.Module):
         self.gather_output = gather_output
         self.skip_bias_add = skip_bias_add
         self.sequence_parallel = sequence_parallel
+        self.async_tensor_model_parallel_allreduce = async_tensor_model_parallel_allreduce
         world_size = get_tensor_model_parallel_world_size()
         self.output_size_per_partition = divide(output_size, world_size)
         device = _param_device(use_cpu_initialization)
@@ -271,13 +385,15 @@ class ColumnParallelLinear(torch.nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, input_: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor | None]:
-        # input_: [s, b, h] ([s/p, b, h] with sequence_parallel)
-        if self.sequence_parallel:
-            input_parallel = gather_from_sequence_parallel_region(input_)  # [s, b, h]
-        else:
-            input_parallel = copy_to_tensor_model_parallel_region(input_)
+        # input_: [s, b, h] ([s/p, b, h] with sequence_parallel, gathered inside)
         bias = self.bias if not self.skip_bias_add else None
-        output_parallel = F.linear(input_parallel, self.weight, bias)  # [s, b, out/p]
+        output_parallel = linear_with_grad_accumulation_and_async_allreduce(
+            input_,
+            self.weight,
+            bias,
+            self.sequence_parallel,
+            self.async_tensor_model_parallel_allreduce,
+        )  # [s, b, out/p]
         if self.gather_output:
             output = gather_from_tensor_model_parallel_region(output_parallel)  # [s, b, out]
         else:
@@ -366,7 +482,7 @@ class RowParallelLinear(torch.nn.Module):
         if self.sequence_parallel:
             output_ = reduce_scatter_to_sequence_parallel_region(output_parallel)  # [s/p, b, out]
         else:
-            output_ = reduce_from_tensor_model_parallel_region(output_parallel)
+            output_ = reduce_from_tensor_model_parallel_region_inplace(output_parallel)
         if self.skip_bias_add:
             return output_, self.bias
         output = output_ + self.bias if self.bias is not None else output_

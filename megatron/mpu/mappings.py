@@ -6,6 +6,7 @@ other does to gradients. With p tensor-parallel ranks:
     name                                      forward                backward
     copy_to_tensor_model_parallel_region      identity               all-reduce
     reduce_from_tensor_model_parallel_region  all-reduce             identity
+      (_inplace: the same, overwriting its input)
     scatter_to_tensor_model_parallel_region   keep last-dim chunk    all-gather last dim
     gather_from_tensor_model_parallel_region  all-gather last dim    keep last-dim chunk
     scatter_to_sequence_parallel_region       keep first-dim chunk   all-gather first dim
@@ -33,6 +34,7 @@ from .utils import divide, split_tensor_along_last_dim
 __all__ = [
     "copy_to_tensor_model_parallel_region",
     "reduce_from_tensor_model_parallel_region",
+    "reduce_from_tensor_model_parallel_region_inplace",
     "scatter_to_tensor_model_parallel_region",
     "gather_from_tensor_model_parallel_region",
     "scatter_to_sequence_parallel_region",
@@ -153,6 +155,26 @@ class _CopyToModelParallelRegion(torch.autograd.Function):
         return _reduce(grad_output)
 
 
+class _ReduceFromModelParallelRegionInplace(torch.autograd.Function):
+    """Forward: all-reduce in place. Backward: identity.
+
+    For a tensor the caller has just made and nothing else reads (a row-parallel GEMM's
+    partial sums, the masked embedding lookup): it saves the copy `_reduce` makes.
+    """
+
+    @staticmethod
+    def forward(ctx, input_):
+        if get_tensor_model_parallel_world_size() == 1:
+            return input_
+        ctx.mark_dirty(input_)
+        dist.all_reduce(input_, group=get_tensor_model_parallel_group())
+        return input_
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output
+
+
 class _ReduceFromModelParallelRegion(torch.autograd.Function):
     """Forward: all-reduce. Backward: identity."""
 
@@ -244,6 +266,14 @@ def copy_to_tensor_model_parallel_region(input_: torch.Tensor) -> torch.Tensor:
 
 def reduce_from_tensor_model_parallel_region(input_: torch.Tensor) -> torch.Tensor:
     return _ReduceFromModelParallelRegion.apply(input_)
+
+
+def reduce_from_tensor_model_parallel_region_inplace(input_: torch.Tensor) -> torch.Tensor:
+    """`reduce_from_tensor_model_parallel_region` that overwrites `input_` (contiguous,
+    not a view, read by nothing else) with the sum instead of copying it first."""
+    if not input_.is_contiguous() or input_._base is not None:
+        return _ReduceFromModelParallelRegion.apply(input_)
+    return _ReduceFromModelParallelRegionInplace.apply(input_)
 
 
 def scatter_to_tensor_model_parallel_region(input_: torch.Tensor) -> torch.Tensor:

@@ -211,6 +211,11 @@ class CheckpointFunction(torch.autograd.Function):
     restores those states, reruns the function with grad enabled (so dropout draws the
     same masks) and backpropagates through it. With `distribute_saved_activations` the
     first input is kept as this rank's 1/p chunk and all-gathered before the recompute.
+
+    `run_function` may return one tensor or a tuple of them (e.g. the hidden states and
+    each MoE layer's auxiliary loss). Backward runs one torch.autograd.backward over every
+    recomputed output that requires grad and received a gradient (an output the loss did
+    not use gets None): d inputs = sum_i (d out_i / d inputs)^T g_i, in one pass.
     """
 
     @staticmethod
@@ -218,6 +223,7 @@ class CheckpointFunction(torch.autograd.Function):
         ctx.run_function = run_function
         ctx.distribute_saved_activations = distribute_saved_activations
         ctx.rng_states = _capture_rng()
+        ctx.set_materialize_grads(False)  # unused outputs get None, not zeros
         with torch.no_grad():
             outputs = run_function(*args)
 
@@ -241,6 +247,8 @@ class CheckpointFunction(torch.autograd.Function):
                 "use .backward()"
             )
         tensors = list(ctx.saved_tensors)
+        if all(grad is None for grad in grad_outputs):  # no output reached the loss
+            return (None, None) + (None,) * len(ctx.is_tensor)
         if ctx.distribute_saved_activations:
             tensors[0] = gather_split_1d_tensor(tensors[0]).view(ctx.input_0_shape)
         tensor_iter = iter(zip(tensors, ctx.input_requires_grad))
@@ -268,7 +276,7 @@ class CheckpointFunction(torch.autograd.Function):
         pairs = [
             (out, grad)
             for out, grad in zip(outputs, grad_outputs)
-            if torch.is_tensor(out) and out.requires_grad
+            if torch.is_tensor(out) and out.requires_grad and grad is not None
         ]
         if pairs:
             torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
@@ -280,7 +288,8 @@ def checkpoint(function, distribute_saved_activations: bool, *args) -> Any:
     """function(*args), with its activations recomputed in the backward pass.
 
     Dropout inside `function` draws identical masks in the forward pass and in the
-    recompute, so gradients equal those of an ordinary (stored) run.
+    recompute, so gradients equal those of an ordinary (stored) run. `function` may
+    return a tuple of tensors; gradients from all of them flow back through the recompute.
     """
     ds = _deepspeed_checkpointing()
     if ds is not None:

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -28,9 +29,15 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
 
+# environment variables that change the measured figure, recorded with each result
+ENV_RECORDED = ("CUDA_DEVICE_MAX_CONNECTIONS", "NCCL_NVLS_ENABLE", "CUDA_VISIBLE_DEVICES")
+
 SHAPES = {
     # name: (layers, hidden, heads, seq, micro batch, vocab)
     "1.3B": (24, 2048, 16, 2048, 8, 51200),
+    "2.7B": (32, 2560, 32, 2048, 8, 51200),
+    "6.7B": (32, 4096, 32, 2048, 8, 51200),
+    "13B": (40, 5120, 40, 2048, 8, 51200),
     "125M": (12, 768, 12, 1024, 16, 51200),
     "tiny": (2, 64, 4, 64, 2, 512),
 }
@@ -147,7 +154,8 @@ def run_megatron(shape, warmup, iters, extra_flags=()):
     sec = _time_steps(step, warmup, iters)
     if os.environ.get("BENCH_PROFILE"):
         _profile(step, os.environ["BENCH_PROFILE"])
-    params = sum(p.numel() for p in unwrap_model(model)[0].parameters())
+    # ZeRO-3 partitions parameters: ds_numel is the full size
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in unwrap_model(model)[0].parameters())
     return sec, params, args.global_batch_size, args.world_size
 
 
@@ -300,6 +308,8 @@ def child(impl, shape, warmup, iters, extra):
         "params_rank0": params, "global_batch": batch, "step_ms": sec * 1000,
         "tokens_per_s_per_gpu": tokens, "tflops_per_gpu": tflops,
         "peak_mem_gib_rank0": _peak_gib(),
+        "host_peak_rss_gib_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "env": {k: os.environ[k] for k in ENV_RECORDED if k in os.environ},
     }
     print("RESULT " + json.dumps(result), flush=True)
 

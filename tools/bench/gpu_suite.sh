@@ -4,6 +4,13 @@
 # single:   one H200, GPT 1.3B: bf16 matmul ceiling, this project's training step, and the
 #           peers (HF GPT2LMHeadModel, a compact plain-torch GPT eager and compiled); 125M too.
 # parallel: two H200s, GPT 1.3B: DP=2, TP=2, PP=2 (8 micro-batches) against 1 GPU.
+# tp:       two H200s, GPT 1.3B: TP=2 with and without overlapped input-gradient
+#           communication and sequence parallelism, against 1 GPU.
+# moe:      two H200s, GPT 1.3B through DeepSpeed (ZeRO-1, DP=2): dense against MoE with 2
+#           experts every other layer, expert-parallel size 2.
+# offload:  one H200: the largest GPT of a ladder (13B, then 6.7B, 2.7B) that trains with
+#           ZeRO-3 and DeepSpeed's CPU Adam (optimizer state in host memory), activation
+#           recompute, 4 micro-batches per step.
 set -uo pipefail
 out=${1:?output folder}
 what=${2:-all}
@@ -13,6 +20,43 @@ b="python3 tools/bench/bench_gpt_gpu.py --json $out/bench.jsonl"
 if [ "$what" = single ] || [ "$what" = all ]; then
   $b --shape 1.3B --impls matmul,megatron,hf,compact,compact-compiled 2>&1 | tee "$out/single_1.3B.log"
   $b --shape 125M --impls megatron,hf,compact-compiled 2>&1 | tee "$out/single_125M.log"
+fi
+if [ "$what" = tp ]; then
+  $b --shape 1.3B --impls megatron 2>&1 | tee "$out/tp_1gpu.log"
+  for flags in "--tensor-model-parallel-size 2" \
+               "--tensor-model-parallel-size 2 --sequence-parallel" \
+               "--tensor-model-parallel-size 2 --sequence-parallel --no-async-tensor-model-parallel-allreduce"; do
+    CUDA_DEVICE_MAX_CONNECTIONS=1 $b --shape 1.3B --impls megatron --nproc 2 \
+      --megatron-flags "$flags" 2>&1 | tee -a "$out/tp2.log"
+  done
+  $b --shape 1.3B --impls megatron --nproc 2 \
+    --megatron-flags "--tensor-model-parallel-size 2 --sequence-parallel" 2>&1 | tee -a "$out/tp2.log"
+fi
+if [ "$what" = moe ]; then
+  ds="--deepspeed --deepspeed_config examples/MoE/ds_config_gpt_MoE.json --zero-stage 1"
+  ds="$ds --no-pipeline-parallel --global-batch-size 16"
+  $b --shape 1.3B --impls megatron --nproc 2 --megatron-flags "$ds" 2>&1 | tee "$out/moe.log"
+  $b --shape 1.3B --impls megatron --nproc 2 --megatron-flags "$ds --num-experts 2 \
+    --moe-expert-parallel-size 2 --expert-interval 2 --topk 1 --moe-loss-coeff 0.01 \
+    --create-moe-param-group" 2>&1 | tee -a "$out/moe.log"
+fi
+if [ "$what" = offload ]; then
+  ds="--deepspeed --deepspeed_config examples/ds_config_gpt_zero3.json --zero-stage 3"
+  ds="$ds --cpu-optimizer --checkpoint-activations --global-batch-size 32"
+  (while sleep 5; do echo "$(date +%T) $(free -g | sed -n 2p)"; done) > "$out/offload_free.log" &
+  sampler=$!
+  # build DeepSpeed's CPU Adam extension once, outside the timed runs
+  python3 -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" \
+    2>&1 | tail -2 | tee -a "$out/offload.log"
+  for shape in 13B 6.7B 2.7B; do
+    if CUDA_VISIBLE_DEVICES=0 timeout 420 $b --shape $shape --impls megatron --warmup 1 \
+        --iters 2 --megatron-flags "$ds" 2>&1 | tee -a "$out/offload.log" \
+        | grep -q '"impl": "megatron"'; then
+      break
+    fi
+    free -g | tee -a "$out/offload.log"
+  done
+  kill $sampler
 fi
 if [ "$what" = parallel ] || [ "$what" = all ]; then
   $b --shape 1.3B --impls megatron --nproc 2 --megatron-flags "--global-batch-size 16" 2>&1 | tee "$out/dp2.log"

@@ -148,6 +148,56 @@ def _check_sequence_parallel_mlp(tp, r):
     _close(bias_grad, row_ref.bias.grad, "sp row bias grad (summed over TP)")
 
 
+def _check_async_linear(tp, r):
+    """The column-parallel GEMM with overlapped input-gradient communication equals
+    F.linear after copy_to (or, sequence parallel, after the sequence all-gather), in
+    value and gradients, with and without overlap and bias; the in-place reduction
+    equals the copying one."""
+    w_full = _data(12, 8, seed=11)
+    b_full = _data(12, seed=12)
+    for sp, overlap, use_bias in [
+        (False, True, True),
+        (False, False, True),
+        (True, True, True),
+        (True, False, False),
+    ]:
+        what = f"sequence_parallel={sp} async={overlap} bias={use_bias}"
+        x_full = _data(8, 2, 8, seed=13)  # [s, b, h]
+        x = (x_full.chunk(tp, 0)[r] if sp else x_full).clone().requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        w = w_full.chunk(tp, 0)[r].clone().requires_grad_()
+        w_ref = w.detach().clone().requires_grad_()
+        b = b_full.chunk(tp)[r].clone().requires_grad_() if use_bias else None
+        b_ref = b.detach().clone().requires_grad_() if use_bias else None
+        grad = _data(8, 2, 12 // tp, seed=14 + r)
+        y = mpu.linear_with_grad_accumulation_and_async_allreduce(x, w, b, sp, overlap)
+        if sp:
+            x_in = mpu.gather_from_sequence_parallel_region(x_ref)
+        else:
+            x_in = mpu.copy_to_tensor_model_parallel_region(x_ref)
+        y_ref = F.linear(x_in, w_ref, b_ref)
+        _close(y, y_ref, f"async linear forward {what}")
+        (y * grad).sum().backward()
+        (y_ref * grad).sum().backward()
+        _close(x.grad, x_ref.grad, f"async linear input grad {what}")
+        _close(w.grad, w_ref.grad, f"async linear weight grad {what}")
+        if use_bias:
+            _close(b.grad, b_ref.grad, f"async linear bias grad {what}")
+    # no input gradient wanted: no communication, weight gradient still right
+    w = w_full.chunk(tp, 0)[r].clone().requires_grad_()
+    x = _data(8, 2, 8, seed=13)
+    mpu.linear_with_grad_accumulation_and_async_allreduce(x, w, None).sum().backward()
+    _close(w.grad, torch.ones(12 // tp, 16) @ x.view(16, 8), "weight grad without input grad")
+
+    part = _data(4, 3, seed=20 + r).requires_grad_()
+    expect = mpu.reduce_from_tensor_model_parallel_region(part)
+    fresh = part * 1.0  # a new tensor nothing else reads
+    got = mpu.reduce_from_tensor_model_parallel_region_inplace(fresh)
+    _close(got, expect, "in-place reduce")
+    got.sum().backward()
+    _close(part.grad, torch.ones(4, 3), "in-place reduce backward is the identity")
+
+
 def _check_embedding(tp, r):
     ref = _serial(mpu.VocabParallelEmbedding, 16, 6)
     par = _parallel(mpu.VocabParallelEmbedding, 16, 6)
@@ -255,6 +305,7 @@ def _run_tp_checks(rank, world_size, tp, pp):
         _check_column_stride,
         _check_row,
         _check_sequence_parallel_mlp,
+        _check_async_linear,
         _check_embedding,
         _check_cross_entropy,
         _check_last_dim_mappings,

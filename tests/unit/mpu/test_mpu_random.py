@@ -126,6 +126,51 @@ def _check_checkpoint(tp, r):
             assert torch.equal(other[4][name], plain[4][name]), f"{mode}: tracker not restored"
 
 
+class _MultiOutputBlock(_DropoutBlock):
+    """(h, aux, spare): h as _DropoutBlock, a scalar aux loss drawn from more dropout
+    (like a MoE layer's), and an output no loss uses (its incoming gradient is None)."""
+
+    def forward(self, x, scale):
+        h = super().forward(x, scale)
+        aux = F.dropout(torch.sigmoid(h), p=0.5, training=True).pow(2).mean()
+        return h, aux, h.sum(dim=-1)
+
+
+def _multi_grads(block, x, fn, use_hidden):
+    for p in block.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_()
+    h, aux, spare = fn(x)
+    loss = 3.0 * aux
+    if use_hidden:
+        loss = loss + (h * torch.arange(h.numel(), dtype=h.dtype).view_as(h)).sum()
+    loss.backward()
+    return [h.detach(), aux.detach(), spare.detach(), x.grad] + [
+        p.grad.clone() for p in block.parameters()
+    ]
+
+
+def _check_checkpoint_multi_output(tp, r):
+    """A checkpointed function returning several tensors: the gradients of all outputs
+    the loss uses flow back through one recompute, unused ones (None) are skipped."""
+    torch.manual_seed(1)
+    block = _MultiOutputBlock()
+    x = torch.randn(4, 3, 6)  # [s, b, h]
+    for use_hidden in (True, False):
+        results = {}
+        for mode in ("plain", "checkpoint", "distributed"):
+            mpu.model_parallel_manual_seed(7)
+            if mode == "plain":
+                fn = lambda t: block(t, 2.0)  # noqa: E731
+            else:
+                fn = lambda t, d=(mode == "distributed"): mpu.checkpoint(block, d, t, 2.0)  # noqa: E731
+            results[mode] = _multi_grads(block, x, fn, use_hidden)
+        assert results["plain"][1] > 0  # the aux output carries a gradient
+        for mode in ("checkpoint", "distributed"):
+            for i, (a, b) in enumerate(zip(results[mode], results["plain"])):
+                assert torch.equal(a, b), f"{mode}, use_hidden={use_hidden}: item {i} differs"
+
+
 def _check_split_1d(tp, r):
     t = torch.arange(24.0).view(4, 6)
     chunk = mpu.split_tensor_into_1d_equal_chunks(t, new_buffer=True)
@@ -138,6 +183,7 @@ def _check_world(rank, world_size):
     tp, r = world_size, mpu.get_tensor_model_parallel_rank()
     _check_seeding(tp, r)
     _check_checkpoint(tp, r)
+    _check_checkpoint_multi_output(tp, r)
     _check_split_1d(tp, r)
     mpu.destroy_model_parallel()
 
