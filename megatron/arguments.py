@@ -393,6 +393,14 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
         help="Wait for each column-parallel input-gradient all-reduce (or reduce-scatter) "
         "instead of overlapping it with the weight-gradient GEMM.",
     )
+    add(
+        "--tp-comm-overlap-chunks",
+        type=int,
+        default=1,
+        help="Compute each row-parallel GEMM in this many pieces along the sequence, "
+        "all-reducing one piece while the next computes (tensor parallelism without "
+        "--sequence-parallel; 1 = one GEMM, then one all-reduce).",
+    )
 
 
 def _add_validation_args(parser: argparse.ArgumentParser) -> None:
@@ -658,6 +666,15 @@ def _set_parallel_layout(args: argparse.Namespace) -> None:
         args.virtual_pipeline_model_parallel_size = None
     if tp == 1 and args.sequence_parallel:
         args.sequence_parallel = False  # nothing to split the sequence across
+    if args.tp_comm_overlap_chunks < 1:
+        raise ArgumentError(
+            f"--tp-comm-overlap-chunks must be at least 1 (got {args.tp_comm_overlap_chunks})"
+        )
+    if args.tp_comm_overlap_chunks > 1 and args.sequence_parallel:
+        raise ArgumentError(
+            "--tp-comm-overlap-chunks applies to the all-reduce of tensor parallelism "
+            "without --sequence-parallel"
+        )
 
 
 def _set_model_shape(args: argparse.Namespace) -> None:

@@ -82,6 +82,8 @@ class TransformerConfig:
     """Split layer-norm and dropout regions along the sequence in the TP group."""
     async_tensor_model_parallel_allreduce: bool = True
     """Overlap column-parallel input-gradient communication with the weight-gradient GEMM."""
+    tp_comm_overlap_chunks: int = 1
+    """Pieces of each row-parallel GEMM whose all-reduces overlap the next piece's GEMM."""
     use_cpu_initialization: bool = False
     """Initialise the full weight on CPU and copy this rank's shard (parity with TP=1)."""
     perform_initialization: bool = True

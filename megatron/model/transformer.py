@@ -64,6 +64,7 @@ class ParallelMLP(MegatronModule):
             init_method=init_method,
             skip_bias_add=True,
             sequence_parallel=config.sequence_parallel,
+            async_tensor_model_parallel_allreduce=config.async_tensor_model_parallel_allreduce,
             **_linear_kwargs(config),
         )
         self.bias_gelu_fusion = config.bias_gelu_fusion
@@ -79,6 +80,7 @@ class ParallelMLP(MegatronModule):
             init_method=output_layer_init_method,
             skip_bias_add=True,
             sequence_parallel=config.sequence_parallel,
+            tp_comm_overlap_chunks=config.tp_comm_overlap_chunks,
             **_linear_kwargs(config),
         )
 
@@ -157,6 +159,7 @@ class ParallelAttention(MegatronModule):
             gather_output=False,
             init_method=init_method,
             sequence_parallel=config.sequence_parallel,
+            async_tensor_model_parallel_allreduce=config.async_tensor_model_parallel_allreduce,
             **_linear_kwargs(config),
         )
         if attention_type == AttnType.self_attn:
@@ -193,6 +196,7 @@ class ParallelAttention(MegatronModule):
             init_method=output_layer_init_method,
             skip_bias_add=True,
             sequence_parallel=config.sequence_parallel,
+            tp_comm_overlap_chunks=config.tp_comm_overlap_chunks,
             **_linear_kwargs(config),
         )
 
@@ -528,6 +532,7 @@ class ParallelTransformer(MegatronModule):
         self.checkpoint_activations = config.checkpoint_activations
         self.checkpoint_num_layers = config.checkpoint_num_layers
         self.distribute_checkpointed_activations = config.distribute_checkpointed_activations
+        self.has_moe = max(config.num_experts or [1]) > 1
         self.num_layers, offset = _layers_on_this_stage(config)
         decoder = layer_type == LayerType.decoder
 
@@ -559,21 +564,37 @@ class ParallelTransformer(MegatronModule):
         """The activation received from the previous pipeline stage."""
         self.input_tensor = input_tensor
 
+    def _moe_mlps(self, start: int, end: int) -> List[torch.nn.Module]:
+        """The MoE MLPs of layers [start, end) of this chunk, in order."""
+        if not self.has_moe:
+            return []
+        from .moe import MoEMLP
+
+        mlps = [self._get_layer(index).mlp for index in range(start, end)]
+        return [mlp for mlp in mlps if isinstance(mlp, MoEMLP)]
+
     def _checkpointed_forward(
         self, hidden_states, attention_mask, encoder_output, enc_dec_attn_mask, is_causal
     ):
         """Run the layers in chunks of checkpoint_num_layers, recomputed in backward.
 
         Only tensors go through the checkpoint function (DeepSpeed's partitioned
-        checkpointing cannot carry None arguments); absent inputs are closed over."""
+        checkpointing cannot carry None arguments); absent inputs are closed over.
+
+        A chunk holding MoE layers returns (hidden, l_aux_1, ..., l_aux_m): each layer's
+        auxiliary loss is an output of the checkpoint function, so the loss's gradient
+        with respect to it flows back through the recompute together with the hidden
+        states' gradient. The layers' `l_aux` are then set to those outputs (the forward
+        ran under no_grad, and the recompute must not replace them)."""
         extras = (attention_mask, encoder_output, enc_dec_attn_mask)
         given = [i for i, t in enumerate(extras) if t is not None]
 
-        def custom(start: int, end: int):
+        def custom(start: int, end: int, moe_mlps: List[torch.nn.Module]):
             def custom_forward(x_, *tensors):
                 inputs = [None, None, None]
                 for i, t in zip(given, tensors):
                     inputs[i] = t
+                kept = [mlp.l_aux for mlp in moe_mlps]
                 for index in range(start, end):
                     x_ = self._get_layer(index)(
                         x_,
@@ -582,19 +603,31 @@ class ParallelTransformer(MegatronModule):
                         enc_dec_attn_mask=inputs[2],
                         attention_mask_is_causal=is_causal,
                     )
-                return x_
+                if not moe_mlps:
+                    return x_
+                losses = [mlp.l_aux for mlp in moe_mlps]
+                for mlp, loss in zip(moe_mlps, kept):
+                    mlp.l_aux = loss
+                return (x_, *losses)
 
             return custom_forward
 
         start = 0
         while start < self.num_layers:
             end = min(start + self.checkpoint_num_layers, self.num_layers)
-            hidden_states = mpu.checkpoint(
-                custom(start, end),
+            moe_mlps = self._moe_mlps(start, end)
+            outputs = mpu.checkpoint(
+                custom(start, end, moe_mlps),
                 self.distribute_checkpointed_activations,
                 hidden_states,
                 *[extras[i] for i in given],
             )
+            if moe_mlps:
+                hidden_states, *losses = outputs
+                for mlp, loss in zip(moe_mlps, losses):
+                    mlp.l_aux = loss  # part of the autograd graph through the checkpoint
+            else:
+                hidden_states = outputs
             start = end
         return hidden_states
 

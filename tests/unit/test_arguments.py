@@ -138,6 +138,12 @@ INVALID = [
         ["--num-layers-per-virtual-pipeline-stage (3)", "layers per pipeline stage (4"],
     ),
     ("--num-layers-per-virtual-pipeline-stage 2", 1, ["--pipeline-model-parallel-size > 1"]),
+    ("--tp-comm-overlap-chunks 0", 1, ["--tp-comm-overlap-chunks", "(got 0)"]),
+    (
+        "--tensor-model-parallel-size 2 --sequence-parallel --tp-comm-overlap-chunks 2",
+        2,
+        ["--tp-comm-overlap-chunks", "--sequence-parallel"],
+    ),
     ("--global-batch-size 6 --micro-batch-size 4", 1, ["--global-batch-size (6)", "size (4)"]),
     ("--global-batch-size 6", 2, ["--global-batch-size (6)", "data-parallel size (2)"]),
     ("--fp16 --bf16", 1, ["--fp16", "--bf16"]),
@@ -168,7 +174,6 @@ INVALID = [
     ("--num-experts 4 4 4", 1, ["--num-experts has 3 values", "--expert-interval 2"]),
     ("--moe-expert-parallel-size 2", 1, ["--moe-expert-parallel-size (2)", "size (1)"]),
     ("--num-experts 3 --moe-expert-parallel-size 2", 2, ["(2)", "--num-experts (3)"]),
-    ("--num-experts 2 --checkpoint-activations", 1, ["--num-experts 2", "--checkpoint-activations"]),
     ("--lr 1e-4 --min-lr 1e-3", 1, ["--min-lr (0.001)", "--lr (0.0001)"]),
     ("--ffn-hidden-size 90 --tensor-model-parallel-size 4", 4, ["--ffn-hidden-size (90)"]),
     ("--model-parallel-size 2 --tensor-model-parallel-size 4", 8, ["--model-parallel-size (2)"]),
@@ -229,6 +234,9 @@ def test_valid_combinations_that_look_suspicious():
         "--rampup-batch-size 4 2 100 --train-samples 1000"
     )
     assert args.rampup_batch_size == [4, 2, 100]
+    # MoE with recompute: the aux losses are outputs of the checkpointed chunks.
+    args = _validate(BASE + " --num-experts 2 --checkpoint-activations")
+    assert args.num_experts == [2] and args.checkpoint_activations
 
 
 # ---------------------------------------------------------------- parse_args behaviour

@@ -152,8 +152,10 @@ def run_megatron(shape, warmup, iters, extra_flags=()):
         train_step(pretrain_gpt.forward_step, it, model, optimizer, scheduler)
 
     sec = _time_steps(step, warmup, iters)
-    if os.environ.get("BENCH_PROFILE"):
-        _profile(step, os.environ["BENCH_PROFILE"])
+    if os.environ.get("BENCH_PROFILE"):  # every rank profiles (the steps communicate)
+        rank = os.environ.get("RANK")
+        suffix = f".rank{rank}" if rank is not None else ""
+        _profile(step, os.environ["BENCH_PROFILE"] + suffix)
     # ZeRO-3 partitions parameters: ds_numel is the full size
     params = sum(getattr(p, "ds_numel", p.numel()) for p in unwrap_model(model)[0].parameters())
     return sec, params, args.global_batch_size, args.world_size

@@ -4,8 +4,8 @@
 # single:   one H200, GPT 1.3B: bf16 matmul ceiling, this project's training step, and the
 #           peers (HF GPT2LMHeadModel, a compact plain-torch GPT eager and compiled); 125M too.
 # parallel: two H200s, GPT 1.3B: DP=2, TP=2, PP=2 (8 micro-batches) against 1 GPU.
-# tp:       two H200s, GPT 1.3B: TP=2 with and without overlapped input-gradient
-#           communication and sequence parallelism, against 1 GPU.
+# tp:       two H200s, GPT 1.3B: TP=2 with the row-parallel all-reduce in 1, 2 and 4
+#           overlapped pieces, and with sequence parallelism, against 1 GPU; a profile.
 # moe:      two H200s, GPT 1.3B through DeepSpeed (ZeRO-1, DP=2): dense against MoE with 2
 #           experts every other layer, expert-parallel size 2.
 # offload:  one H200: the largest GPT of a ladder (13B, then 6.7B, 2.7B) that trains with
@@ -23,14 +23,15 @@ if [ "$what" = single ] || [ "$what" = all ]; then
 fi
 if [ "$what" = tp ]; then
   $b --shape 1.3B --impls megatron 2>&1 | tee "$out/tp_1gpu.log"
-  for flags in "--tensor-model-parallel-size 2" \
-               "--tensor-model-parallel-size 2 --sequence-parallel" \
-               "--tensor-model-parallel-size 2 --sequence-parallel --no-async-tensor-model-parallel-allreduce"; do
+  tp="--tensor-model-parallel-size 2"
+  for flags in "$tp" "$tp --tp-comm-overlap-chunks 2" "$tp --tp-comm-overlap-chunks 4" \
+               "$tp --sequence-parallel"; do
     CUDA_DEVICE_MAX_CONNECTIONS=1 $b --shape 1.3B --impls megatron --nproc 2 \
       --megatron-flags "$flags" 2>&1 | tee -a "$out/tp2.log"
   done
-  $b --shape 1.3B --impls megatron --nproc 2 \
-    --megatron-flags "--tensor-model-parallel-size 2 --sequence-parallel" 2>&1 | tee -a "$out/tp2.log"
+  BENCH_PROFILE=$out/tp2_profile.txt CUDA_DEVICE_MAX_CONNECTIONS=1 $b --shape 1.3B \
+    --impls megatron --nproc 2 --megatron-flags "$tp --tp-comm-overlap-chunks 4" \
+    --warmup 2 --iters 3 2>&1 | tee -a "$out/tp2.log"
 fi
 if [ "$what" = moe ]; then
   ds="--deepspeed --deepspeed_config examples/MoE/ds_config_gpt_MoE.json --zero-stage 1"

@@ -120,6 +120,28 @@ def _check_row(tp, r):
         _close(par.bias.grad, ref.bias.grad, f"row bias grad {kwargs}")
 
 
+def _check_row_chunked(tp, r):
+    """The row-parallel GEMM in pieces, each all-reduced while the next computes, equals
+    the one-piece layer in value and gradients (also when the pieces are uneven)."""
+    for chunks in (2, 3):
+        ref = _serial(mpu.RowParallelLinear, 8, 6, input_is_parallel=True)
+        par = _parallel(
+            mpu.RowParallelLinear, 8, 6, input_is_parallel=True, tp_comm_overlap_chunks=chunks
+        )
+        x_full = _data(5, 3, 8)  # [s, b, in]
+        x_ref = x_full.clone().requires_grad_()
+        x = x_full.chunk(tp, -1)[r].clone().requires_grad_()
+        grad = _data(5, 3, 6, seed=9)
+        y, _ = par(x)
+        y_ref = F.linear(x_ref, ref.weight, ref.bias)
+        _close(y, y_ref, f"chunked row forward ({chunks} pieces)")
+        (y * grad).sum().backward()
+        (y_ref * grad).sum().backward()
+        _close(x.grad, x_ref.grad.chunk(tp, -1)[r], f"chunked row input grad ({chunks})")
+        _close(par.weight.grad, ref.weight.grad.chunk(tp, 1)[r], f"chunked row w grad ({chunks})")
+        _close(par.bias.grad, ref.bias.grad, f"chunked row bias grad ({chunks})")
+
+
 def _check_sequence_parallel_mlp(tp, r):
     """Column -> gelu -> Row with sequence parallelism equals the serial MLP."""
     col_ref = _serial(mpu.ColumnParallelLinear, 8, 16, gather_output=False)
@@ -304,6 +326,7 @@ def _run_tp_checks(rank, world_size, tp, pp):
         _check_column,
         _check_column_stride,
         _check_row,
+        _check_row_chunked,
         _check_sequence_parallel_mlp,
         _check_async_linear,
         _check_embedding,
