@@ -335,17 +335,22 @@ class ChunkResult:
 class TokenBytes:
     """Token ids of texts as raw bytes in the output dtype, straight from the tokenizer.
 
-    tokenize_batch runs on one thread, so `--workers` is the number of CPUs in use.
+    The tokenizer runs on the calling thread, so `--workers` is the number of CPUs in use.
     """
 
     def __init__(self, tokenizer, dtype: type) -> None:
-        self.tokenize_batch = tokenizer.tokenize_batch
+        self.tokenizer = tokenizer
         self.dtype = np.dtype(dtype)
 
     def __call__(self, texts: list[str]) -> list[bytes]:
         if not texts:
             return []
-        return [np.asarray(ids, dtype=self.dtype).tobytes() for ids in self.tokenize_batch(texts)]
+        # tokenize_batch_bytes skips the list of Python ints where the backend allows it.
+        batch_bytes = getattr(self.tokenizer, "tokenize_batch_bytes", None)
+        if batch_bytes is not None:
+            return batch_bytes(texts, self.dtype)
+        ids = self.tokenizer.tokenize_batch(texts)
+        return [np.asarray(x, dtype=self.dtype).tobytes() for x in ids]
 
 
 def _is_unicode(text: str) -> bool:

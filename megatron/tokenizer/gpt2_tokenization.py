@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-import regex
-
 GPT2_SPLIT_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 )
@@ -113,6 +111,8 @@ class GPT2Tokenizer:
         merges = read_merges(merges_file)
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
         self.cache: dict[str, str] = {}
+        import regex  # here, not at module level: the fast paths only read the tables
+
         self.pat = regex.compile(GPT2_SPLIT_PATTERN)
         self.special_tokens: dict[str, int] = {}
         self.special_tokens_decoder: dict[int, str] = {}

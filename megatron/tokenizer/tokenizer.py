@@ -162,6 +162,13 @@ class AbstractTokenizer(ABC):
         """ids of each text (subclasses with a batched backend override this)."""
         return [self.tokenize(t) for t in texts]
 
+    def tokenize_batch_bytes(self, texts: list[str], dtype) -> list[bytes]:
+        """ids of each text as the raw bytes of a `dtype` array (numpy dtype that holds every
+        id): what an indexed dataset stores. Same ids as tokenize_batch."""
+        import numpy as np
+
+        return [np.asarray(ids, dtype=dtype).tobytes() for ids in self.tokenize_batch(texts)]
+
     def detokenize(self, token_ids: list[int]) -> str:
         raise NotImplementedError(f"detokenizer is not implemented for {self.name} tokenizer")
 
@@ -295,6 +302,19 @@ class _GPT2BPETokenizer(AbstractTokenizer):
                 _refuse_surrogates(t)
             return [e.ids for e in self._rust.encode_batch(texts, add_special_tokens=False)]
         return [self._reference.encode(t) for t in texts]
+
+    def tokenize_batch_bytes(self, texts: list[str], dtype) -> list[bytes]:
+        """tokenize_batch as raw `dtype` bytes. With tiktoken the ids come back as a uint32
+        buffer (no Python list of ints): `encode_to_numpy` with no special token allowed or
+        disallowed is `encode_ordinary` ('<|endoftext|>' in a text stays ordinary text)."""
+        encode = getattr(self._tiktoken, "encode_to_numpy", None)  # tiktoken >= 0.8
+        if encode is None:
+            return super().tokenize_batch_bytes(texts, dtype)
+        out = []
+        for t in texts:
+            _refuse_surrogates(t)
+            out.append(encode(t, disallowed_special=()).astype(dtype, copy=False).tobytes())
+        return out
 
     def detokenize(self, token_ids: list[int]) -> str:
         if self._tiktoken is not None:

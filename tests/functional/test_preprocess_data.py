@@ -267,3 +267,72 @@ def test_sigterm_leaves_no_files(vocab_dir, tmp_path):
         proc.wait(timeout=60)
     assert proc.returncode == 143, proc.stderr.read()
     assert sorted(os.listdir(tmp_path)) == ["stream.json"]
+
+
+def _bench_module():
+    sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
+    import bench_preprocess
+
+    return bench_preprocess
+
+
+def test_bench_compare_index_names_the_reference_eod_bug(baseline, tmp_path):
+    """An index whose sizes omit each document's eod (Megatron-DeepSpeed's tool) is told apart
+    from any other difference."""
+    bench = _bench_module()
+    prefix, _ = baseline
+    ours = prefix + ".idx"
+    idx = bench.read_index(ours)
+    itemsize = np.dtype(idx["dtype"]).itemsize
+    assert idx["sizes"].sum() * itemsize == os.path.getsize(prefix + ".bin")
+
+    def write(path, sizes):
+        pointers = np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64) * itemsize])
+        with open(path, "wb") as f:
+            f.write(idx["header"])
+            f.write(sizes.astype(np.int32).tobytes())
+            f.write(pointers.astype(np.int64).tobytes())
+            f.write(idx["doc_idx"].tobytes())
+        return path
+
+    short = idx["sizes"].astype(np.int64)
+    short[idx["doc_idx"][1:] - 1] -= 1  # the last item of each document loses its eod
+    assert bench.compare_index(ours, write(tmp_path / "same.idx", idx["sizes"])) == "identical"
+    verdict = bench.compare_index(ours, write(tmp_path / "eod_bug.idx", short))
+    assert verdict.startswith("differs only by the reference's eod bug"), verdict
+    other = idx["sizes"].astype(np.int64)
+    other[0] -= 1
+    other[1] += 1
+    assert bench.compare_index(ours, write(tmp_path / "other.idx", other)) == "differs: sizes"
+
+
+def test_bench_runs_a_reference_checkout_as_a_peer(corpus, vocab_dir, tmp_path):
+    """--reference-tool: the checkout's tools/preprocess_data.py runs with the same flags and
+    its own `megatron` first on PYTHONPATH; rows carry its times and the output check. The
+    stand-in checkout here forwards to this repository's tool after checking both."""
+    bench = _bench_module()
+    checkout = tmp_path / "checkout"
+    (checkout / "tools").mkdir(parents=True)
+    (checkout / "megatron").mkdir()
+    (checkout / "megatron" / "__init__.py").write_text("CHECKOUT_MARKER = True\n")
+    (checkout / "tools" / "preprocess_data.py").write_text(
+        "import os, subprocess, sys\n"
+        "import megatron\n"
+        "assert megatron.CHECKOUT_MARKER\n"
+        "for flag in ('--append-eod', '--vocab-file', '--merge-file', '--workers'):\n"
+        "    assert flag in sys.argv, flag\n"
+        "env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}\n"
+        f"sys.exit(subprocess.run([sys.executable, {TOOL!r}, *sys.argv[1:]], env=env).returncode)\n"
+    )
+    path, _ = corpus
+    rows = bench.bench(
+        path, vocab_dir, [2], 1, str(tmp_path / "work"),
+        reference_tool=str(checkout), peers=("fast",),
+    )  # fmt: skip
+    assert [r["impl"] for r in rows] == ["fast", "reference"]
+    ref = rows[1]
+    assert ref["check"] == ".bin identical; .idx identical" and ref["identical"]
+    assert ref["docs"] == rows[0]["docs"] and ref["tokens"] == rows[0]["tokens"]
+    assert ref["wall_s"] > 0 and ref["fast_speedup"] == ref["wall_s"] / rows[0]["wall_s"]
+    table = bench.markdown(rows, path, "median", 1)
+    assert "Megatron-DeepSpeed preprocess_data.py | 2 |" in table

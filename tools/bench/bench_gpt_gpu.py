@@ -30,7 +30,12 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
 
 # environment variables that change the measured figure, recorded with each result
-ENV_RECORDED = ("CUDA_DEVICE_MAX_CONNECTIONS", "NCCL_NVLS_ENABLE", "CUDA_VISIBLE_DEVICES")
+ENV_RECORDED = (
+    "CUDA_DEVICE_MAX_CONNECTIONS",
+    "NCCL_NVLS_ENABLE",
+    "NCCL_PROTO",
+    "CUDA_VISIBLE_DEVICES",
+)
 
 SHAPES = {
     # name: (layers, hidden, heads, seq, micro batch, vocab)
@@ -161,20 +166,72 @@ def run_megatron(shape, warmup, iters, extra_flags=()):
     return sec, params, args.global_batch_size, args.world_size
 
 
-def _profile(step, out_file: str) -> None:
-    """Three profiled steps; the kernels that take the most device time go to out_file."""
+def _profile(step, out_file: str, steps: int = 3) -> None:
+    """Profile `steps` steps: per-step device time by kernel kind (GEMM, attention, NCCL,
+    other), the NCCL time no compute kernel overlaps, and the top kernels, to out_file."""
     import torch
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(3):
+        for _ in range(steps):
             step()
         _sync()
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     with open(out_file, "w") as f:
+        if torch.cuda.is_available():
+            f.write(_kernel_breakdown(prof.events(), steps) + "\n")
         f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60))
+
+
+def _kernel_kind(name: str) -> str:
+    low = name.lower()
+    if "nccl" in low:
+        return "nccl"
+    if any(k in low for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas")):
+        return "gemm"
+    if any(k in low for k in ("flash", "sdpa", "fmha", "attention")):
+        return "attention"
+    return "other"
+
+
+def _union(intervals):
+    """Merge [start, end) intervals into a sorted disjoint list."""
+    merged = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def _kernel_breakdown(events, steps: int) -> str:
+    from torch.autograd import DeviceType
+
+    totals, comm, compute = {}, [], []
+    for evt in events:
+        if evt.device_type != DeviceType.CUDA:
+            continue
+        kind = _kernel_kind(evt.name)
+        start, end = evt.time_range.start, evt.time_range.end
+        totals[kind] = totals.get(kind, 0.0) + (end - start)
+        (comm if kind == "nccl" else compute).append((start, end))
+    compute_u = _union(compute)
+    exposed = 0.0
+    for start, end in _union(comm):
+        covered = sum(
+            max(0.0, min(end, c_end) - max(start, c_start)) for c_start, c_end in compute_u
+        )
+        exposed += (end - start) - covered
+    busy = sum(end - start for start, end in _union(compute + comm))
+    lines = [f"per step (ms), {steps} profiled steps, device kernels only:"]
+    for kind in ("gemm", "attention", "other", "nccl"):
+        lines.append(f"  {kind:<10} {totals.get(kind, 0.0) / steps / 1000:9.2f}")
+    lines.append(f"  nccl not overlapped by compute kernels {exposed / steps / 1000:9.2f}")
+    lines.append(f"  device busy (union of all kernels)     {busy / steps / 1000:9.2f}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- compact GPT

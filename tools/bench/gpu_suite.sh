@@ -7,7 +7,8 @@
 # tp:       two H200s, GPT 1.3B: TP=2 with the row-parallel all-reduce in 1, 2 and 4
 #           overlapped pieces, and with sequence parallelism, against 1 GPU; a profile.
 # moe:      two H200s, GPT 1.3B through DeepSpeed (ZeRO-1, DP=2): dense against MoE with 2
-#           experts every other layer, expert-parallel size 2.
+#           experts every other layer, expert-parallel size 2, and MoE with activation
+#           recompute (moe-recompute runs only that one).
 # offload:  one H200: the largest GPT of a ladder (13B, then 6.7B, 2.7B) that trains with
 #           ZeRO-3 and DeepSpeed's CPU Adam (optimizer state in host memory), activation
 #           recompute, 4 micro-batches per step.
@@ -33,6 +34,22 @@ if [ "$what" = tp ]; then
     --impls megatron --nproc 2 --megatron-flags "$tp --tp-comm-overlap-chunks 4" \
     --warmup 2 --iters 3 2>&1 | tee -a "$out/tp2.log"
 fi
+if [ "$what" = nccl ]; then
+  # all-reduce bandwidth by NCCL protocol, then TP=2 with the protocols that matter
+  for proto in default Simple LL128 LL; do
+    if [ $proto = default ]; then env=""; else env="NCCL_PROTO=$proto"; fi
+    env $env torchrun --standalone --nproc_per_node 2 tools/bench/bench_allreduce.py \
+      2>&1 | grep RESULT | tee -a "$out/allreduce.log"
+  done
+  $b --shape 1.3B --impls megatron 2>&1 | tee "$out/nccl_1gpu.log"
+  tp="--tensor-model-parallel-size 2"
+  for proto in "^LL" Simple; do
+    for flags in "$tp" "$tp --sequence-parallel"; do
+      NCCL_PROTO=$proto CUDA_DEVICE_MAX_CONNECTIONS=1 $b --shape 1.3B --impls megatron \
+        --nproc 2 --megatron-flags "$flags" 2>&1 | tee -a "$out/nccl_tp2.log"
+    done
+  done
+fi
 if [ "$what" = moe ]; then
   ds="--deepspeed --deepspeed_config examples/MoE/ds_config_gpt_MoE.json --zero-stage 1"
   ds="$ds --no-pipeline-parallel --global-batch-size 16"
@@ -40,6 +57,13 @@ if [ "$what" = moe ]; then
   $b --shape 1.3B --impls megatron --nproc 2 --megatron-flags "$ds --num-experts 2 \
     --moe-expert-parallel-size 2 --expert-interval 2 --topk 1 --moe-loss-coeff 0.01 \
     --create-moe-param-group" 2>&1 | tee -a "$out/moe.log"
+fi
+if [ "$what" = moe ] || [ "$what" = moe-recompute ]; then
+  ds="--deepspeed --deepspeed_config examples/MoE/ds_config_gpt_MoE.json --zero-stage 1"
+  ds="$ds --no-pipeline-parallel --global-batch-size 16"
+  $b --shape 1.3B --impls megatron --nproc 2 --megatron-flags "$ds --num-experts 2 \
+    --moe-expert-parallel-size 2 --expert-interval 2 --topk 1 --moe-loss-coeff 0.01 \
+    --create-moe-param-group --checkpoint-activations" 2>&1 | tee -a "$out/moe.log"
 fi
 if [ "$what" = offload ]; then
   ds="--deepspeed --deepspeed_config examples/ds_config_gpt_zero3.json --zero-stage 3"

@@ -200,3 +200,18 @@ def test_toy_vocab_out_of_merge_order_falls_back(tmp_path):
     assert tok.backend == "tokenizers"
     ref = _GPT2BPETokenizer(*files, impl="python")
     assert tok.tokenize_batch(TOY_TEXTS) == ref.tokenize_batch(TOY_TEXTS)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int32"])
+def test_tokenize_batch_bytes_equals_ids(fast, python, hand_texts, mixed_texts, dtype):
+    """The raw-bytes path preprocess_data.py writes from (tiktoken: a uint32 buffer cast to
+    the output dtype) holds the reference ids, '<|endoftext|>' in a text included."""
+    import numpy as np
+
+    texts = [*hand_texts, *mixed_texts[:300], "a <|endoftext|> b<|endoftext|>", ""]
+    ref = python.tokenize_batch(texts)
+    for tok in (fast, python):
+        got = tok.tokenize_batch_bytes(texts, np.dtype(dtype))
+        assert [np.frombuffer(b, dtype=dtype).tolist() for b in got] == ref
+    with pytest.raises(UnicodeEncodeError):
+        fast.tokenize_batch_bytes(["ok", "lone \ud800 surrogate"], np.dtype(dtype))
