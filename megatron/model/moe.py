@@ -16,18 +16,32 @@ With --moe-expert-parallel-size ep the experts are spread over ep data-parallel 
 (all-to-all of the routed tokens); the engine creates the expert groups and reduces the
 expert gradients over the expert-data-parallel group only. Every --expert-interval-th
 layer is a MoE layer; --num-experts gives one count or one per MoE layer (pyramid).
+With tensor parallelism (TP = t > 1) the experts are tensor-parallel too (DeepSpeed's
+expert tensor parallelism): every TP rank routes the same tokens, DeepSpeed keeps a 1/t
+share of each expert's capacity slots per rank for the (expert-parallel) all-to-all and
+gathers them back, so the capacity must be a multiple of t. DeepSpeed rounds it up only
+when the experts are not tensor-parallel; `_capacity_multiple_of` rounds it up here
+after the gate, adding empty slots only, so routing and outputs equal those at TP=1.
+DeepSpeed deep-copies the expert module per local expert, and a deep copy of a
+parameter loses its `tensor_model_parallel` / `partition_dim` / `partition_stride`
+attributes; `_copy_tensor_parallel_attributes` puts them back, or the gradient norm (and
+so clipping) would count the split expert weights of TP rank 0 only.
+On gloo, DeepSpeed's token all-gather (a [e, c/t, m] input into a flat buffer) is refused
+by torch; `_use_gloo_token_gather` gives DeepSpeed an all-gather over a list of
+[e, c/t, m] tensors instead (same result, NCCL keeps DeepSpeed's own).
 Checkpoint keys are Megatron-DeepSpeed's: `mlp.deepspeed_moe.gate.wg.weight`,
 `mlp.deepspeed_moe.experts.deepspeed_experts.{i}.dense_h_to_4h.weight`, ...
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+from typing import Any, Callable, List, Tuple
 
 import torch
 from deepspeed.moe.layer import MoE
 
 from megatron import mpu
+from megatron.mpu.layers import copy_tensor_model_parallel_attributes
 
 from .config import TransformerConfig
 from .transformer import ParallelMLP
@@ -66,6 +80,55 @@ class MoEMLP(MoE):
         return output, self.zero_bias
 
 
+def _capacity_multiple_of(multiple: int) -> Callable:
+    """A forward hook for a DeepSpeed TopKGate: round the capacity C in its output
+    (l_aux, C, experts, indices, locations, gates, counts) up to a multiple of `multiple`.
+
+    The routes stay as the gate chose them (dropped ones keep expert index -1 and the
+    kept ones their slots below the old C), so the extra slots stay empty.
+    """
+
+    def hook(module: torch.nn.Module, inputs: Any, output: Tuple) -> Tuple:
+        if not isinstance(output, tuple) or len(output) != 7:
+            return output  # the dense (non-sparse-route) gate output has no capacity
+        capacity = int(output[1])
+        padded = -(-capacity // multiple) * multiple
+        return output if padded == capacity else (output[0], padded) + tuple(output[2:])
+
+    return hook
+
+
+def _copy_tensor_parallel_attributes(expert: torch.nn.Module, layer: MoE) -> None:
+    """Give every copy of `expert` in `layer` the split attributes of `expert`'s
+    parameters (parameter names match: the copies are deep copies of `expert`)."""
+    template = dict(expert.named_parameters())
+    for replica in layer.deepspeed_moe.experts.deepspeed_experts:
+        for name, param in replica.named_parameters():
+            copy_tensor_model_parallel_attributes(param, template[name])
+
+
+def _gather_tokens_list(input_: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Concatenation along `dim` of `input_` from every tensor-parallel rank, in rank
+    order (DeepSpeed's _gather_tokens contract), through a list all-gather gloo accepts."""
+    world_size = mpu.get_tensor_model_parallel_world_size()
+    if world_size == 1:
+        return input_
+    input_ = input_.contiguous()
+    parts = [torch.empty_like(input_) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, input_, group=mpu.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=dim)
+
+
+def _use_gloo_token_gather() -> None:
+    """On a gloo tensor-parallel group, route DeepSpeed's MoE token gather (forward of
+    gather_tokens, backward of drop_tokens) through `_gather_tokens_list`."""
+    from deepspeed.moe import mappings
+
+    group = mpu.get_tensor_model_parallel_group()
+    if torch.distributed.get_backend(group) == "gloo":
+        mappings._gather_tokens = _gather_tokens_list
+
+
 def build_moe_mlp(
     config: TransformerConfig,
     init_method: Callable,
@@ -74,6 +137,7 @@ def build_moe_mlp(
 ) -> MoEMLP:
     """The MoE MLP of one layer: a MoEMLP over `num_experts` ExpertMLPs."""
     expert = ExpertMLP(config, init_method, output_layer_init_method)
+    tp = mpu.get_tensor_model_parallel_world_size()
     layer = MoEMLP(
         config.hidden_size,
         expert,
@@ -85,8 +149,12 @@ def build_moe_mlp(
         min_capacity=config.moe_min_capacity,
         use_residual=config.mlp_type == "residual",
         drop_tokens=config.moe_token_dropping,
-        enable_expert_tensor_parallelism=mpu.get_tensor_model_parallel_world_size() > 1,
+        enable_expert_tensor_parallelism=tp > 1,
     )
+    _copy_tensor_parallel_attributes(expert, layer)
+    if tp > 1:
+        layer.deepspeed_moe.gate.register_forward_hook(_capacity_multiple_of(tp))
+        _use_gloo_token_gather()
     layer.register_buffer(
         "zero_bias", torch.zeros(config.hidden_size, dtype=config.params_dtype), persistent=False
     )

@@ -50,6 +50,18 @@ if [ "$what" = nccl ]; then
     done
   done
 fi
+if [ "$what" = nccl-channels ]; then
+  # NCCL channel counts: more channels (bandwidth) against fewer (SMs left to the GEMMs)
+  for ch in "NCCL_MIN_NCHANNELS=32" "NCCL_MAX_NCHANNELS=8"; do
+    env $ch torchrun --standalone --nproc_per_node 2 tools/bench/bench_allreduce.py \
+      --sizes-mb 16,64 2>&1 | grep RESULT | tee -a "$out/allreduce.log"
+  done
+  $b --shape 1.3B --impls megatron 2>&1 | tee "$out/nccl_1gpu.log"
+  for ch in "NCCL_MIN_NCHANNELS=32" "NCCL_MAX_NCHANNELS=8"; do
+    env $ch CUDA_DEVICE_MAX_CONNECTIONS=1 $b --shape 1.3B --impls megatron --nproc 2 \
+      --megatron-flags "--tensor-model-parallel-size 2" 2>&1 | tee -a "$out/nccl_tp2.log"
+  done
+fi
 if [ "$what" = moe ]; then
   ds="--deepspeed --deepspeed_config examples/MoE/ds_config_gpt_MoE.json --zero-stage 1"
   ds="$ds --no-pipeline-parallel --global-batch-size 16"
