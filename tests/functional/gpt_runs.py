@@ -96,3 +96,44 @@ def parse_log(stdout: str) -> dict[int, dict]:
             "nan": int(m.group(8)),
         }
     return rows
+
+
+# "| grad norm: G | moe loss: M |" of a MoE run's log line: (iteration, grad norm, moe loss)
+MOE_RE = re.compile(r"iteration\s+(\d+)/.*?\| grad norm: ([0-9.]+) \| moe loss: ([0-9.E+-]+) \|")
+
+
+def rel_close(a: float, b: float, rel_tol: float) -> bool:
+    """|a - b| <= rel_tol * |b|."""
+    return abs(a - b) <= rel_tol * abs(b)
+
+
+def pretrain_in_process(args_list: list[str], tokenizer_type: str) -> str:
+    """Run pretrain_gpt.py's pretrain() in this (spawned, distributed) process after
+    resetting Megatron's globals and model-parallel state; return what it printed."""
+    import contextlib
+    import io
+
+    import torch
+
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import pretrain_gpt
+    from megatron import deepspeed_engine, mpu
+    from megatron.global_vars import reset_global_variables
+    from megatron.training import pretrain
+
+    reset_global_variables()
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    deepspeed_engine._LOG_STATE.clear()
+    torch.distributed.barrier()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        pretrain(
+            pretrain_gpt.train_valid_test_datasets_provider,
+            pretrain_gpt.model_provider,
+            pretrain_gpt.forward_step,
+            args_defaults={"tokenizer_type": tokenizer_type},
+            args_list=args_list,
+        )
+    return buf.getvalue()

@@ -14,8 +14,6 @@ ZeRO-1/2 and the pipeline (measured: identical, or 1 in the last digit).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -26,7 +24,7 @@ import sys
 import pytest
 
 from ..dist_utils import run_distributed
-from .gpt_runs import ROOT, parse_log, preprocess, run_pretrain
+from .gpt_runs import ROOT, parse_log, preprocess, pretrain_in_process, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -175,26 +173,9 @@ def _prepare(step) -> None:
         convert(src, dst, target_tp=1, target_pp=1)
 
 
-def _reset_state() -> None:
-    import torch
-
-    from megatron import deepspeed_engine, mpu
-    from megatron.global_vars import reset_global_variables
-
-    reset_global_variables()
-    if mpu.model_parallel_is_initialized():
-        mpu.destroy_model_parallel()
-    deepspeed_engine._LOG_STATE.clear()
-    torch.distributed.barrier()
-
-
 def _world(rank, world_size, tmp, data_path, vocab_dir):
     """Every two-rank run in one world; returns {name: last rank's stdout}."""
     import torch
-
-    sys.path.insert(0, ROOT)
-    import pretrain_gpt
-    from megatron.training import pretrain
 
     plan = _run_configs(tmp, data_path, vocab_dir)
     if rank == 0:
@@ -205,17 +186,7 @@ def _world(rank, world_size, tmp, data_path, vocab_dir):
     for name, extra, step in plan["runs"]:
         if step is not None and rank == 0:
             _prepare(step)
-        _reset_state()
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            pretrain(
-                pretrain_gpt.train_valid_test_datasets_provider,
-                pretrain_gpt.model_provider,
-                pretrain_gpt.forward_step,
-                args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
-                args_list=_common(data_path, vocab_dir) + extra,
-            )
-        logs[name] = buf.getvalue()
+        logs[name] = pretrain_in_process(_common(data_path, vocab_dir) + extra, "GPT2BPETokenizer")
         torch.distributed.barrier()
     return logs
 

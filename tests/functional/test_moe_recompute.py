@@ -12,17 +12,23 @@ the gate's included, is checked in tests/unit/model/test_moe_recompute.py.
 from __future__ import annotations
 
 import os
-import re
 
 import pytest
 
-from .gpt_runs import ROOT, parse_log, run_pretrain, small_vocab_dataset, tiny_gpt_args
+from .gpt_runs import (
+    MOE_RE,
+    ROOT,
+    parse_log,
+    rel_close,
+    run_pretrain,
+    small_vocab_dataset,
+    tiny_gpt_args,
+)
 
 pytestmark = pytest.mark.slow
 
 ITERS = 6
 REL_TOL = 2e-6
-MOE_RE = re.compile(r"iteration\s+(\d+)/.*?\| grad norm: ([0-9.]+) \| moe loss: ([0-9.E+-]+) \|")
 
 
 def _args(data: str, recompute: bool) -> list[str]:
@@ -52,7 +58,7 @@ def _run(data: str, recompute: bool) -> tuple[list[float], dict]:
 
 
 def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= REL_TOL * abs(b)
+    return rel_close(a, b, REL_TOL)
 
 
 def test_moe_with_recompute_trains_like_stored_run(tmp_path):

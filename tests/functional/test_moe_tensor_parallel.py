@@ -14,22 +14,26 @@ and a second TP=2 run resumed from it repeats iterations 4-6 exactly.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import re
-import sys
 
 import pytest
 
 from ..dist_utils import run_distributed
-from .gpt_runs import ROOT, parse_log, run_pretrain, small_vocab_dataset, tiny_gpt_args
+from .gpt_runs import (
+    MOE_RE,
+    ROOT,
+    parse_log,
+    pretrain_in_process,
+    rel_close,
+    run_pretrain,
+    small_vocab_dataset,
+    tiny_gpt_args,
+)
 
 pytestmark = pytest.mark.slow
 
 ITERS = 6
 REL_TOL = 2e-6
-MOE_RE = re.compile(r"iteration\s+(\d+)/.*?\| grad norm: ([0-9.]+) \| moe loss: ([0-9.E+-]+) \|")
 
 
 def _args(data: str, tp: int) -> list[str]:
@@ -54,39 +58,19 @@ def _world(rank: int, world_size: int, data: str, ckpt: str) -> dict:
     """Two TP=2 runs in one world: 6 iterations saving at 3, then a resume from 3."""
     import torch
 
-    sys.path.insert(0, ROOT)
-    import pretrain_gpt
-    from megatron import deepspeed_engine, mpu
-    from megatron.global_vars import reset_global_variables
-    from megatron.training import pretrain
-
     logs = {}
     runs = (
         ("full", ["--save", ckpt, "--save-interval", "3"]),
         ("resume", ["--load", ckpt, "--train-iters", str(ITERS)]),
     )
     for name, extra in runs:
-        reset_global_variables()
-        if mpu.model_parallel_is_initialized():
-            mpu.destroy_model_parallel()
-        deepspeed_engine._LOG_STATE.clear()
-        torch.distributed.barrier()
         if name == "resume" and rank == 0:  # resume from iteration 3, not the last save
             for tracker, text in (("latest", "global_step3"),
                                   ("latest_checkpointed_iteration.txt", "3")):  # fmt: skip
                 with open(os.path.join(ckpt, tracker), "w") as f:
                     f.write(text)
         torch.distributed.barrier()
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            pretrain(
-                pretrain_gpt.train_valid_test_datasets_provider,
-                pretrain_gpt.model_provider,
-                pretrain_gpt.forward_step,
-                args_defaults={"tokenizer_type": "NullTokenizer"},
-                args_list=_args(data, 2) + extra,
-            )
-        logs[name] = buf.getvalue()
+        logs[name] = pretrain_in_process(_args(data, 2) + extra, "NullTokenizer")
         torch.distributed.barrier()
     return logs
 
@@ -100,7 +84,7 @@ def _rows(stdout: str, iters: list[int]) -> dict[int, tuple[float, float, str]]:
 
 
 def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= REL_TOL * abs(b)
+    return rel_close(a, b, REL_TOL)
 
 
 @pytest.fixture(scope="module")
