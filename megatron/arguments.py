@@ -652,6 +652,11 @@ def _set_parallel_layout(args: argparse.Namespace) -> None:
             f"--num-attention-heads ({args.num_attention_heads}) is not divisible by "
             f"--tensor-model-parallel-size ({tp})"
         )
+    if args.decoder_seq_length is not None and pp > 1:  # an encoder-decoder (T5) run
+        raise ArgumentError(
+            f"--pipeline-model-parallel-size ({pp}) must be 1 for T5 (encoder-decoder models "
+            "with --decoder-seq-length)"
+        )
     # DeepSpeed's pipeline engine balances uneven stages itself; Megatron's needs equal ones.
     if args.num_layers % pp != 0 and not _uses_deepspeed_pipeline(args):
         raise ArgumentError(

@@ -243,10 +243,14 @@ def _download_punkt(timeout: float = 10.0) -> bool:
     import nltk
 
     resolved = []
-    probe = threading.Thread(
-        target=lambda: resolved.append(socket.getaddrinfo("raw.githubusercontent.com", 443)),
-        daemon=True,
-    )
+
+    def resolve() -> None:
+        try:
+            resolved.append(socket.getaddrinfo("raw.githubusercontent.com", 443))
+        except OSError:  # offline: no download, and nothing to print
+            pass
+
+    probe = threading.Thread(target=resolve, daemon=True)
     probe.start()
     probe.join(2.0)
     if not resolved:

@@ -644,7 +644,8 @@ def _build_train_valid_test_datasets(
     print_rank_0(f" > dataset split of {data_prefix}: documents {splits}")
 
     def build_dataset(index: int, name: str):
-        if splits[index + 1] <= splits[index]:
+        # no documents, or no samples asked for (--eval-iters 0): no dataset
+        if splits[index + 1] <= splits[index] or not train_valid_test_num_samples[index]:
             return None
         doc_idx = indexed_dataset.doc_idx[splits[index] : splits[index + 1] + 1]
         kwargs = dict(

@@ -212,7 +212,10 @@ class TransformerLanguageModel(MegatronModule):
         self._transformer_key = "transformer"
         if self.add_decoder:
             if mpu.get_pipeline_model_parallel_world_size() > 1:
-                raise ValueError("TransformerLanguageModel: a decoder needs pipeline size 1")
+                raise ValueError(
+                    "TransformerLanguageModel: a decoder (T5) needs "
+                    "--pipeline-model-parallel-size 1"
+                )
             self.decoder = ParallelTransformer(
                 config,
                 init_method,
