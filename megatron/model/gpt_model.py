@@ -18,7 +18,7 @@ from megatron import mpu
 
 from .config import TransformerConfig
 from .enums import AttnMaskType
-from .language_model import flatten_state_dict, get_language_model, parallel_lm_logits
+from .language_model import get_language_model, load_model_state_dict, parallel_lm_logits
 from .module import MegatronModule
 from .utils import init_method_normal, scaled_init_method_normal
 
@@ -177,11 +177,4 @@ class GPTModel(MegatronModule):
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):
         """Load the nested checkpoint layout or the flat state_dict()."""
-        flat = {}
-        for key, value in flatten_state_dict(state_dict).items():
-            if key.startswith(self._word_embeddings_for_head_key + "."):
-                key = "word_embeddings." + key[len(self._word_embeddings_for_head_key) + 1 :]
-            elif key.startswith("language_model.encoder."):
-                key = "language_model.transformer." + key[len("language_model.encoder.") :]
-            flat[key] = value
-        return torch.nn.Module.load_state_dict(self, flat, strict=strict)
+        return load_model_state_dict(self, state_dict, strict=strict)

@@ -172,6 +172,30 @@ def flatten_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> Dict[
     return flat
 
 
+def load_model_state_dict(
+    model: torch.nn.Module, state_dict: Mapping[str, Any], strict: bool = True
+):
+    """Load a GPT/BERT/T5 model from the nested checkpoint layout or a flat state_dict().
+
+    Nested keys are joined ('language_model': {'encoder': ...} -> 'language_model.encoder.'),
+    then checkpoint names map to module names: 'word_embeddings_for_head.' (the last
+    pipeline stage's copy of the embeddings) -> 'word_embeddings.', and
+    'language_model.encoder.' -> 'language_model.transformer.'.
+    """
+    renames = (
+        ("word_embeddings_for_head.", "word_embeddings."),
+        ("language_model.encoder.", "language_model.transformer."),
+    )
+    flat = {}
+    for key, value in flatten_state_dict(state_dict).items():
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        flat[key] = value
+    return torch.nn.Module.load_state_dict(model, flat, strict=strict)
+
+
 class TransformerLanguageModel(MegatronModule):
     """Embedding (first stage) -> ParallelTransformer (this stage's layers) -> optional
     decoder stack (T5) and pooler (last stage). Returns [s, b, h] hidden states."""
