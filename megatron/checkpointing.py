@@ -74,6 +74,28 @@ def get_checkpoint_tracker_filename(checkpoints_path: str) -> str:
     return os.path.join(checkpoints_path, TRACKER_FILENAME)
 
 
+def inference_checkpoint_problem(args, purpose: str) -> str | None:
+    """Why `args` cannot load a checkpoint for `purpose` (generation, evaluation), as one
+    line naming the flag, or None: Megatron checkpoints at pipeline parallel 1 only."""
+    if args.pipeline_model_parallel_size > 1:
+        return (
+            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} is not "
+            f"supported for {purpose}; reshape the checkpoint to pipeline parallel 1 "
+            "with tools/checkpoint_util.py"
+        )
+    if args.deepspeed:
+        return (
+            f"--deepspeed checkpoints are not read by {purpose}; convert with "
+            "tools/convert_checkpoint/deepspeed_to_megatron.py and drop --deepspeed"
+        )
+    if args.load is None:
+        return "--load (the checkpoint folder) is required"
+    tracker = get_checkpoint_tracker_filename(args.load)
+    if not os.path.isfile(tracker):
+        return f"--load {args.load}: no checkpoint there ({tracker} not found)"
+    return None
+
+
 def read_metadata(tracker_filename: str) -> tuple[int, bool]:
     """(iteration, release) from the tracker; a corrupt tracker is an error naming it."""
     with open(tracker_filename) as f:

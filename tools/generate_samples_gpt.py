@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from megatron import get_args, get_tokenizer, print_rank_0  # noqa: E402
 from megatron.accelerator import current_device  # noqa: E402
-from megatron.checkpointing import get_checkpoint_tracker_filename, load_checkpoint  # noqa: E402
+from megatron.checkpointing import inference_checkpoint_problem, load_checkpoint  # noqa: E402
 from megatron.initialize import initialize_megatron  # noqa: E402
 from megatron.model import GPTModel  # noqa: E402
 from megatron.model.config import config_from_args  # noqa: E402
@@ -105,24 +105,8 @@ def check_generation_args(args: argparse.Namespace) -> None:
         problem = "--num-samples needs --genfile FILE for the samples"
     elif args.out_seq_length < 1:
         problem = f"--out-seq-length must be >= 1, got {args.out_seq_length}"
-    elif args.pipeline_model_parallel_size > 1:
-        problem = (
-            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} is not "
-            "supported for generation; reshape the checkpoint to pipeline parallel 1 "
-            "with tools/checkpoint_util.py"
-        )
-    elif args.deepspeed:
-        problem = (
-            "--deepspeed checkpoints are not read by generation; convert with "
-            "tools/convert_checkpoint/deepspeed_to_megatron.py and drop --deepspeed"
-        )
-    elif args.load is None:
-        problem = "--load (the checkpoint folder) is required"
-    elif not os.path.isfile(get_checkpoint_tracker_filename(args.load)):
-        problem = (
-            f"--load {args.load}: no checkpoint there "
-            f"({get_checkpoint_tracker_filename(args.load)} not found)"
-        )
+    else:
+        problem = inference_checkpoint_problem(args, "generation")
     if problem is None:
         try:
             sampling_params(args).validate()

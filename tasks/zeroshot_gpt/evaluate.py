@@ -23,7 +23,7 @@ import torch
 
 from megatron import get_args, get_tokenizer, is_last_rank, mpu, print_rank_0
 from megatron.accelerator import current_device
-from megatron.checkpointing import get_checkpoint_tracker_filename, load_checkpoint
+from megatron.checkpointing import inference_checkpoint_problem, load_checkpoint
 from megatron.model import GPTModel
 from megatron.model.config import config_from_args
 from megatron.training import get_model
@@ -183,24 +183,8 @@ def check_eval_args(args) -> None:
         problem = f"--task {args.task} takes one --valid-data file, got {len(args.valid_data)}"
     elif not os.path.isfile(args.valid_data[0]):
         problem = f"--valid-data {args.valid_data[0]}: no such file"
-    elif args.pipeline_model_parallel_size > 1:
-        problem = (
-            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} is not "
-            "supported for zero-shot evaluation; reshape the checkpoint to pipeline "
-            "parallel 1 with tools/checkpoint_util.py"
-        )
-    elif args.deepspeed:
-        problem = (
-            "--deepspeed checkpoints are not read by zero-shot evaluation; convert with "
-            "tools/convert_checkpoint/deepspeed_to_megatron.py and drop --deepspeed"
-        )
-    elif args.load is None:
-        problem = "--load (the checkpoint folder) is required"
-    elif not os.path.isfile(get_checkpoint_tracker_filename(args.load)):
-        problem = (
-            f"--load {args.load}: no checkpoint there "
-            f"({get_checkpoint_tracker_filename(args.load)} not found)"
-        )
+    else:
+        problem = inference_checkpoint_problem(args, "zero-shot evaluation")
     if problem is not None:
         sys.exit(f"{SCRIPT}: error: {problem}")
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+
+from ..dist_utils import free_port
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CORPUS = os.path.join(ROOT, "tests", "data", "corpus_small.jsonl")
@@ -137,3 +140,76 @@ def pretrain_in_process(args_list: list[str], tokenizer_type: str) -> str:
             args_list=args_list,
         )
     return buf.getvalue()
+
+
+def launch(
+    nproc: int,
+    args: list[str],
+    launcher: str = "torchrun",
+    script: str = "pretrain_gpt.py",
+    timeout: float = 240,
+) -> str:
+    """Run `script` on nproc CPU ranks like a user; return stdout. The launcher and every
+    rank run in a new session that is killed on timeout."""
+    port = str(free_port())
+    if nproc == 1:
+        cmd = [sys.executable, os.path.join(ROOT, script)]
+    elif launcher == "torchrun":
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--nnodes",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            script,
+        ]
+    else:  # python -m torch.distributed.launch: passes --local-rank to every rank
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.launch",
+            "--nproc_per_node",
+            str(nproc),
+            "--nnodes",
+            "1",
+            "--node_rank",
+            "0",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            script,
+        ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        cmd + args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"{nproc}-rank run did not finish in {timeout}s (hang)\n"
+            f"{out[-3000:]}\n{err[-3000:]}"
+        ) from None
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd[:3])} exited {proc.returncode}\n--- stdout\n"
+            f"{out[-4000:]}\n--- stderr\n{err[-6000:]}"
+        )
+    return out

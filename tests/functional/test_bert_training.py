@@ -12,14 +12,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from ..dist_utils import free_port
-from .gpt_runs import CORPUS, ROOT
+from .gpt_runs import CORPUS, ROOT, launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -77,38 +75,7 @@ def tiny_bert_args(data_path: str, vocab_dir: str, tp: int = 1) -> list[str]:
 def run_bert(args: list[str], nproc: int = 1, timeout: float = 240) -> str:
     """pretrain_bert.py as a user runs it (torchrun for several ranks); returns stdout.
     The run is a new session, killed whole on timeout."""
-    script = os.path.join(ROOT, "pretrain_bert.py")
-    cmd = [sys.executable, script]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port",
-               str(free_port()), script]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.Popen(
-        cmd + args,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(
-            f"pretrain_bert.py did not finish in {timeout}s\n{out[-3000:]}"
-        ) from None
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"pretrain_bert.py exited {proc.returncode}\n--- stdout\n{out[-4000:]}"
-            f"\n--- stderr\n{err[-6000:]}"
-        )
-    return out
+    return launch(nproc, args, script="pretrain_bert.py", timeout=timeout)
 
 
 def parse_bert_log(stdout: str) -> dict[int, dict]:

@@ -17,14 +17,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from ..dist_utils import free_port
-from .gpt_runs import ROOT, parse_log, preprocess, tiny_gpt_args
+from .gpt_runs import ROOT, launch, parse_log, preprocess, tiny_gpt_args
 
 # several launches per test; each launch has its own RUN_TIMEOUT
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -64,70 +62,7 @@ def _layout_flags(
 def _launch(
     nproc: int, args: list[str], launcher: str = "torchrun", script: str = "pretrain_gpt.py"
 ) -> str:
-    """Run `script` on nproc CPU ranks like a user; return stdout. The launcher and every
-    rank run in a new session that is killed on timeout."""
-    port = str(free_port())
-    if nproc == 1:
-        cmd = [sys.executable, os.path.join(ROOT, script)]
-    elif launcher == "torchrun":
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--nnodes",
-            "1",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            port,
-            script,
-        ]
-    else:  # python -m torch.distributed.launch: passes --local-rank to every rank
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.launch",
-            "--nproc_per_node",
-            str(nproc),
-            "--nnodes",
-            "1",
-            "--node_rank",
-            "0",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            port,
-            script,
-        ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.Popen(
-        cmd + args,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(
-            f"{nproc}-rank run did not finish in {RUN_TIMEOUT}s (hang)\n"
-            f"{out[-3000:]}\n{err[-3000:]}"
-        ) from None
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd[:3])} exited {proc.returncode}\n--- stdout\n"
-            f"{out[-4000:]}\n--- stderr\n{err[-6000:]}"
-        )
-    return out
+    return launch(nproc, args, launcher=launcher, script=script, timeout=RUN_TIMEOUT)
 
 
 def _losses(stdout: str, first: int = 1, last: int = ITERS) -> list[float]:

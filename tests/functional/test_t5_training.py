@@ -19,8 +19,7 @@ import sys
 import pytest
 import torch
 
-from ..dist_utils import free_port
-from .gpt_runs import CORPUS, ROOT, parse_log, rel_close, run_pretrain
+from .gpt_runs import CORPUS, ROOT, launch, parse_log, rel_close, run_pretrain
 
 ITERS = 20
 TP_ITERS = 5
@@ -124,14 +123,9 @@ def test_tensor_parallel_2_equals_1(t5_run, vocab_dir):
     args = tiny_t5_args(data_path, vocab_dir, TP_ITERS) + [
         "--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64",
     ]  # fmt: skip
-    torchrun = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        os.path.join(ROOT, "pretrain_t5.py"),
-    ]  # fmt: skip
-    proc = run_pretrain(args, timeout=240, script=torchrun, extra_env={"PYTHONWARNINGS": "ignore"})
-    tp_rows = parse_log(proc.stdout)
-    assert sorted(tp_rows) == list(range(1, TP_ITERS + 1)), proc.stdout[-3000:]
+    stdout = launch(2, args, script="pretrain_t5.py", timeout=240)
+    tp_rows = parse_log(stdout)
+    assert sorted(tp_rows) == list(range(1, TP_ITERS + 1)), stdout[-3000:]
     for it in range(1, TP_ITERS + 1):
         got, ref = float(tp_rows[it]["loss"]), float(rows[it]["loss"])
         assert rel_close(got, ref, REL_TOL), (it, got, ref)

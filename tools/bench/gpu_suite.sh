@@ -62,20 +62,19 @@ if [ "$what" = nccl-channels ]; then
       --megatron-flags "--tensor-model-parallel-size 2" 2>&1 | tee -a "$out/nccl_tp2.log"
   done
 fi
+# DeepSpeed data-parallel 2 (ZeRO-1), and the MoE flags on top of it
+ds_dp2="--deepspeed --deepspeed_config examples/MoE/ds_config_gpt_MoE.json --zero-stage 1"
+ds_dp2="$ds_dp2 --no-pipeline-parallel --global-batch-size 16"
+moe="--num-experts 2 --moe-expert-parallel-size 2 --expert-interval 2 --topk 1"
+moe="$moe --moe-loss-coeff 0.01 --create-moe-param-group"
 if [ "$what" = moe ]; then
-  ds="--deepspeed --deepspeed_config examples/MoE/ds_config_gpt_MoE.json --zero-stage 1"
-  ds="$ds --no-pipeline-parallel --global-batch-size 16"
-  $b --shape 1.3B --impls megatron --nproc 2 --megatron-flags "$ds" 2>&1 | tee "$out/moe.log"
-  $b --shape 1.3B --impls megatron --nproc 2 --megatron-flags "$ds --num-experts 2 \
-    --moe-expert-parallel-size 2 --expert-interval 2 --topk 1 --moe-loss-coeff 0.01 \
-    --create-moe-param-group" 2>&1 | tee -a "$out/moe.log"
+  $b --shape 1.3B --impls megatron --nproc 2 --megatron-flags "$ds_dp2" 2>&1 | tee "$out/moe.log"
+  $b --shape 1.3B --impls megatron --nproc 2 --megatron-flags "$ds_dp2 $moe" 2>&1 \
+    | tee -a "$out/moe.log"
 fi
 if [ "$what" = moe ] || [ "$what" = moe-recompute ]; then
-  ds="--deepspeed --deepspeed_config examples/MoE/ds_config_gpt_MoE.json --zero-stage 1"
-  ds="$ds --no-pipeline-parallel --global-batch-size 16"
-  $b --shape 1.3B --impls megatron --nproc 2 --megatron-flags "$ds --num-experts 2 \
-    --moe-expert-parallel-size 2 --expert-interval 2 --topk 1 --moe-loss-coeff 0.01 \
-    --create-moe-param-group --checkpoint-activations" 2>&1 | tee -a "$out/moe.log"
+  $b --shape 1.3B --impls megatron --nproc 2 \
+    --megatron-flags "$ds_dp2 $moe --checkpoint-activations" 2>&1 | tee -a "$out/moe.log"
 fi
 if [ "$what" = offload ]; then
   ds="--deepspeed --deepspeed_config examples/ds_config_gpt_zero3.json --zero-stage 3"
