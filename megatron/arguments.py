@@ -394,6 +394,14 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
         "instead of overlapping it with the weight-gradient GEMM.",
     )
     add(
+        "--tp-comm-overlap",
+        action=_TRUE,
+        help="With --sequence-parallel: split each tensor-parallel GEMM along the sequence "
+        "and move the pieces between GPUs by copy engines (CUDA symmetric memory, NCCL "
+        "group) while the other pieces compute, instead of all-gathering / "
+        "reduce-scattering before or after the GEMM.",
+    )
+    add(
         "--tp-comm-overlap-chunks",
         type=int,
         default=1,
@@ -669,8 +677,16 @@ def _set_parallel_layout(args: argparse.Namespace) -> None:
         )
     else:
         args.virtual_pipeline_model_parallel_size = None
+    if tp > 1 and args.tp_comm_overlap and not args.sequence_parallel:
+        raise ArgumentError(
+            "--tp-comm-overlap overlaps the all-gathers and reduce-scatters of sequence "
+            "parallelism with the GEMMs: add --sequence-parallel (or use "
+            "--tp-comm-overlap-chunks N for the all-reduce of plain tensor parallelism)"
+        )
     if tp == 1 and args.sequence_parallel:
         args.sequence_parallel = False  # nothing to split the sequence across
+    if not args.sequence_parallel:
+        args.tp_comm_overlap = False
     if args.tp_comm_overlap_chunks < 1:
         raise ArgumentError(
             f"--tp-comm-overlap-chunks must be at least 1 (got {args.tp_comm_overlap_chunks})"

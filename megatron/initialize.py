@@ -84,6 +84,15 @@ def _initialize_distributed(args) -> None:
             f"{mpu.get_pipeline_model_parallel_world_size()}\n"
             f"> initialized data parallel with size {mpu.get_data_parallel_world_size()}"
         )
+    mpu.set_tensor_model_parallel_comm_overlap(getattr(args, "tp_comm_overlap", False))
+    if mpu.get_tensor_model_parallel_comm_overlap():
+        usable, why = mpu.symmetric_memory_available()
+        if usable:
+            print_rank_0("> tp-comm-overlap: sequence-parallel GEMMs overlap their all-gathers "
+                         "and reduce-scatters through symmetric memory (copy engines)")
+        else:
+            print_rank_0(f"> tp-comm-overlap: {why}; each sequence-parallel GEMM and its "
+                         "all-gather / reduce-scatter run one after the other")
 
 
 def _set_random_seed(seed: int) -> None:

@@ -27,7 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank, world_size, port, args, queue):
+def _worker(fn, rank, world_size, port, args, queue, backend):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -41,7 +41,9 @@ def _worker(fn, rank, world_size, port, args, queue):
 
     torch.set_num_threads(1)
     try:
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", result))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
@@ -54,13 +56,18 @@ def _worker(fn, rank, world_size, port, args, queue):
                 pass
 
 
-def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 180.0):
-    """Run fn(rank, world_size, *args) on `world_size` gloo ranks; return results by rank."""
+def run_distributed(
+    fn, world_size: int, args: tuple = (), timeout: float = 180.0, backend: str = "gloo"
+):
+    """Run fn(rank, world_size, *args) on `world_size` ranks (gloo; or nccl, rank r on
+    GPU r); return results by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, world_size, port, args, queue), daemon=True)
+        ctx.Process(
+            target=_worker, args=(fn, r, world_size, port, args, queue, backend), daemon=True
+        )
         for r in range(world_size)
     ]
     for p in procs:

@@ -5,12 +5,13 @@ mpu.get_tensor_model_parallel_rank()``); the module itself can be passed to Deep
 as ``deepspeed.initialize(mpu=mpu)``.
 """
 
-from . import cross_entropy, data, initialize, layers, mappings, random, utils
+from . import cross_entropy, data, initialize, layers, mappings, overlap, random, utils
 from .cross_entropy import *  # noqa: F403
 from .data import *  # noqa: F403
 from .initialize import *  # noqa: F403
 from .layers import *  # noqa: F403
 from .mappings import *  # noqa: F403
+from .overlap import *  # noqa: F403
 from .random import *  # noqa: F403
 from .utils import *  # noqa: F403
 
@@ -20,6 +21,7 @@ __all__ = [
     *initialize.__all__,
     *layers.__all__,
     *mappings.__all__,
+    *overlap.__all__,
     *random.__all__,
     *utils.__all__,
 ]

@@ -25,6 +25,7 @@ from torch.nn.parameter import Parameter
 from megatron.accelerator import current_device
 
 from .initialize import (
+    get_tensor_model_parallel_comm_overlap,
     get_tensor_model_parallel_group,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
@@ -39,6 +40,7 @@ from .mappings import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
+from .overlap import column_parallel_linear_overlap, row_parallel_linear_overlap
 from .utils import VocabUtility, divide
 
 __all__ = [
@@ -235,6 +237,14 @@ class _RowParallelLinearChunkedAllReduce(torch.autograd.Function):
         return grad_input, grad_weight, None
 
 
+def _overlap_sequence_parallel(sequence_parallel: bool) -> bool:
+    return (
+        sequence_parallel
+        and get_tensor_model_parallel_comm_overlap()
+        and get_tensor_model_parallel_world_size() > 1
+    )
+
+
 def linear_with_grad_accumulation_and_async_allreduce(
     input_: torch.Tensor,
     weight: torch.Tensor,
@@ -247,8 +257,12 @@ def linear_with_grad_accumulation_and_async_allreduce(
     `_LinearWithAsyncCommunication` for the backward communication and its overlap.
 
     Equals `F.linear(copy_to_tensor_model_parallel_region(X), W, b)` (sequence parallel:
-    `gather_from_sequence_parallel_region(X)`) in value and gradient.
+    `gather_from_sequence_parallel_region(X)`) in value and gradient. With
+    `--tp-comm-overlap` the sequence-parallel gather (and the backward reduce-scatter)
+    overlap the GEMM in pieces (mpu/overlap.py).
     """
+    if _overlap_sequence_parallel(sequence_parallel):
+        return column_parallel_linear_overlap(input_, weight, bias)
     return _LinearWithAsyncCommunication.apply(
         input_, weight, bias, sequence_parallel, async_grad_allreduce
     )
@@ -497,7 +511,9 @@ class RowParallelLinear(torch.nn.Module):
         else:
             input_parallel = scatter_to_tensor_model_parallel_region(input_)  # [s, b, in/p]
         chunks = self.tp_comm_overlap_chunks
-        if (
+        if _overlap_sequence_parallel(self.sequence_parallel):
+            output_ = row_parallel_linear_overlap(input_parallel, self.weight)  # [s/p, b, o]
+        elif (
             chunks > 1
             and not self.sequence_parallel
             and get_tensor_model_parallel_world_size() > 1

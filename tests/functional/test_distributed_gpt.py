@@ -147,6 +147,19 @@ def test_tp2_pp2_sequence_parallel(tp2_pp2_run, serial, tp2):
     _assert_close("TP=2 x PP=2 sequence parallel vs TP=2", tp2_pp2_run[0], tp2)
 
 
+def test_tensor_parallel_comm_overlap(data_path, vocab_dir, serial, tp2):
+    """--sequence-parallel --tp-comm-overlap: on gloo the overlapped GEMMs run their
+    all-gather / reduce-scatter unfused (and say so) and train the same model."""
+    flags = _layout_flags(
+        data_path, vocab_dir, tp=2, extra=SEQUENCE_PARALLEL + ["--tp-comm-overlap"]
+    )
+    out = _launch(2, flags)
+    assert "> tp-comm-overlap: no CUDA device; each sequence-parallel GEMM" in out, out[-3000:]
+    losses = _losses(out)
+    _assert_close("TP=2 sequence parallel, tp-comm-overlap", losses, serial)
+    _assert_close("TP=2 sequence parallel, tp-comm-overlap vs TP=2", losses, tp2)
+
+
 def test_tp2_pp2_dp2_torch_ddp_scatter_gather(data_path, vocab_dir, serial):
     """8 ranks, launched by torch.distributed.launch; --DDP-impl torch with 2 micro-batches
     per rank (two forwards before the first backward on stage 0) and

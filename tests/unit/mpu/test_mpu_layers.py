@@ -143,7 +143,18 @@ def _check_row_chunked(tp, r):
 
 
 def _check_sequence_parallel_mlp(tp, r):
-    """Column -> gelu -> Row with sequence parallelism equals the serial MLP."""
+    """Column -> gelu -> Row with sequence parallelism equals the serial MLP, with the
+    GEMMs and their all-gather / reduce-scatter one after the other and through the
+    --tp-comm-overlap functions (mpu/overlap.py; on gloo they run unfused)."""
+    for overlap in (False, True):
+        mpu.set_tensor_model_parallel_comm_overlap(overlap)
+        try:
+            _sequence_parallel_mlp(tp, r, f"tp_comm_overlap={overlap}")
+        finally:
+            mpu.set_tensor_model_parallel_comm_overlap(False)
+
+
+def _sequence_parallel_mlp(tp, r, what):
     col_ref = _serial(mpu.ColumnParallelLinear, 8, 16, gather_output=False)
     row_ref = _serial(mpu.RowParallelLinear, 16, 8, input_is_parallel=True)
     col = _parallel(mpu.ColumnParallelLinear, 8, 16, gather_output=False, sequence_parallel=True)
@@ -158,16 +169,16 @@ def _check_sequence_parallel_mlp(tp, r):
     # the reference layers' own forward would communicate (TP is 2 again): use F.linear
     y_ref = F.linear(F.gelu(F.linear(x_ref, col_ref.weight, col_ref.bias)), row_ref.weight)
     y_ref = y_ref + row_ref.bias
-    _close(y, y_ref.chunk(tp, 0)[r], "sequence-parallel MLP forward")
+    _close(y, y_ref.chunk(tp, 0)[r], f"sequence-parallel MLP forward {what}")
     (y * grad.chunk(tp, 0)[r]).sum().backward()
     (y_ref * grad).sum().backward()
-    _close(x.grad, x_ref.grad.chunk(tp, 0)[r], "sequence-parallel input grad")
-    _close(col.weight.grad, col_ref.weight.grad.chunk(tp, 0)[r], "sp column weight grad")
-    _close(row.weight.grad, row_ref.weight.grad.chunk(tp, 1)[r], "sp row weight grad")
+    _close(x.grad, x_ref.grad.chunk(tp, 0)[r], f"sequence-parallel input grad {what}")
+    _close(col.weight.grad, col_ref.weight.grad.chunk(tp, 0)[r], f"sp column weight grad {what}")
+    _close(row.weight.grad, row_ref.weight.grad.chunk(tp, 1)[r], f"sp row weight grad {what}")
     # each rank's bias grad covers its sequence chunk: their sum is the serial grad
     bias_grad = row.bias.grad.clone()
     torch.distributed.all_reduce(bias_grad, group=mpu.get_tensor_model_parallel_group())
-    _close(bias_grad, row_ref.bias.grad, "sp row bias grad (summed over TP)")
+    _close(bias_grad, row_ref.bias.grad, f"sp row bias grad (summed over TP) {what}")
 
 
 def _check_async_linear(tp, r):
