@@ -29,8 +29,9 @@ comparable with plain sequence parallelism in the CPU tests.
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,7 @@ __all__ = [
     "symmetric_memory_available",
     "all_gather_matmul",
     "matmul_reduce_scatter",
+    "matmul_reduce_scatter_start",
     "column_parallel_linear_overlap",
     "row_parallel_linear_overlap",
 ]
@@ -87,11 +89,120 @@ def _symm_mem_group_name(group, tensor: torch.Tensor) -> str | None:
     return name
 
 
+class _TwoRankExchange:
+    """Copy-engine exchange between the two ranks of a tensor-parallel group through one
+    symmetric-memory buffer of two slots that the operations take in turn.
+
+    Each operation writes its outgoing piece into this rank's slot, then (on a side
+    stream) waits at a barrier for the peer to have done the same and copies the peer's
+    slot into local memory; the GEMMs run on the current stream meanwhile. One barrier
+    per operation is enough: the current stream waits for the side stream before the
+    next operation writes, and the peer cannot pass its next barrier before its copy of
+    this rank's slot is done, so a slot is never overwritten while the peer reads it.
+    """
+
+    def __init__(self, group, device: torch.device) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.peer = 1 - self.rank
+        self.device = device
+        self.side = torch.cuda.Stream(device=device)
+        self.slot_bytes = 0
+        self.handle = None
+        self.buffers = []  # every symmetric buffer made, kept alive with the process
+        self.views = {}
+        self.count = 0
+
+    def slot(self, shape, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's, the peer's) views of the next slot as `shape`."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if nbytes > self.slot_bytes:
+            from torch.distributed import _symmetric_memory as symm_mem
+
+            if self.handle is not None:
+                torch.cuda.synchronize(self.device)  # the old buffer may still be read
+            self.slot_bytes = -(-nbytes // (1 << 20)) << 20  # whole MiB
+            buf = symm_mem.empty(2 * self.slot_bytes, dtype=torch.uint8, device=self.device)
+            self.handle = symm_mem.rendezvous(buf, self.group.group_name)
+            self.buffers.append(buf)
+            self.views.clear()
+        index = self.count % 2
+        self.count += 1
+        key = (index, tuple(shape), dtype)
+        views = self.views.get(key)
+        if views is None:
+            offset = index * self.slot_bytes // torch.empty((), dtype=dtype).element_size()
+            views = tuple(
+                self.handle.get_buffer(r, tuple(shape), dtype, offset)
+                for r in (self.rank, self.peer)
+            )
+            self.views[key] = views
+        return views
+
+    def all_gather_matmul(self, shard, weight_t):
+        shard = shard.contiguous()
+        main = torch.cuda.current_stream(self.device)
+        gathered = shard.new_empty((2 * shard.size(0),) + tuple(shard.shape[1:]))
+        out = shard.new_empty(tuple(gathered.shape[:-1]) + (weight_t.size(1),))
+        pieces, out_pieces = gathered.chunk(2), out.chunk(2)
+        mine, theirs = self.slot(shard.shape, shard.dtype)
+        mine.copy_(shard)
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):
+            self.handle.barrier(channel=0)
+            pieces[self.peer].copy_(theirs)
+            pieces[self.rank].copy_(shard)
+        k, n = shard.size(-1), weight_t.size(1)
+        torch.mm(shard.view(-1, k), weight_t, out=out_pieces[self.rank].view(-1, n))
+        main.wait_stream(self.side)
+        torch.mm(pieces[self.peer].view(-1, k), weight_t, out=out_pieces[self.peer].view(-1, n))
+        return gathered, out
+
+    def matmul_reduce_scatter_start(self, input_, weight_t):
+        input_ = input_.contiguous()
+        main = torch.cuda.current_stream(self.device)
+        k, n = input_.size(-1), weight_t.size(1)
+        parts = input_.chunk(2)
+        shape = tuple(parts[0].shape[:-1]) + (n,)
+        mine, theirs = self.slot(shape, input_.dtype)
+        torch.mm(parts[self.peer].reshape(-1, k), weight_t, out=mine.view(-1, n))
+        received = input_.new_empty(shape)
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):
+            self.handle.barrier(channel=0)
+            received.copy_(theirs)
+        out = input_.new_empty(shape)
+        torch.mm(parts[self.rank].reshape(-1, k), weight_t, out=out.view(-1, n))
+
+        def finish() -> torch.Tensor:
+            main.wait_stream(self.side)
+            return out.add_(received)
+
+        return finish
+
+
+_EXCHANGES: dict = {}
+
+
+def _two_rank_exchange(group, tensor: torch.Tensor):
+    """The copy-engine exchange for a two-rank NCCL group and CUDA tensor, else None."""
+    if _symm_mem_group_name(group, tensor) is None or dist.get_world_size(group) != 2:
+        return None
+    key = (group.group_name, tensor.device)
+    exchange = _EXCHANGES.get(key)
+    if exchange is None:
+        exchange = _EXCHANGES[key] = _TwoRankExchange(group, tensor.device)
+    return exchange
+
+
 def all_gather_matmul(
     shard: torch.Tensor, weight_t: torch.Tensor, group=None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """shard [s/p, ..., k], weight_t [k, n] -> (gathered [s, ..., k], gathered @ weight_t)."""
     group = group if group is not None else get_tensor_model_parallel_group()
+    exchange = _two_rank_exchange(group, shard)
+    if exchange is not None:
+        return exchange.all_gather_matmul(shard, weight_t)
     name = _symm_mem_group_name(group, shard)
     if name is None:
         gathered = _gather_along_first_dim(shard)
@@ -102,16 +213,30 @@ def all_gather_matmul(
     return gathered, out
 
 
+def matmul_reduce_scatter_start(
+    input_: torch.Tensor, weight_t: torch.Tensor, group=None
+) -> Callable[[], torch.Tensor]:
+    """Start the reduce-scatter of input_ @ weight_t (see matmul_reduce_scatter); the
+    returned function finishes it and returns this rank's chunk. Work queued between the
+    two (a weight-gradient GEMM) overlaps the transfer."""
+    group = group if group is not None else get_tensor_model_parallel_group()
+    exchange = _two_rank_exchange(group, input_)
+    if exchange is not None:
+        return exchange.matmul_reduce_scatter_start(input_, weight_t)
+    name = _symm_mem_group_name(group, input_)
+    if name is None:
+        out = _reduce_scatter_along_first_dim(input_.matmul(weight_t))
+    else:
+        out = torch.ops.symm_mem.fused_matmul_reduce_scatter(
+            input_.contiguous(), weight_t, "sum", 0, name
+        )
+    return lambda: out
+
+
 def matmul_reduce_scatter(input_: torch.Tensor, weight_t: torch.Tensor, group=None) -> torch.Tensor:
     """input_ [s, ..., k], weight_t [k, n] -> this rank's [s/p, ..., n] chunk of the sum
     over the group of input_ @ weight_t."""
-    group = group if group is not None else get_tensor_model_parallel_group()
-    name = _symm_mem_group_name(group, input_)
-    if name is None:
-        return _reduce_scatter_along_first_dim(input_.matmul(weight_t))
-    return torch.ops.symm_mem.fused_matmul_reduce_scatter(
-        input_.contiguous(), weight_t, "sum", 0, name
-    )
+    return matmul_reduce_scatter_start(input_, weight_t, group)()
 
 
 def _weight_grad(grad_output: torch.Tensor, input_: torch.Tensor) -> torch.Tensor:
@@ -140,12 +265,16 @@ class _ColumnParallelLinearOverlap(torch.autograd.Function):
     def backward(ctx, grad_output):
         total_input, weight = ctx.saved_tensors
         grad_input = grad_weight = grad_bias = None
+        finish = None
         if ctx.needs_input_grad[0]:
-            grad_input = matmul_reduce_scatter(grad_output, weight)  # [s/p, b, h]
+            # dX pieces go to their ranks while dW computes
+            finish = matmul_reduce_scatter_start(grad_output, weight)
         if ctx.needs_input_grad[1]:
             grad_weight = _weight_grad(grad_output, total_input)
         if ctx.use_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_output.reshape(-1, grad_output.size(-1)).sum(dim=0)
+        if finish is not None:
+            grad_input = finish()  # [s/p, b, h]
         return grad_input, grad_weight, grad_bias
 
 

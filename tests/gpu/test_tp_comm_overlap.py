@@ -59,6 +59,22 @@ def _check(rank, world_size):
         want = mpu.mappings._reduce_scatter_along_first_dim(full.matmul(w_row.t()))
         _close(got, want, dtype, f"matmul_reduce_scatter {dtype}")
         assert mpu.get_tensor_model_parallel_group().group_name in overlap._SYMM_MEM_GROUPS
+        assert overlap._EXCHANGES, "two ranks: the copy-engine exchange was not used"
+
+        # pieces of other sizes in turn (both slots, a larger buffer), work queued between
+        # the start and the finish of a reduce-scatter
+        for rows in (64, 1024, 256):
+            part = torch.randn(rows, b, h, device=dev, dtype=dtype, generator=gen)
+            got_g, got = overlap.all_gather_matmul(part, weight.t())
+            want_g = mpu.mappings._gather_along_first_dim(part)
+            assert torch.equal(got_g, want_g), f"all-gather of {rows} rows"
+            _close(got, want_g.matmul(weight.t()), dtype, f"all_gather_matmul {rows} rows")
+            x_full = torch.randn(2 * rows, b, ffn // 2, device=dev, dtype=dtype, generator=gen)
+            finish = overlap.matmul_reduce_scatter_start(x_full, w_row.t())
+            between = x_full.sum()
+            want = mpu.mappings._reduce_scatter_along_first_dim(x_full.matmul(w_row.t()))
+            _close(finish(), want, dtype, f"matmul_reduce_scatter {rows} rows")
+            assert torch.isfinite(between)
 
         torch.manual_seed(11)
         col = mpu.ColumnParallelLinear(

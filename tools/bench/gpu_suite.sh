@@ -6,9 +6,8 @@
 # parallel: two H200s, GPT 1.3B: DP=2, TP=2, PP=2 (8 micro-batches) against 1 GPU.
 # tp:       two H200s, GPT 1.3B: TP=2 with the row-parallel all-reduce in 1, 2 and 4
 #           overlapped pieces, and with sequence parallelism, against 1 GPU; a profile.
-# tp-overlap: two H200s, GPT 1.3B: TP=2 with --sequence-parallel --tp-comm-overlap, with
-#           and without CUDA_DEVICE_MAX_CONNECTIONS=1, against plain TP=2, plain sequence
-#           parallelism and 1 GPU; the overlap's GPU test first.
+# tp-overlap: two H200s, GPT 1.3B: TP=2 with --sequence-parallel --tp-comm-overlap (twice)
+#           against plain TP=2 and 1 GPU; the overlap's GPU test first.
 # moe:      two H200s, GPT 1.3B through DeepSpeed (ZeRO-1, DP=2): dense against MoE with 2
 #           experts every other layer, expert-parallel size 2, and MoE with activation
 #           recompute (moe-recompute runs only that one).
@@ -38,20 +37,20 @@ if [ "$what" = tp ]; then
     --warmup 2 --iters 3 2>&1 | tee -a "$out/tp2.log"
 fi
 if [ "$what" = tp-overlap ]; then
-  # --tp-comm-overlap (sequence parallelism with copy-engine pieces) against plain TP and
-  # plain sequence parallelism, and the 1-GPU step, in one call; a profile of the first
+  # --tp-comm-overlap (sequence parallelism, pieces moved by copy engines) against plain
+  # TP=2 and 1 GPU in one call, the overlap run twice; a profile of the first
   export TORCH_SYMM_MEM_DISABLE_MULTICAST=1
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_tp_comm_overlap.py \
     2>&1 | tail -5 | tee "$out/tp_overlap_test.log"
   timeout 240 $b --shape 1.3B --impls megatron 2>&1 | tee "$out/tp_1gpu.log"
   tp="--tensor-model-parallel-size 2"
+  ovl="$tp --sequence-parallel --tp-comm-overlap"
   BENCH_PROFILE=$out/tp2_overlap_profile.txt timeout 300 $b --shape 1.3B --impls megatron \
-    --nproc 2 --megatron-flags "$tp --sequence-parallel --tp-comm-overlap" 2>&1 \
+    --nproc 2 --megatron-flags "$ovl" 2>&1 | tee -a "$out/tp2.log"
+  CUDA_DEVICE_MAX_CONNECTIONS=1 timeout 240 $b --shape 1.3B --impls megatron --nproc 2 \
+    --megatron-flags "$tp" 2>&1 | tee -a "$out/tp2.log"
+  timeout 240 $b --shape 1.3B --impls megatron --nproc 2 --megatron-flags "$ovl" 2>&1 \
     | tee -a "$out/tp2.log"
-  for flags in "$tp --sequence-parallel --tp-comm-overlap" "$tp" "$tp --sequence-parallel"; do
-    CUDA_DEVICE_MAX_CONNECTIONS=1 timeout 240 $b --shape 1.3B --impls megatron --nproc 2 \
-      --megatron-flags "$flags" 2>&1 | tee -a "$out/tp2.log"
-  done
 fi
 if [ "$what" = nccl ]; then
   # all-reduce bandwidth by NCCL protocol, then TP=2 with the protocols that matter
