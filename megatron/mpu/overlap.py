@@ -93,12 +93,15 @@ class _TwoRankExchange:
     """Copy-engine exchange between the two ranks of a tensor-parallel group through one
     symmetric-memory buffer of two slots that the operations take in turn.
 
-    Each operation writes its outgoing piece into this rank's slot, then (on a side
-    stream) waits at a barrier for the peer to have done the same and copies the peer's
-    slot into local memory; the GEMMs run on the current stream meanwhile. One barrier
-    per operation is enough: the current stream waits for the side stream before the
-    next operation writes, and the peer cannot pass its next barrier before its copy of
-    this rank's slot is done, so a slot is never overwritten while the peer reads it.
+    Each operation writes its outgoing piece into this rank's slot and waits at a
+    barrier for the peer to have done the same; a side stream then copies the peer's
+    slot into local memory (a copy-engine transfer, no SMs) while the GEMMs run on the
+    current stream. The barrier is a kernel, so it runs on the current stream before
+    the GEMM: queued behind a GEMM that fills every SM it would wait for that GEMM to
+    end. One barrier per operation is enough: the current stream waits for the side
+    stream before the next operation writes, and the peer cannot pass its next barrier
+    before its copy of this rank's slot is done, so a slot is never overwritten while
+    the peer reads it.
     """
 
     def __init__(self, group, device: torch.device) -> None:
@@ -147,9 +150,9 @@ class _TwoRankExchange:
         pieces, out_pieces = gathered.chunk(2), out.chunk(2)
         mine, theirs = self.slot(shard.shape, shard.dtype)
         mine.copy_(shard)
+        self.handle.barrier(channel=0)
         self.side.wait_stream(main)
         with torch.cuda.stream(self.side):
-            self.handle.barrier(channel=0)
             pieces[self.peer].copy_(theirs)
             pieces[self.rank].copy_(shard)
         k, n = shard.size(-1), weight_t.size(1)
@@ -167,9 +170,9 @@ class _TwoRankExchange:
         mine, theirs = self.slot(shape, input_.dtype)
         torch.mm(parts[self.peer].reshape(-1, k), weight_t, out=mine.view(-1, n))
         received = input_.new_empty(shape)
+        self.handle.barrier(channel=0)
         self.side.wait_stream(main)
         with torch.cuda.stream(self.side):
-            self.handle.barrier(channel=0)
             received.copy_(theirs)
         out = input_.new_empty(shape)
         torch.mm(parts[self.rank].reshape(-1, k), weight_t, out=out.view(-1, n))
