@@ -110,6 +110,8 @@ class _TwoRankExchange:
         self.peer = 1 - self.rank
         self.device = device
         self.side = torch.cuda.Stream(device=device)
+        self.issued = torch.cuda.Event()  # current stream -> side stream
+        self.copied = torch.cuda.Event()  # side stream -> current stream
         self.slot_bytes = 0
         self.handle = None
         self.buffers = []  # every symmetric buffer made, kept alive with the process
@@ -118,7 +120,7 @@ class _TwoRankExchange:
 
     def slot(self, shape, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """(this rank's, the peer's) views of the next slot as `shape`."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > self.slot_bytes:
             from torch.distributed import _symmetric_memory as symm_mem
 
@@ -134,7 +136,7 @@ class _TwoRankExchange:
         key = (index, tuple(shape), dtype)
         views = self.views.get(key)
         if views is None:
-            offset = index * self.slot_bytes // torch.empty((), dtype=dtype).element_size()
+            offset = index * self.slot_bytes // dtype.itemsize
             views = tuple(
                 self.handle.get_buffer(r, tuple(shape), dtype, offset)
                 for r in (self.rank, self.peer)
@@ -151,13 +153,15 @@ class _TwoRankExchange:
         mine, theirs = self.slot(shard.shape, shard.dtype)
         mine.copy_(shard)
         self.handle.barrier(channel=0)
-        self.side.wait_stream(main)
+        self.issued.record(main)
+        self.side.wait_event(self.issued)
         with torch.cuda.stream(self.side):
             pieces[self.peer].copy_(theirs)
             pieces[self.rank].copy_(shard)
+            self.copied.record(self.side)
         k, n = shard.size(-1), weight_t.size(1)
         torch.mm(shard.view(-1, k), weight_t, out=out_pieces[self.rank].view(-1, n))
-        main.wait_stream(self.side)
+        main.wait_event(self.copied)
         torch.mm(pieces[self.peer].view(-1, k), weight_t, out=out_pieces[self.peer].view(-1, n))
         return gathered, out
 
@@ -171,14 +175,16 @@ class _TwoRankExchange:
         torch.mm(parts[self.peer].reshape(-1, k), weight_t, out=mine.view(-1, n))
         received = input_.new_empty(shape)
         self.handle.barrier(channel=0)
-        self.side.wait_stream(main)
+        self.issued.record(main)
+        self.side.wait_event(self.issued)
         with torch.cuda.stream(self.side):
             received.copy_(theirs)
+            self.copied.record(self.side)
         out = input_.new_empty(shape)
         torch.mm(parts[self.rank].reshape(-1, k), weight_t, out=out.view(-1, n))
 
         def finish() -> torch.Tensor:
-            main.wait_stream(self.side)
+            main.wait_event(self.copied)
             return out.add_(received)
 
         return finish
