@@ -147,10 +147,12 @@ def run_megatron(shape, warmup, iters, extra_flags=()):
     # the same set-up as pretrain(): Megatron's optimizer, or the DeepSpeed engine
     model, optimizer, scheduler = setup_model_and_optimizer(pretrain_gpt.model_provider)
 
+    rows = args.micro_batch_size  # --megatron-flags may override the shape's
+
     def batches():
         g = torch.Generator().manual_seed(0)
         while True:
-            yield {"text": torch.randint(0, vocab - 1, (mbs, seq + 1), generator=g)}
+            yield {"text": torch.randint(0, vocab - 1, (rows, seq + 1), generator=g)}
 
     it = batches()
     assert global_vars.get_tokenizer() is not None

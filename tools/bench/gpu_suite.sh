@@ -7,7 +7,8 @@
 # tp:       two H200s, GPT 1.3B: TP=2 with the row-parallel all-reduce in 1, 2 and 4
 #           overlapped pieces, and with sequence parallelism, against 1 GPU; a profile.
 # tp-overlap: two H200s, GPT 1.3B: TP=2 with --sequence-parallel --tp-comm-overlap against
-#           plain TP=2 and 1 GPU, at micro-batch 8 and 16; the overlap's GPU test first.
+#           plain TP=2 and 1 GPU (overlap twice), and at micro-batch 16 against 1 GPU; the
+#           overlap's GPU test first.
 # moe:      two H200s, GPT 1.3B through DeepSpeed (ZeRO-1, DP=2): dense against MoE with 2
 #           experts every other layer, expert-parallel size 2, and MoE with activation
 #           recompute (moe-recompute runs only that one).
@@ -44,15 +45,18 @@ if [ "$what" = tp-overlap ]; then
     2>&1 | tail -5 | tee "$out/tp_overlap_test.log"
   tp="--tensor-model-parallel-size 2"
   ovl="$tp --sequence-parallel --tp-comm-overlap"
-  for mb in "" "--micro-batch-size 16 --global-batch-size 16"; do
-    timeout 240 $b --shape 1.3B --impls megatron --megatron-flags "$mb" 2>&1 \
-      | tee -a "$out/tp_1gpu.log"
-    if [ -z "$mb" ]; then prof="BENCH_PROFILE=$out/tp2_overlap_profile.txt"; else prof=; fi
-    env $prof timeout 300 $b --shape 1.3B --impls megatron --nproc 2 \
-      --megatron-flags "$ovl $mb" 2>&1 | tee -a "$out/tp2.log"
-    CUDA_DEVICE_MAX_CONNECTIONS=1 timeout 240 $b --shape 1.3B --impls megatron --nproc 2 \
-      --megatron-flags "$tp $mb" 2>&1 | tee -a "$out/tp2.log"
-  done
+  mb16="--micro-batch-size 16 --global-batch-size 16"
+  timeout 240 $b --shape 1.3B --impls megatron 2>&1 | tee -a "$out/tp_1gpu.log"
+  BENCH_PROFILE=$out/tp2_overlap_profile.txt timeout 300 $b --shape 1.3B --impls megatron \
+    --nproc 2 --megatron-flags "$ovl" 2>&1 | tee -a "$out/tp2.log"
+  CUDA_DEVICE_MAX_CONNECTIONS=1 timeout 240 $b --shape 1.3B --impls megatron --nproc 2 \
+    --megatron-flags "$tp" 2>&1 | tee -a "$out/tp2.log"
+  timeout 240 $b --shape 1.3B --impls megatron --nproc 2 --megatron-flags "$ovl" 2>&1 \
+    | tee -a "$out/tp2.log"
+  timeout 240 $b --shape 1.3B --impls megatron --megatron-flags "$mb16" 2>&1 \
+    | tee -a "$out/tp_1gpu.log"
+  timeout 240 $b --shape 1.3B --impls megatron --nproc 2 --megatron-flags "$ovl $mb16" 2>&1 \
+    | tee -a "$out/tp2.log"
 fi
 if [ "$what" = nccl ]; then
   # all-reduce bandwidth by NCCL protocol, then TP=2 with the protocols that matter
