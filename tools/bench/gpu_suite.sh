@@ -9,6 +9,7 @@
 # tp-overlap: two H200s, GPT 1.3B: TP=2 with --sequence-parallel --tp-comm-overlap against
 #           plain TP=2 and 1 GPU (overlap twice), and at micro-batch 16 against 1 GPU; the
 #           overlap's GPU test first.
+# tp-mb16:  two H200s, GPT 1.3B at micro-batch 16: 1 GPU, TP=2, TP=2 with --tp-comm-overlap.
 # moe:      two H200s, GPT 1.3B through DeepSpeed (ZeRO-1, DP=2): dense against MoE with 2
 #           experts every other layer, expert-parallel size 2, and MoE with activation
 #           recompute (moe-recompute runs only that one).
@@ -57,6 +58,23 @@ if [ "$what" = tp-overlap ]; then
     | tee -a "$out/tp_1gpu.log"
   timeout 240 $b --shape 1.3B --impls megatron --nproc 2 --megatron-flags "$ovl $mb16" 2>&1 \
     | tee -a "$out/tp2.log"
+fi
+if [ "$what" = tp-mb16 ]; then
+  # micro-batch 16 (global batch 16) for 1 GPU, TP=2 and TP=2 with --tp-comm-overlap
+  export TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+  tp="--tensor-model-parallel-size 2"
+  mb16="--micro-batch-size 16 --global-batch-size 16"
+  timeout 240 $b --shape 1.3B --impls megatron --megatron-flags "$mb16" 2>&1 \
+    | tee -a "$out/tp_1gpu.log"
+  for run in ovl tp ovl; do
+    if [ $run = ovl ]; then
+      timeout 240 $b --shape 1.3B --impls megatron --nproc 2 \
+        --megatron-flags "$tp --sequence-parallel --tp-comm-overlap $mb16" 2>&1 | tee -a "$out/tp2.log"
+    else
+      CUDA_DEVICE_MAX_CONNECTIONS=1 timeout 240 $b --shape 1.3B --impls megatron --nproc 2 \
+        --megatron-flags "$tp $mb16" 2>&1 | tee -a "$out/tp2.log"
+    fi
+  done
 fi
 if [ "$what" = nccl ]; then
   # all-reduce bandwidth by NCCL protocol, then TP=2 with the protocols that matter
