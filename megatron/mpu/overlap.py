@@ -21,9 +21,12 @@ its output gradient (all_gather_matmul). The values are those of the plain
 sequence-parallel path (megatron/mpu/layers.py); only the order of work changes.
 
 Symmetric memory needs CUDA tensors and an NCCL process group
-(torch.distributed._symmetric_memory). Anywhere else (gloo on CPU) the same functions run
-the collective and the GEMM one after the other, which keeps `--tp-comm-overlap` runs
-comparable with plain sequence parallelism in the CPU tests.
+(torch.distributed._symmetric_memory). Two ranks exchange through _TwoRankExchange (one
+barrier per GEMM, few host calls); more ranks through torch's
+`symm_mem.fused_all_gather_matmul` / `fused_matmul_reduce_scatter`. Anywhere else (gloo on
+CPU) the same functions run the collective and the GEMM one after the other, which keeps
+`--tp-comm-overlap` runs comparable with plain sequence parallelism in the CPU tests.
+Measured on two H200s: docs/benchmarks.md, "Tensor parallelism, third pass".
 """
 
 from __future__ import annotations
