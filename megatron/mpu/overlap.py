@@ -207,15 +207,23 @@ def _two_rank_exchange(group, tensor: torch.Tensor):
     return exchange
 
 
+def _route(tensor: torch.Tensor):
+    """(two-rank exchange or None, symmetric-memory group name or None) for the
+    tensor-parallel group: the exchange on two ranks, torch's fused ops on more, neither
+    off CUDA / NCCL (then the collectives run unfused)."""
+    group = get_tensor_model_parallel_group()
+    exchange = _two_rank_exchange(group, tensor)
+    name = None if exchange is not None else _symm_mem_group_name(group, tensor)
+    return exchange, name
+
+
 def all_gather_matmul(
-    shard: torch.Tensor, weight_t: torch.Tensor, group=None
+    shard: torch.Tensor, weight_t: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """shard [s/p, ..., k], weight_t [k, n] -> (gathered [s, ..., k], gathered @ weight_t)."""
-    group = group if group is not None else get_tensor_model_parallel_group()
-    exchange = _two_rank_exchange(group, shard)
+    exchange, name = _route(shard)
     if exchange is not None:
         return exchange.all_gather_matmul(shard, weight_t)
-    name = _symm_mem_group_name(group, shard)
     if name is None:
         gathered = _gather_along_first_dim(shard)
         return gathered, gathered.matmul(weight_t)
@@ -226,16 +234,14 @@ def all_gather_matmul(
 
 
 def matmul_reduce_scatter_start(
-    input_: torch.Tensor, weight_t: torch.Tensor, group=None
+    input_: torch.Tensor, weight_t: torch.Tensor
 ) -> Callable[[], torch.Tensor]:
     """Start the reduce-scatter of input_ @ weight_t (see matmul_reduce_scatter); the
     returned function finishes it and returns this rank's chunk. Work queued between the
     two (a weight-gradient GEMM) overlaps the transfer."""
-    group = group if group is not None else get_tensor_model_parallel_group()
-    exchange = _two_rank_exchange(group, input_)
+    exchange, name = _route(input_)
     if exchange is not None:
         return exchange.matmul_reduce_scatter_start(input_, weight_t)
-    name = _symm_mem_group_name(group, input_)
     if name is None:
         out = _reduce_scatter_along_first_dim(input_.matmul(weight_t))
     else:
@@ -245,10 +251,10 @@ def matmul_reduce_scatter_start(
     return lambda: out
 
 
-def matmul_reduce_scatter(input_: torch.Tensor, weight_t: torch.Tensor, group=None) -> torch.Tensor:
+def matmul_reduce_scatter(input_: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """input_ [s, ..., k], weight_t [k, n] -> this rank's [s/p, ..., n] chunk of the sum
     over the group of input_ @ weight_t."""
-    return matmul_reduce_scatter_start(input_, weight_t, group)()
+    return matmul_reduce_scatter_start(input_, weight_t)()
 
 
 def _weight_grad(grad_output: torch.Tensor, input_: torch.Tensor) -> torch.Tensor:
