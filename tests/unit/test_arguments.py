@@ -144,6 +144,11 @@ INVALID = [
         2,
         ["--tp-comm-overlap-chunks", "--sequence-parallel"],
     ),
+    (
+        "--tensor-model-parallel-size 2 --tp-comm-overlap",
+        2,
+        ["--tp-comm-overlap", "add --sequence-parallel"],
+    ),
     ("--global-batch-size 6 --micro-batch-size 4", 1, ["--global-batch-size (6)", "size (4)"]),
     ("--global-batch-size 6", 2, ["--global-batch-size (6)", "data-parallel size (2)"]),
     ("--fp16 --bf16", 1, ["--fp16", "--bf16"]),
@@ -465,7 +470,13 @@ def test_derived_values():
     assert args.seq_length == 32 and args.decoder_seq_length == 16
     assert _validate(BASE + " --sequence-parallel").sequence_parallel is False  # TP == 1
     args = _validate(BASE + " --sequence-parallel --tensor-model-parallel-size 2", world_size=2)
-    assert args.sequence_parallel is True
+    assert args.sequence_parallel is True and args.tp_comm_overlap is False
+    args = _validate(
+        BASE + " --sequence-parallel --tp-comm-overlap --tensor-model-parallel-size 2",
+        world_size=2,
+    )
+    assert args.sequence_parallel is True and args.tp_comm_overlap is True
+    assert _validate(BASE + " --tp-comm-overlap").tp_comm_overlap is False  # TP == 1
     args = _validate(BASE + " --DDP-impl torch")
     assert args.use_contiguous_buffers_in_local_ddp is False
 
