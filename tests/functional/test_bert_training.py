@@ -174,3 +174,12 @@ def test_deepspeed_zero1_equals_megatron(full_run, data_path, vocab_dir):
     args = tiny_bert_args(data_path, vocab_dir) + [
         "--deepspeed", "--zero-stage", "1", "--exit-interval", str(TP_ITERS)]  # fmt: skip
     _assert_first_iterations_match(run_bert(args), rows, rel_tol=1e-5)
+
+
+def test_sequence_parallel_equals_serial(full_run, data_path, vocab_dir):
+    """TP=2 with --sequence-parallel (the pooler gathers the sequence back first) and with
+    --tp-comm-overlap gives the TP=1 losses."""
+    rows, _, _ = full_run
+    args = tiny_bert_args(data_path, vocab_dir, tp=2) + [
+        "--sequence-parallel", "--tp-comm-overlap", "--exit-interval", str(TP_ITERS)]  # fmt: skip
+    _assert_first_iterations_match(run_bert(args, nproc=2), rows)

@@ -118,11 +118,15 @@ def test_resume_is_exact(t5_run, vocab_dir, tmp_path):
             assert resumed[it][key] == rows[it][key], (it, key, resumed[it], rows[it])
 
 
-def test_tensor_parallel_2_equals_1(t5_run, vocab_dir):
+@pytest.mark.parametrize("extra", [[], ["--sequence-parallel"]], ids=["tp", "sequence-parallel"])
+def test_tensor_parallel_2_equals_1(t5_run, vocab_dir, extra):
+    """TP=2, and TP=2 with the encoder's and decoder's norms and dropout split along their
+    sequences (the cross attention's key/value GEMM gathers the split encoder output),
+    give the TP=1 losses."""
     data_path, rows, _ = t5_run
     args = tiny_t5_args(data_path, vocab_dir, TP_ITERS) + [
         "--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64",
-    ]  # fmt: skip
+    ] + extra  # fmt: skip
     stdout = launch(2, args, script="pretrain_t5.py", timeout=240)
     tp_rows = parse_log(stdout)
     assert sorted(tp_rows) == list(range(1, TP_ITERS + 1)), stdout[-3000:]
