@@ -129,35 +129,28 @@ def test_interleaved_pipeline(data_path, vocab_dir, serial):
 
 @pytest.fixture(scope="module")
 def tp2_pp2_run(data_path, vocab_dir, tmp_path_factory):
-    """TP=2 x PP=2 with --sequence-parallel (p2p messages [s/tp, b, h]), saving at
-    iteration 5."""
+    """TP=2 x PP=2 with --sequence-parallel (p2p messages [s/tp, b, h]) and
+    --tp-comm-overlap, saving at iteration 5: (losses, save dir, stdout)."""
     save = str(tmp_path_factory.mktemp("tp2pp2"))
     flags = _layout_flags(
         data_path,
         vocab_dir,
         tp=2,
         pp=2,
-        extra=SEQUENCE_PARALLEL + ["--save", save, "--save-interval", "5"],
+        extra=SEQUENCE_PARALLEL + ["--tp-comm-overlap", "--save", save, "--save-interval", "5"],
     )
-    return _losses(_launch(4, flags)), save
+    out = _launch(4, flags)
+    return _losses(out), save, out
 
 
 def test_tp2_pp2_sequence_parallel(tp2_pp2_run, serial, tp2):
-    _assert_close("TP=2 x PP=2 sequence parallel", tp2_pp2_run[0], serial)
-    _assert_close("TP=2 x PP=2 sequence parallel vs TP=2", tp2_pp2_run[0], tp2)
-
-
-def test_tensor_parallel_comm_overlap(data_path, vocab_dir, serial, tp2):
-    """--sequence-parallel --tp-comm-overlap: on gloo the overlapped GEMMs run their
-    all-gather / reduce-scatter unfused (and say so) and train the same model."""
-    flags = _layout_flags(
-        data_path, vocab_dir, tp=2, extra=SEQUENCE_PARALLEL + ["--tp-comm-overlap"]
-    )
-    out = _launch(2, flags)
+    """On gloo the --tp-comm-overlap GEMMs run their all-gather / reduce-scatter unfused
+    (and say so) and train the same model; plain sequence parallelism end to end is
+    tests/functional/test_t5_training.py's."""
+    losses, _, out = tp2_pp2_run
     assert "> tp-comm-overlap: no CUDA device; each sequence-parallel GEMM" in out, out[-3000:]
-    losses = _losses(out)
-    _assert_close("TP=2 sequence parallel, tp-comm-overlap", losses, serial)
-    _assert_close("TP=2 sequence parallel, tp-comm-overlap vs TP=2", losses, tp2)
+    _assert_close("TP=2 x PP=2 sequence parallel", losses, serial)
+    _assert_close("TP=2 x PP=2 sequence parallel vs TP=2", losses, tp2)
 
 
 def test_tp2_pp2_dp2_torch_ddp_scatter_gather(data_path, vocab_dir, serial):
@@ -184,7 +177,7 @@ def test_checkpoint_moves_between_layouts(tp2_pp2_run, data_path, vocab_dir, tmp
     """The TP=2 x PP=2 checkpoint of iteration 5, resumed as is, merged to TP=1 by
     merge_mp_partitions.py, and reshaped to TP=1 x PP=2 by checkpoint_util.py, gives the
     same losses for iterations 6-7 (model weights only: --no-load-optim --no-load-rng)."""
-    _, save = tp2_pp2_run
+    _, save, _ = tp2_pp2_run
     src = tmp_path / "iter5"
     src.mkdir()
     shutil.copytree(os.path.join(save, "iter_0000005"), src / "iter_0000005")
