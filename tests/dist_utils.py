@@ -1,4 +1,5 @@
-"""Run a function on several CPU ranks with the gloo backend, inside one test.
+"""Run a function on several ranks inside one test: CPU ranks with the gloo backend, or
+(backend="nccl", tests/gpu) one rank per GPU.
 
     def _check(rank, world_size, tp):          # module-level, so spawn can pickle it
         ...assertions...
@@ -6,8 +7,8 @@
     def test_something():
         run_distributed(_check, world_size=4, args=(2,))
 
-Each rank is a fresh process (spawn) with RANK/WORLD_SIZE/MASTER_* set and a gloo
-process group initialised. An exception on any rank fails the test with that rank's
+Each rank is a fresh process (spawn) with RANK/WORLD_SIZE/MASTER_* set and a process
+group initialised. An exception on any rank fails the test with that rank's
 traceback; a rank that has not finished after `timeout` seconds fails it too (a hang
 is a failure, never a stuck CI job).
 """
