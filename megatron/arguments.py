@@ -330,6 +330,11 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
     add("--no-load-optim", action=_TRUE, default=None, help="Do not load optimizer state.")
     add("--no-load-rng", action=_TRUE, default=None, help="Do not load RNG state.")
     add("--finetune", action=_TRUE, help="Load the model only; start at iteration 0.")
+    add("--load-tag", type=str,
+        help="Checkpoint to load instead of the tracker's: an iteration (4), its folder "
+        "name (iter_0000004) or release; for DeepSpeed checkpoints the tag (global_step4).")
+    add("--keep-last-checkpoints", type=int,
+        help="Keep only the newest K iter_* checkpoints under --save (default: keep all).")
 
 
 def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
@@ -341,6 +346,10 @@ def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
     add("--min-loss-scale", type=float, default=1.0, help="Dynamic scale floor.")
     add("--loss-scale-window", type=float, default=1000, help="Clean steps before growing.")
     add("--hysteresis", type=int, default=2, help="Overflows tolerated before shrinking.")
+    add("--max-consecutive-skipped-iterations", type=int, default=100,
+        help="Stop the run when this many iterations in a row were skipped for fp16 "
+        "overflow (it also stops when the loss scale is at --min-loss-scale and still "
+        "overflows); 0 never stops.")
     add("--fp32-residual-connection", action=_TRUE, help="Residual stream in fp32.")
     add(
         "--no-query-key-layer-scaling",
@@ -360,6 +369,8 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     add("--pipeline-model-parallel-size", type=int, default=1, help="Pipeline-parallel size.")
     add("--num-layers-per-virtual-pipeline-stage", type=int, help="Layers per chunk.")
     add("--distributed-backend", choices=["nccl", "gloo"], help="Backend; by device if unset.")
+    add("--distributed-timeout-minutes", type=int, default=10,
+        help="Minutes a collective waits for the other ranks before the run stops.")
     add("--DDP-impl", default="local", choices=["local", "torch"], help="Data-parallel wrapper.")
     add(
         "--no-contiguous-buffers-in-local-ddp",
@@ -561,6 +572,7 @@ def validate_args(
     for dest, flag in _REQUIRED:
         if getattr(args, dest, None) is None:
             raise ArgumentError(f"{flag} is required")
+    _check_positive(args)
     _set_sequence_lengths(args)
     _set_parallel_layout(args)
     _set_model_shape(args)
@@ -626,6 +638,45 @@ def _fold_deprecated(args: argparse.Namespace) -> None:
     for name in ("model_parallel_size", "batch_size", "warmup"):
         if hasattr(args, name):
             delattr(args, name)
+
+
+# Flags that must be >= 1 when given (0 or a negative value would fail later, deep inside).
+_POSITIVE = (
+    ("num_layers", "--num-layers"),
+    ("hidden_size", "--hidden-size"),
+    ("num_attention_heads", "--num-attention-heads"),
+    ("max_position_embeddings", "--max-position-embeddings"),
+    ("ffn_hidden_size", "--ffn-hidden-size"),
+    ("kv_channels", "--kv-channels"),
+    ("seq_length", "--seq-length"),
+    ("encoder_seq_length", "--encoder-seq-length"),
+    ("decoder_seq_length", "--decoder-seq-length"),
+    ("train_iters", "--train-iters"),
+    ("train_samples", "--train-samples"),
+    ("log_interval", "--log-interval"),
+    ("eval_interval", "--eval-interval"),
+    ("save_interval", "--save-interval"),
+    ("tensorboard_log_interval", "--tensorboard-log-interval"),
+    ("keep_last_checkpoints", "--keep-last-checkpoints"),
+    ("distributed_timeout_minutes", "--distributed-timeout-minutes"),
+    ("make_vocab_size_divisible_by", "--make-vocab-size-divisible-by"),
+)
+
+# Flags that must be >= 0 when given.
+_NON_NEGATIVE = (
+    ("eval_iters", "--eval-iters"),
+    ("lr_warmup_iters", "--lr-warmup-iters"),
+    ("lr_warmup_samples", "--lr-warmup-samples"),
+    ("max_consecutive_skipped_iterations", "--max-consecutive-skipped-iterations"),
+)
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    for bound, names in ((1, _POSITIVE), (0, _NON_NEGATIVE)):
+        for dest, flag in names:
+            value = getattr(args, dest, None)
+            if value is not None and value < bound:
+                raise ArgumentError(f"{flag} must be >= {bound} (got {value})")
 
 
 def _set_sequence_lengths(args: argparse.Namespace) -> None:
@@ -804,8 +855,28 @@ def _check_training_schedule(args: argparse.Namespace) -> None:
                     f"--lr-warmup-fraction ({args.lr_warmup_fraction}) and {flag} ({value}) "
                     "both given; give one"
                 )
+    _check_warmup_span(args)
     if args.lr is not None and args.min_lr > args.lr:
         raise ArgumentError(f"--min-lr ({args.min_lr}) is larger than --lr ({args.lr})")
+
+
+def _check_warmup_span(args: argparse.Namespace) -> None:
+    """Warm-up must end before the decay span does (the decay would divide by zero)."""
+    for unit, total in (("iters", args.train_iters), ("samples", args.train_samples)):
+        warmup = getattr(args, f"lr_warmup_{unit}")
+        if total is None or not warmup:
+            continue
+        decay = getattr(args, f"lr_decay_{unit}")
+        span_flag = f"--lr-decay-{unit}" if decay is not None else f"--train-{unit}"
+        span = decay if decay is not None else total
+        if warmup >= span:
+            raise ArgumentError(
+                f"--lr-warmup-{unit} ({warmup}) must be smaller than {span_flag} ({span}): "
+                "the learning rate decays over the steps after warm-up"
+            )
+    if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction < 1:
+        raise ArgumentError(
+            f"--lr-warmup-fraction ({args.lr_warmup_fraction}) must be in [0, 1)")
 
 
 def _check_moe(args: argparse.Namespace) -> None:
