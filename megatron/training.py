@@ -29,6 +29,7 @@ from . import (
 )
 from .accelerator import current_device
 from .checkpointing import load_checkpoint, save_checkpoint
+from .errors import NonFiniteLossError
 from .initialize import initialize_megatron, set_jit_fusion_options
 from .learning_rates import AnnealingLR
 from .schedules import get_forward_backward_func
@@ -46,10 +47,6 @@ def print_datetime(string: str) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     print_rank_0(f"[{string}] datetime: {datetime.now().strftime('%Y-%m-%d %H:%M:%S')} ")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf (not an fp16 gradient overflow)."""
 
 
 def pretrain(train_valid_test_dataset_provider, model_provider, forward_step_func,
