@@ -369,8 +369,9 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     add("--pipeline-model-parallel-size", type=int, default=1, help="Pipeline-parallel size.")
     add("--num-layers-per-virtual-pipeline-stage", type=int, help="Layers per chunk.")
     add("--distributed-backend", choices=["nccl", "gloo"], help="Backend; by device if unset.")
-    add("--distributed-timeout-minutes", type=int, default=10,
-        help="Minutes a collective waits for the other ranks before the run stops.")
+    add("--distributed-timeout-minutes", type=float, default=10,
+        help="Minutes a collective waits for the other ranks before the run stops "
+        "(fractions allowed).")
     add("--DDP-impl", default="local", choices=["local", "torch"], help="Data-parallel wrapper.")
     add(
         "--no-contiguous-buffers-in-local-ddp",
@@ -658,7 +659,6 @@ _POSITIVE = (
     ("save_interval", "--save-interval"),
     ("tensorboard_log_interval", "--tensorboard-log-interval"),
     ("keep_last_checkpoints", "--keep-last-checkpoints"),
-    ("distributed_timeout_minutes", "--distributed-timeout-minutes"),
     ("make_vocab_size_divisible_by", "--make-vocab-size-divisible-by"),
 )
 
@@ -677,6 +677,9 @@ def _check_positive(args: argparse.Namespace) -> None:
             value = getattr(args, dest, None)
             if value is not None and value < bound:
                 raise ArgumentError(f"{flag} must be >= {bound} (got {value})")
+    if args.distributed_timeout_minutes <= 0:
+        raise ArgumentError(
+            f"--distributed-timeout-minutes must be > 0 (got {args.distributed_timeout_minutes})")
 
 
 def _set_sequence_lengths(args: argparse.Namespace) -> None:

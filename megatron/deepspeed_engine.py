@@ -153,6 +153,78 @@ def _take_curriculum(config: dict, args, source: str) -> dict | None:
     return {k: v for k, v in block.items() if k not in ("enabled", "curriculum_type")}
 
 
+# The optimizer block's params and the Megatron flags they stand for.
+_OPTIMIZER_PARAMS = {
+    "lr": ("lr", "--lr"),
+    "weight_decay": ("weight_decay", "--weight-decay"),
+    "eps": ("adam_eps", "--adam-eps"),
+    "momentum": ("sgd_momentum", "--sgd-momentum"),
+}
+_OPTIMIZER_TYPES = {"adam": "adam", "adamw": "adam", "fusedadam": "adam", "sgd": "sgd"}
+# Params that change nothing in Megatron's AdamW / SGD when they hold these values.
+_OPTIMIZER_NEUTRAL = {"adam_w_mode": True, "bias_correction": True, "torch_adam": None}
+
+
+def _flag_default(dest: str):
+    from .arguments import build_parser
+
+    return build_parser().get_default(dest)
+
+
+def _take_param(args, dest: str, flag: str, value, key: str, source: str) -> None:
+    """args.dest = value where the flag was left at its default; a different value given
+    on the command line contradicts the JSON."""
+    current = getattr(args, dest, None)
+    if current is not None and current != _flag_default(dest) and current != value:
+        raise DeepSpeedConfigError(
+            f"{flag} {current} contradicts {key} {json.dumps(value)} in {source}")
+    if current != value:
+        print_rank_0(f"> {key} {json.dumps(value)} from {source} (sets {flag})")
+        setattr(args, dest, value)
+
+
+def _take_optimizer(config: dict, args, source: str) -> None:
+    """Honour the JSON optimizer block through Megatron's optimizer flags (the optimizer
+    handed to DeepSpeed is Megatron's, built from them), or refuse what they cannot say."""
+    block = config.pop("optimizer", None)
+    if block is None:
+        return
+    kind = str(block.get("type", "")).lower()
+    if kind not in _OPTIMIZER_TYPES:
+        raise DeepSpeedConfigError(
+            f"optimizer.type {json.dumps(block.get('type'))} in {source}: the optimizer is "
+            "Megatron's, built from --optimizer (adam or sgd); use type Adam, AdamW or SGD "
+            "or remove the optimizer block")
+    _take_param(args, "optimizer", "--optimizer", _OPTIMIZER_TYPES[kind], "optimizer.type",
+                source)
+    for name, value in dict(block.get("params", {})).items():
+        key = f"optimizer.params.{name}"
+        if name == "betas":
+            betas = list(value)
+            _take_param(args, "adam_beta1", "--adam-beta1", betas[0], key, source)
+            _take_param(args, "adam_beta2", "--adam-beta2", betas[1], key, source)
+        elif name in _OPTIMIZER_PARAMS:
+            dest, flag = _OPTIMIZER_PARAMS[name]
+            _take_param(args, dest, flag, value, key, source)
+        elif name in _OPTIMIZER_NEUTRAL and _OPTIMIZER_NEUTRAL[name] in (None, value):
+            continue
+        else:
+            raise DeepSpeedConfigError(
+                f"{key} {json.dumps(value)} in {source} has no Megatron flag (the optimizer "
+                "is Megatron's AdamW or SGD); remove it")
+    if args.lr is not None and args.min_lr > args.lr:
+        raise DeepSpeedConfigError(
+            f"--min-lr {args.min_lr} is larger than the learning rate {args.lr} of {source}")
+
+
+def _refuse_scheduler(config: dict, source: str) -> None:
+    if "scheduler" in config:
+        raise DeepSpeedConfigError(
+            f"scheduler block ({json.dumps(config['scheduler'].get('type'))}) in {source}: "
+            "the learning-rate schedule is Megatron's, from --lr-decay-style, "
+            "--lr-warmup-* and --lr-decay-*; remove the block")
+
+
 def reconcile_deepspeed_config(config: dict, args, source: str = "ds_config.json") -> dict:
     """Make the DeepSpeed config agree with Megatron's flags; returns a new dict.
 
@@ -162,7 +234,10 @@ def reconcile_deepspeed_config(config: dict, args, source: str = "ds_config.json
     the fp16 block). zero_optimization.stage = --zero-stage (taken from the config into
     args.zero_stage when the flag is absent), gradient_clipping = --clip-grad. Missing
     keys are filled from the flags; a present key that differs raises
-    DeepSpeedConfigError naming the flag and the key. Sets args.zero_stage and
+    DeepSpeedConfigError naming the flag and the key. An optimizer block sets the
+    optimizer flags left at their defaults (--lr, --weight-decay, --adam-beta1/2,
+    --adam-eps, --optimizer) and contradicts any given otherwise; a scheduler block is
+    refused (the schedule comes from the flags). Sets args.zero_stage and
     args.ds_curriculum (the curriculum_learning block, or None).
     """
     config = copy.deepcopy(config)
@@ -199,6 +274,8 @@ def reconcile_deepspeed_config(config: dict, args, source: str = "ds_config.json
     clip = float(args.clip_grad)
     _agree(config, "gradient_clipping", clip, f"--clip-grad {args.clip_grad}", source)
     _fill_zero(config, args, source)
+    _take_optimizer(config, args, source)
+    _refuse_scheduler(config, source)
     _fill_activation_checkpointing(config, args)
     args.ds_curriculum = _take_curriculum(config, args, source)
     if getattr(args, "universal_checkpoint", False):

@@ -23,7 +23,9 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
     Works with world size 1 and no launcher (a single-rank group on a free local port).
     """
     from .arguments import parse_args
+    from .errors import install_excepthook
 
+    install_excepthook()
     args = parse_args(extra_args_provider, args_defaults or {}, ignore_unknown_args,
                       args_list=args_list)
     set_global_variables(args)
@@ -48,12 +50,12 @@ def _initialize_distributed(args) -> None:
     if is_gpu() and acc.device_count() > 0:
         device = args.local_rank if args.local_rank is not None else args.rank % acc.device_count()
         acc.set_device(device)
+    timeout = datetime.timedelta(minutes=args.distributed_timeout_minutes)
     if not torch.distributed.is_initialized():
         backend = args.distributed_backend or communication_backend()
         if backend == "nccl" and not is_gpu():
             backend = "gloo"
         args.distributed_backend = backend
-        timeout = datetime.timedelta(minutes=getattr(args, "distributed_timeout_minutes", 10))
         if "MASTER_ADDR" in os.environ:
             init_method = "env://"
         else:
@@ -76,6 +78,7 @@ def _initialize_distributed(args) -> None:
             args.tensor_model_parallel_size,
             args.pipeline_model_parallel_size,
             args.virtual_pipeline_model_parallel_size,
+            timeout=timeout,
         )
         print_rank_0(
             f"> initialized tensor model parallel with size "

@@ -312,10 +312,18 @@ def read_prompts(path: str, tokenizer, max_length: int) -> List[tuple[str, List[
     unconditional sample). Raises ValueError naming the file and line of a prompt that
     leaves no room to generate within max_length tokens."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise ValueError(f"--sample-input-file {path}: cannot read ({e.strerror})") from e
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"--sample-input-file {path} line {line}: not UTF-8 text (byte "
+            f"0x{data[e.start]:02x} at offset {e.start}); save the prompts as UTF-8"
+        ) from None
     prompts = []
     for number, line in enumerate(lines, start=1):
         ids = tokenizer.tokenize(line) if line else [tokenizer.eod]

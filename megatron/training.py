@@ -32,9 +32,11 @@ from .checkpointing import load_checkpoint, save_checkpoint
 from .errors import NonFiniteLossError
 from .initialize import initialize_megatron, set_jit_fusion_options
 from .learning_rates import AnnealingLR
+from .rank_progress import mark, named_timeouts
 from .schedules import get_forward_backward_func
 from .utils import (
     calc_params_l2_norm,
+    first_non_finite_parameter,
     num_floating_point_operations,
     report_memory,
     unwrap_model,
@@ -60,6 +62,11 @@ def pretrain(train_valid_test_dataset_provider, model_provider, forward_step_fun
     initialize_megatron(extra_args_provider=extra_args_provider,
                         args_defaults=args_defaults or {}, args_list=args_list)
     set_jit_fusion_options()
+    with named_timeouts(get_args().distributed_timeout_minutes):
+        return _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_func)
+
+
+def _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_func):
     args = get_args()
     update_train_iters(args)
     print_datetime("after megatron is initialized")
@@ -93,6 +100,7 @@ def pretrain(train_valid_test_dataset_provider, model_provider, forward_step_fun
                           train_data_iterator, valid_data_iterator)
     print_datetime("after training is done")
 
+    mark("end of training")
     if args.do_valid:
         evaluate_and_print_results("the end of training for val data", forward_step_func,
                                    valid_data_iterator, model, iteration, False)
@@ -288,8 +296,9 @@ def train_step(forward_step_func, data_iterator, model, optimizer, lr_scheduler)
                                            timers, forward_only=False)
     if not _loss_is_finite(losses_reduced):
         if args.fp16 and args.loss_scale is None:
-            # an fp16 forward that overflowed: skip the step like a gradient overflow
-            optimizer.zero_grad()
+            # an fp16 forward that overflowed: skip the step like a gradient overflow,
+            # and back the loss scale off as for one
+            optimizer.skip_overflowed_step()
             return {}, 1, None, None, True
         raise NonFiniteLossError(
             f"iteration {args.iteration + 1}: the loss is NaN or inf "
@@ -488,30 +497,85 @@ def train(forward_step_func, model, optimizer, lr_scheduler, train_data_iterator
     timers("interval-time").start()
     print_datetime("before the start of training step")
     report_memory_flag = True
+    overflow_guard = _OverflowGuard(args)
+    loss_scale = _loss_scale(args, model, optimizer)
     while iteration < args.train_iters:
         update_num_microbatches(args.consumed_train_samples)
         args.curriculum_seqlen = _curriculum_seqlen(args, iteration, model)
+        mark(f"iteration {iteration + 1}: train step")
         loss_dict, skipped_iter, grad_norm, num_zeros, got_nan = train_step(
             forward_step_func, train_data_iterator, model, optimizer, lr_scheduler)
         iteration += 1
         args.iteration = iteration
         args.consumed_train_samples += (mpu.get_data_parallel_world_size()
                                         * args.micro_batch_size * get_num_microbatches())
+        overflow_guard.after_step(iteration, skipped_iter, loss_scale, model)
         loss_scale = _loss_scale(args, model, optimizer)
-        params_norm = calc_params_l2_norm(model) if args.log_params_norm else None
+        params_norm = None
+        if args.log_params_norm or iteration % args.log_interval == 0:
+            params_norm = _params_norm(args, model)
+            if params_norm is not None and not math.isfinite(params_norm):
+                raise NonFiniteLossError(
+                    f"iteration {iteration}: the parameter norm is {params_norm}; the run "
+                    "diverged: lower --lr or resume from an earlier checkpoint")
         report_memory_flag = training_log(
             loss_dict, log_state, _current_lr(model, optimizer), iteration, loss_scale,
             report_memory_flag, skipped_iter, got_nan, grad_norm, params_norm, num_zeros,
             _extra_log_columns(args))
 
         if args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid:
+            mark(f"iteration {iteration}: evaluation")
             evaluate_and_print_results(f"iteration {iteration}", forward_step_func,
                                        valid_data_iterator, model, iteration, False)
         if args.save and args.save_interval and iteration % args.save_interval == 0:
+            mark(f"iteration {iteration}: checkpoint save")
             save_checkpoint_and_time(iteration, model, optimizer, lr_scheduler)
         if _should_exit(args, iteration, model, optimizer, lr_scheduler):
             sys.exit(0)
     return iteration
+
+
+class _OverflowGuard:
+    """Stops an fp16 run that can no longer recover: an overflow with the dynamic loss
+    scale already at --min-loss-scale, --max-consecutive-skipped-iterations skipped in a
+    row, or weights that are no longer finite. fp32 and bf16 runs stop at the first
+    non-finite loss in train_step."""
+
+    def __init__(self, args):
+        self.args = args
+        self.consecutive = 0
+
+    def after_step(self, iteration: int, skipped: int, scale_used: float, model) -> None:
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        args = self.args
+        bad = first_non_finite_parameter(model)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"iteration {iteration}: the weights are no longer finite ({bad} holds NaN "
+                "or inf); the run diverged: lower --lr or resume from an earlier checkpoint")
+        dynamic = args.fp16 and args.loss_scale is None and not args.deepspeed
+        if dynamic and scale_used <= args.min_loss_scale:
+            raise NonFiniteLossError(
+                f"iteration {iteration}: fp16 overflow with the loss scale at its minimum "
+                f"({scale_used:g}, --min-loss-scale); the loss or gradients are NaN or inf "
+                "at any scale: the run diverged (lower --lr, or resume from an earlier "
+                "checkpoint)")
+        limit = args.max_consecutive_skipped_iterations
+        if limit and self.consecutive >= limit:
+            raise NonFiniteLossError(
+                f"iteration {iteration}: {self.consecutive} consecutive iterations skipped "
+                f"for fp16 overflow (--max-consecutive-skipped-iterations {limit}); the run "
+                "diverged (lower --lr, or resume from an earlier checkpoint)")
+
+
+def _params_norm(args, model):
+    """The parameter L2 norm (None under ZeRO-3, where each rank holds only a partition)."""
+    if args.deepspeed and (args.zero_stage or 0) >= 3:
+        return None
+    return calc_params_l2_norm(model)
 
 
 def _curriculum_seqlen(args, iteration, model):

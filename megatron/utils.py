@@ -105,6 +105,29 @@ def calc_params_l2_norm(model) -> float:
     return norm.item() ** 0.5
 
 
+def first_non_finite_parameter(model) -> str | None:
+    """The name of the first parameter holding NaN or inf on any rank, or None; every rank
+    must call it (one all-reduce over the world)."""
+    from .accelerator import current_device
+
+    models = model if isinstance(model, list) else [model]
+    bad_name = None
+    for m in models:
+        for name, p in m.named_parameters():
+            if p.numel() and not torch.isfinite(p.detach()).all():
+                bad_name = name
+                break
+        if bad_name is not None:
+            break
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    flag = torch.tensor([rank if bad_name is not None else -1], device=current_device())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if int(flag.item()) < 0:
+        return None
+    return bad_name if bad_name is not None else f"a parameter on rank {int(flag.item())}"
+
+
 def report_memory(name: str) -> str:
     """One line of device memory use in MB (allocated, max allocated, reserved)."""
     from .accelerator import get_accelerator, is_gpu

@@ -170,6 +170,12 @@ def main() -> None:
     args = get_args()
     check_generation_args(args)
     tokenizer = get_tokenizer()
+    prompts = None
+    if args.sample_input_file is not None:  # read before the model is built and loaded
+        try:
+            prompts = read_prompts(args.sample_input_file, tokenizer, args.seq_length)
+        except ValueError as e:
+            sys.exit(f"{SCRIPT}: error: {e}")
     model = build_inference_model(args)
     settings = GenerationSettings(
         batch_size=args.micro_batch_size,
@@ -187,11 +193,7 @@ def main() -> None:
     device = torch.device(current_device())
     writes = torch.distributed.get_rank() == 0  # every rank generates, rank 0 writes
 
-    if args.sample_input_file is not None:
-        try:
-            prompts = read_prompts(args.sample_input_file, tokenizer, args.seq_length)
-        except ValueError as e:
-            sys.exit(f"{SCRIPT}: error: {e}")
+    if prompts is not None:
         out_path = args.sample_output_file or args.sample_input_file + ".out"
         samples = generate_samples_conditional(model, tokenizer, prompts, settings, device)
         writer = (

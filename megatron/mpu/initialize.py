@@ -204,13 +204,15 @@ def initialize_model_parallel(
     pipeline_model_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: int | None = None,
     pipeline_model_parallel_split_rank: int | None = None,
+    timeout=None,
 ) -> None:
     """Create the tensor, pipeline, data, model and embedding groups for this rank.
 
     torch.distributed must be initialised. Every rank creates every group, in the same
     order (torch.distributed.new_group is collective), and keeps the ones it belongs to.
     `virtual_pipeline_model_parallel_size` (> 1 model chunks per stage) enables the
-    interleaved schedule; it needs pipeline_model_parallel_size > 1.
+    interleaved schedule; it needs pipeline_model_parallel_size > 1. `timeout` (a
+    timedelta) bounds every collective of these groups, as the world group's does.
     """
     global _TENSOR_MODEL_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP, _MODEL_PARALLEL_GROUP
     global _DATA_PARALLEL_GROUP, _EMBEDDING_GROUP, _TENSOR_GLOBAL_RANKS, _PIPELINE_GLOBAL_RANKS
@@ -249,7 +251,7 @@ def initialize_model_parallel(
     mine = {}
     for key in _GROUP_KEYS:
         for ranks in layout[key]:
-            group = torch.distributed.new_group(ranks)  # collective: every rank, same order
+            group = torch.distributed.new_group(ranks, timeout=timeout)  # collective: every rank, same order
             if rank in ranks:
                 mine[key] = (group, ranks)
 

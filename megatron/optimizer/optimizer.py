@@ -125,6 +125,14 @@ class MegatronOptimizer(ABC):
         """loss * loss_scale, to call backward on."""
         return self.get_loss_scale() * loss
 
+    def skip_overflowed_step(self) -> None:
+        """Skip this step after an fp16 overflow found outside the optimizer (a non-finite
+        loss): drop the gradients and back the loss scale off as step() does."""
+        self.zero_grad()
+        scaler = getattr(self, "grad_scaler", None)
+        if scaler is not None:
+            scaler.update(True)
+
     @abstractmethod
     def reload_model_params(self) -> None:
         """Refresh master copies after the model params were changed (e.g. loaded)."""

@@ -222,6 +222,9 @@ def test_read_prompts(tmp_path):
         read_prompts(str(path), _CharTokenizer(), 8)
     with pytest.raises(ValueError, match="--sample-input-file"):
         read_prompts(str(tmp_path / "missing.txt"), _CharTokenizer(), 8)
+    path.write_bytes(b"fine\nal\xe9 in latin-1\n")
+    with pytest.raises(ValueError, match=r"prompts.txt line 2: not UTF-8 text \(byte 0xe9"):
+        read_prompts(str(path), _CharTokenizer(), 8)
 
 
 def test_context_blocks_layout():
@@ -342,6 +345,21 @@ def test_conditional_greedy_cache_equals_recompute(trained):
     assert [r["prompt"] for r in rows] == ["Hello world", long_prompt, "", "Data"]
     for row in rows:
         assert row["finished"] or row["length"] == 8
+
+
+@pytest.mark.slow
+def test_non_utf8_prompts_are_named_before_the_model_loads(trained):
+    work, flags = trained
+    prompts = work / "latin1.txt"
+    prompts.write_bytes("Hello\nCaf\u00e9 au lait\n".encode("latin-1"))
+    out = work / "latin1.jsonl"
+    proc = _generate_cli(flags + ["--sample-input-file", str(prompts),
+                                  "--sample-output-file", str(out)], check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (f"tools/generate_samples_gpt.py: error: --sample-input-file {prompts} "
+                    "line 2: not UTF-8 text (byte 0xe9 at offset 9); save the prompts as UTF-8")
+    assert "loading checkpoint" not in proc.stdout and not out.exists()
 
 
 def _generate_script():

@@ -185,6 +185,23 @@ INVALID = [
     ("--batch-size 4", 1, ["--batch-size (4)", "--micro-batch-size (2)"]),
     ("--warmup 0.1 --lr-warmup-fraction 0.2", 1, ["--warmup (0.1)", "--lr-warmup-fraction"]),
     ("--accumulate-allreduce-grads-in-fp32 --DDP-impl torch", 1, ["--DDP-impl torch"]),
+    # values that used to fail deep inside the run (ZeroDivisionError, a built model)
+    ("--num-layers 0", 1, ["--num-layers must be >= 1 (got 0)"]),
+    ("--hidden-size -64", 1, ["--hidden-size must be >= 1 (got -64)"]),
+    ("--seq-length 0", 1, ["--seq-length must be >= 1 (got 0)"]),
+    ("--eval-interval 0", 1, ["--eval-interval must be >= 1 (got 0)"]),
+    ("--train-iters 0", 1, ["--train-iters must be >= 1 (got 0)"]),
+    ("--save-interval 0", 1, ["--save-interval must be >= 1 (got 0)"]),
+    ("--eval-iters -1", 1, ["--eval-iters must be >= 0 (got -1)"]),
+    ("--keep-last-checkpoints 0", 1, ["--keep-last-checkpoints must be >= 1 (got 0)"]),
+    ("--distributed-timeout-minutes 0", 1, ["--distributed-timeout-minutes must be > 0"]),
+    ("--train-iters 10 --lr-warmup-iters 10", 1,
+     ["--lr-warmup-iters (10) must be smaller than --train-iters (10)"]),
+    ("--train-iters 10 --lr-decay-iters 8 --lr-warmup-iters 8", 1,
+     ["--lr-warmup-iters (8) must be smaller than --lr-decay-iters (8)"]),
+    ("--train-samples 100 --lr-warmup-samples 100", 1,
+     ["--lr-warmup-samples (100) must be smaller than --train-samples (100)"]),
+    ("--lr-warmup-fraction 1.0", 1, ["--lr-warmup-fraction (1.0) must be in [0, 1)"]),
 ]
 
 

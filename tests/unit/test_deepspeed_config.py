@@ -207,3 +207,50 @@ def test_example_configs_agree_with_their_scripts_flags(name):
     )
     out = reconcile_deepspeed_config(config, args, name)
     assert out["train_batch_size"] == 32
+
+
+def _optimizer_args(**overrides):
+    values = dict(lr=None, min_lr=0.0, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999,
+                  adam_eps=1e-8, sgd_momentum=0.9, optimizer="adam")
+    values.update(overrides)
+    return _args(**values)
+
+
+def test_optimizer_block_sets_the_flags_left_at_their_defaults():
+    args = _optimizer_args()
+    block = {"type": "AdamW", "params": {"lr": 0.5, "betas": [0.8, 0.95], "eps": 1e-6,
+                                         "weight_decay": 0.1, "adam_w_mode": True}}
+    config = reconcile_deepspeed_config({"optimizer": block}, args, "ds.json")
+    assert "optimizer" not in config  # the optimizer handed to DeepSpeed is built from args
+    assert (args.lr, args.adam_beta1, args.adam_beta2, args.adam_eps, args.weight_decay) == (
+        0.5, 0.8, 0.95, 1e-6, 0.1)
+    args = _optimizer_args(optimizer="adam")
+    reconcile_deepspeed_config({"optimizer": {"type": "SGD", "params": {"momentum": 0.5}}},
+                               args, "ds.json")
+    assert (args.optimizer, args.sgd_momentum) == ("sgd", 0.5)
+
+
+@pytest.mark.parametrize(
+    "block, overrides, message",
+    [
+        ({"type": "AdamW", "params": {"lr": 0.5}}, {"lr": 0.001},
+         "--lr 0.001 contradicts optimizer.params.lr 0.5 in ds.json"),
+        ({"type": "Adam", "params": {"weight_decay": 0.1}}, {"weight_decay": 0.05},
+         "--weight-decay 0.05 contradicts optimizer.params.weight_decay 0.1 in ds.json"),
+        ({"type": "Lamb", "params": {}}, {}, 'optimizer.type "Lamb" in ds.json'),
+        ({"type": "Adam", "params": {"adam_w_mode": False}}, {},
+         'optimizer.params.adam_w_mode false in ds.json has no Megatron flag'),
+        ({"type": "Adam", "params": {"lr": 0.001}}, {"min_lr": 0.01},
+         "--min-lr 0.01 is larger than the learning rate 0.001 of ds.json"),
+    ],
+)
+def test_optimizer_block_contradictions_name_key_and_flag(block, overrides, message):
+    with pytest.raises(DeepSpeedConfigError) as exc:
+        reconcile_deepspeed_config({"optimizer": block}, _optimizer_args(**overrides), "ds.json")
+    assert str(exc.value).startswith(message)
+
+
+def test_scheduler_block_is_refused():
+    config = {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}
+    with pytest.raises(DeepSpeedConfigError, match='scheduler block \\("WarmupLR"\\) in ds.json'):
+        reconcile_deepspeed_config(config, _optimizer_args(), "ds.json")
