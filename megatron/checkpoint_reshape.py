@@ -34,7 +34,9 @@ from __future__ import annotations
 import copy
 import os
 import re
-from typing import Dict, List, Tuple
+import shutil
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -187,6 +189,9 @@ def merge_tensor_parallel(shards: List[FlatState]) -> FlatState:
     merged: FlatState = {}
     for path in keys:
         kind, dim = partition_rule(dotted(path))
+        shapes = [tuple(s[path].shape) for s in shards]
+        if len(set(shapes)) != 1:
+            raise ReshapeError(f"{dotted(path)} has different shapes on the tensor ranks: {shapes}")
         if dim is None:
             merged[path] = shards[0][path]
         else:
@@ -370,35 +375,299 @@ def read_tracker(load_dir: str) -> Tuple[str, int, bool]:
     return os.path.join(load_dir, f"iter_{int(text):07d}"), int(text), False
 
 
-def load_checkpoint_grid(load_dir: str) -> Tuple[Dict[Tuple[int, int], dict], int, bool]:
-    """Every rank file of the latest checkpoint: ({(tp, pp): state}, iteration, release)."""
-    folder, iteration, release = read_tracker(load_dir)
-    if not os.path.isdir(folder):
-        raise ReshapeError(f"checkpoint folder {folder} named by the tracker does not exist")
-    grid = {}
-    for name in sorted(os.listdir(folder)):
-        m = _RANK_DIR_RE.match(name)
-        if not m:
-            continue
-        path = os.path.join(folder, name, "model_optim_rng.pt")
+RANK_FILENAME = "model_optim_rng.pt"
+_MAX_PROBLEMS = 4
+
+
+@dataclass
+class SourceCheckpoint:
+    """The rank files of one checkpoint, checked against the layout they describe."""
+
+    folder: str
+    iteration: int
+    release: bool
+    tp: int
+    pp: int
+    vp: int
+    grid: Dict[Tuple[int, int], dict]
+    args: Any
+    layout_from_args: bool
+
+    @property
+    def template(self) -> dict:
+        return self.grid[(0, 0)]
+
+    def describe(self) -> str:
+        where = "saved args" if self.layout_from_args else "rank folders"
+        return f"TP={self.tp}, PP={self.pp}, virtual PP={self.vp} ({where})"
+
+
+def rank_folder_name(tp_rank: int, pp_rank: int, suffixed: bool) -> str:
+    """mp_rank_TT, or mp_rank_TT_PPP when the checkpoint is pipeline-parallel."""
+    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}" if suffixed else f"mp_rank_{tp_rank:02d}"
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _summarise(problems: List[str]) -> str:
+    shown = "; ".join(problems[:_MAX_PROBLEMS])
+    more = len(problems) - _MAX_PROBLEMS
+    return shown + (f"; and {more} more" if more > 0 else "")
+
+
+class _RankReader:
+    """Loads each rank file of an iteration folder once, noting the unreadable ones."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.states: Dict[str, dict] = {}
+        self.bad: Dict[str, str] = {}
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, name, RANK_FILENAME)
+
+    def exists(self, name: str) -> bool:
+        return os.path.isfile(self.path(name))
+
+    def load(self, name: str) -> dict | None:
+        if name not in self.states and name not in self.bad:
+            self._read(name)
+        return self.states.get(name)
+
+    def _read(self, name: str) -> None:
+        path = self.path(name)
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
-            raise ReshapeError(f"could not read checkpoint file {path}: {e}") from e
-        version = state.get("checkpoint_version", 0)
-        if version < 2.0:
-            raise ReshapeError(
-                f"{path}: checkpoint_version {version} stores QKV as [3, np, hn]"
-                "; only version >= 2.0 ([np, 3, hn]) can be reshaped"
-            )
-        grid[(int(m.group(1)), int(m.group(2) or 0))] = state
-    if not grid:
+            self.bad[name] = f"{path} is unreadable ({_one_line(e)})"
+            return
+        if not isinstance(state, dict):
+            self.bad[name] = f"{path} does not hold a checkpoint dict"
+            return
+        self.states[name] = state
+
+
+def _rank_folders(folder: str) -> Dict[str, Tuple[int, int, bool]]:
+    """{folder name: (tensor rank, pipeline rank, has the _PPP suffix)}."""
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        m = _RANK_DIR_RE.match(name)
+        if m:
+            found[name] = (int(m.group(1)), int(m.group(2) or 0), m.group(2) is not None)
+    if not found:
         raise ReshapeError(f"no mp_rank_* folders in {folder}")
-    return grid, iteration, release
+    return found
 
 
-def _source_args(grid: dict):
-    return grid[min(grid)].get("args")
+def _reference_state(reader: _RankReader, names: List[str]) -> dict:
+    """The first readable rank file (rank 0 when it is readable): its args name the layout."""
+    for name in names:
+        if reader.exists(name) and reader.load(name) is not None:
+            return reader.states[name]
+    bad = list(reader.bad.values()) or [f"no {RANK_FILENAME} in any of {names}"]
+    raise ReshapeError(f"checkpoint {reader.folder} cannot be read: {_summarise(bad)}")
+
+
+def saved_layout(args) -> Tuple[int, int, int] | None:
+    """(TP, PP, virtual PP) recorded in a checkpoint's args, or None when not recorded."""
+    tp = getattr(args, "tensor_model_parallel_size", None)
+    if tp is None:
+        return None
+    pp = getattr(args, "pipeline_model_parallel_size", None) or 1
+    vp = getattr(args, "virtual_pipeline_model_parallel_size", None) or 1
+    return int(tp), int(pp), int(vp)
+
+
+def _folder_layout(folder: str, found: dict, reference: dict) -> Tuple[int, int, int, bool]:
+    """(TP, PP, virtual PP, suffixed names) inferred from the folder names alone."""
+    suffixed = {s for _, _, s in found.values()}
+    if len(suffixed) > 1:
+        raise ReshapeError(
+            f"{folder} mixes mp_rank_TT and mp_rank_TT_PPP folders ({sorted(found)}) and "
+            "its files record no parallel layout"
+        )
+    tp = 1 + max(t for t, _, _ in found.values())
+    pp = 1 + max(p for _, p, _ in found.values())
+    try:
+        vp = len(model_chunks(reference))
+    except ReshapeError:
+        vp = 1  # reported with the file's path by _file_problems
+    return tp, pp, vp, suffixed.pop()
+
+
+def _layout_problems(
+    reader: _RankReader, found: dict, expected: Dict[str, Tuple[int, int]], layout: str
+) -> List[str]:
+    """Missing, unreadable and unexpected rank files of an iteration folder."""
+    problems = []
+    missing = [reader.path(n) for n in expected if not reader.exists(n)]
+    if missing:
+        problems.append(f"missing rank file(s) {', '.join(missing)} of {layout}")
+    for name in expected:
+        if reader.exists(name):
+            reader.load(name)
+    problems += [reader.bad[n] for n in expected if n in reader.bad]
+    extra = [n for n in found if n not in expected]
+    if extra:
+        problems.append(
+            f"{reader.folder} also holds rank folder(s) {', '.join(extra)} outside {layout}: "
+            "left over from another layout? move them away"
+        )
+    return problems
+
+
+def _int_arg(args, name: str) -> int | None:
+    value = getattr(args, name, None)
+    return int(value) if isinstance(value, int) else None
+
+
+def _product(*factors: int | None) -> int | None:
+    if any(f is None for f in factors):
+        return None
+    result = 1
+    for f in factors:
+        result *= f
+    return result
+
+
+def _full_shapes(args) -> List[Tuple[re.Pattern, Tuple[int, ...]]]:
+    """(key pattern, TP = 1 shape) for the tensors whose shape the saved args fix."""
+    h = _int_arg(args, "hidden_size")
+    heads = _int_arg(args, "num_attention_heads")
+    kv = _int_arg(args, "kv_channels") or (h // heads if h and heads else None)
+    proj = _product(kv, heads)
+    ffn = _int_arg(args, "ffn_hidden_size") or _product(4, h)
+    layer = r"(^|\.)layers\.\d+\."
+    table = [
+        (layer + r"self_attention\.query_key_value\.weight$", (_product(3, proj), h)),
+        (layer + r"self_attention\.query_key_value\.bias$", (_product(3, proj),)),
+        (layer + r"self_attention\.dense\.weight$", (h, proj)),
+        (layer + r"mlp\.dense_h_to_4h\.weight$", (ffn, h)),
+        (layer + r"mlp\.dense_h_to_4h\.bias$", (ffn,)),
+        (layer + r"mlp\.dense_4h_to_h\.weight$", (h, ffn)),
+        (layer + r"(self_attention\.dense|mlp\.dense_4h_to_h)\.bias$", (h,)),
+        (r"layernorm\.(weight|bias)$", (h,)),
+        (r"(^|\.)word_embeddings(_for_head)?\.weight$", (_int_arg(args, "padded_vocab_size"), h)),
+        (r"(^|\.)position_embeddings\.weight$", (_int_arg(args, "max_position_embeddings"), h)),
+    ]
+    return [(re.compile(p), shape) for p, shape in table if None not in shape]
+
+
+def _shard_shape(full: Tuple[int, ...], dim: int | None, tp: int) -> Tuple[int, ...] | None:
+    """The shape of one of tp shards of a `full` tensor split on dim (None: not even)."""
+    if dim is None:
+        return full
+    if full[dim] % tp != 0:
+        return None
+    return full[:dim] + (full[dim] // tp,) + full[dim + 1 :]
+
+
+def _wrong_shapes(chunks: List[dict], args, tp: int) -> List[Tuple[str, list, list]]:
+    """(key, shape, expected shape) of the tensors the saved args give another shape."""
+    table = _full_shapes(args)
+    wrong = []
+    for chunk in chunks:
+        for key, tensor in flatten_state(chunk).items():
+            name = dotted(key)
+            full = next((shape for pattern, shape in table if pattern.search(name)), None)
+            if full is None:
+                continue
+            expect = _shard_shape(full, partition_rule(name)[1], tp)
+            if expect != tuple(tensor.shape):
+                shown = list(expect) if expect else f"{list(full)} split {tp} ways"
+                wrong.append((name, list(tensor.shape), shown))
+    return wrong
+
+
+def _shape_problems(path: str, chunks: List[dict], args, tp: int) -> List[str]:
+    """At most one line per rank file: its first wrong shape and how many there are."""
+    wrong = _wrong_shapes(chunks, args, tp)
+    if not wrong:
+        return []
+    name, shape, expect = wrong[0]
+    more = f" (and {len(wrong) - 1} more tensors)" if len(wrong) > 1 else ""
+    return [f"{path}: {name} has shape {shape} but the saved args (TP={tp}) give {expect}{more}"]
+
+
+def _layer_count_problems(path: str, chunks: List[dict], args, pp: int, vp: int) -> List[str]:
+    num_layers = _int_arg(args, "num_layers")
+    if num_layers is None:
+        return []
+    per_chunk = num_layers / (pp * vp)
+    problems = []
+    for c, chunk in enumerate(chunks):
+        count = _count_layers(flatten_state(chunk))
+        if count != per_chunk:
+            problems.append(
+                f"{path}: model chunk {c} holds {count} layers, the saved args "
+                f"({num_layers} layers, PP={pp}, virtual PP={vp}) give {per_chunk:g}"
+            )
+    return problems
+
+
+def _file_problems(path: str, state: dict, source: SourceCheckpoint) -> List[str]:
+    """What is wrong with one rank file of `source`: version, layout, chunks, shapes."""
+    version = state.get("checkpoint_version", 0)
+    if version < 2.0:
+        return [
+            f"{path}: checkpoint_version {version} stores QKV as [3, np, hn]; only "
+            "version >= 2.0 ([np, 3, hn]) can be reshaped"
+        ]
+    try:
+        chunks = model_chunks(state)
+    except ReshapeError as e:
+        return [f"{path}: {e}"]
+    if len(chunks) != source.vp:
+        return [f"{path} holds {len(chunks)} model chunk(s), not {source.vp} ({source.describe()})"]
+    if not source.layout_from_args:
+        return []
+    own = saved_layout(state.get("args"))
+    if own is not None and own != (source.tp, source.pp, source.vp):
+        return [f"{path} records TP, PP, virtual PP = {own}, unlike {source.describe()}"]
+    return _layer_count_problems(path, chunks, source.args, source.pp, source.vp) + (
+        _shape_problems(path, chunks, source.args, source.tp)
+    )
+
+
+def load_source(load_dir: str) -> SourceCheckpoint:
+    """Every rank file of the latest checkpoint, checked before anything is reshaped.
+
+    The layout (TP, PP, virtual PP) is the one the checkpoint's saved args record (else the
+    one its rank folders spell). Missing, unreadable and unexpected rank files, files of
+    another layout and shards whose shapes the saved args contradict are all errors, named
+    together in one ReshapeError."""
+    folder, iteration, release = read_tracker(load_dir)
+    if not os.path.isdir(folder):
+        raise ReshapeError(f"checkpoint folder {folder} named by the tracker does not exist")
+    found = _rank_folders(folder)
+    reader = _RankReader(folder)
+    reference = _reference_state(reader, list(found))
+    args = reference.get("args")
+    layout = saved_layout(args)
+    if layout is not None:
+        tp, pp, vp = layout
+        suffixed = pp > 1
+    else:
+        tp, pp, vp, suffixed = _folder_layout(folder, found, reference)
+    source = SourceCheckpoint(folder, iteration, release, tp, pp, vp, {}, args, layout is not None)
+    expected = {rank_folder_name(t, p, suffixed): (t, p) for t in range(tp) for p in range(pp)}
+    problems = _layout_problems(reader, found, expected, source.describe())
+    for name, rank in expected.items():
+        if name in reader.states:
+            problems += _file_problems(reader.path(name), reader.states[name], source)
+            source.grid[rank] = reader.states[name]
+    if problems:
+        raise ReshapeError(f"checkpoint {folder} is not usable: {_summarise(problems)}")
+    return source
+
+
+def load_checkpoint_grid(load_dir: str) -> Tuple[Dict[Tuple[int, int], dict], int, bool]:
+    """Every rank file of the latest checkpoint: ({(tp, pp): state}, iteration, release)."""
+    source = load_source(load_dir)
+    return source.grid, source.iteration, source.release
 
 
 def _true_vocab_from_args(args) -> int | None:
@@ -422,20 +691,23 @@ def reshape_checkpoint(
     target_pp: int,
     true_vocab_size: int | None = None,
     divisible_by: int | None = None,
+    source: SourceCheckpoint | None = None,
 ) -> Dict[str, int]:
     """Write load_dir's latest checkpoint to save_dir at target_tp x target_pp.
 
     The model weights, args (with the new layout and padded vocab), iteration and consumed
     sample counts are written; optimizer and RNG states are not (they belong to the old
-    layout): resume with --no-load-optim --no-load-rng. Returns a summary dict.
+    layout): resume with --no-load-optim --no-load-rng. Everything is checked before the
+    first file is written, and a failed write removes the files and folders it created.
+    `source` is load_source(load_dir) when the caller has it already. Returns a summary.
     """
     if target_tp < 1 or target_pp < 1:
         raise ReshapeError(
             f"target tensor ({target_tp}) and pipeline ({target_pp}) parallel sizes must be >= 1"
         )
-    grid, iteration, release = load_checkpoint_grid(load_dir)
-    args = _source_args(grid)
-    full = to_canonical({k: model_chunks(v) for k, v in grid.items()})
+    source = source or load_source(load_dir)
+    args = source.args
+    full = to_canonical({k: model_chunks(v) for k, v in source.grid.items()})
     num_layers = _count_layers(full)
     if args is not None and getattr(args, "num_layers", num_layers) != num_layers:
         raise ReshapeError(
@@ -446,41 +718,41 @@ def reshape_checkpoint(
         true_vocab_size = _true_vocab_from_args(args)
     if divisible_by is None:
         divisible_by = getattr(args, "make_vocab_size_divisible_by", 128) if args else 128
+    target_padded = _target_padded_vocab(full, true_vocab_size, divisible_by, target_tp)
+    out = from_canonical(full, target_tp, target_pp, target_padded, true_vocab_size)
+    files = _output_files(out, source, target_tp, target_pp, target_padded)
+    _write_files(save_dir, files, "release" if source.release else str(source.iteration))
+    return {
+        "iteration": source.iteration,
+        "num_layers": num_layers,
+        "padded_vocab_size": target_padded or 0,
+        "source_tp": source.tp,
+        "source_pp": source.pp,
+        "source_vp": source.vp,
+    }
+
+
+def _target_padded_vocab(
+    full: FlatState, true_vocab_size: int | None, divisible_by: int, target_tp: int
+) -> int | None:
+    """Rows of the target's word embeddings (None: the model has none)."""
     word = _word_embeddings_path(full)
-    source_padded = full[word].size(0) if word is not None else None
-    target_padded = source_padded
-    if source_padded is not None and true_vocab_size is not None:
-        target_padded = padded_vocab_size(true_vocab_size, divisible_by, target_tp)
-    elif source_padded is not None and source_padded % (divisible_by * target_tp) != 0:
+    if word is None:
+        return None
+    source_padded = full[word].size(0)
+    if true_vocab_size is not None:
+        return padded_vocab_size(true_vocab_size, divisible_by, target_tp)
+    if source_padded % (divisible_by * target_tp) != 0:
         raise ReshapeError(
             f"the padded vocab ({source_padded}) must be re-padded for tensor-parallel size "
             f"{target_tp}, but the true vocab size is unknown: give --true-vocab-size or "
             "--vocab-file"
         )
-    out = from_canonical(full, target_tp, target_pp, target_padded, true_vocab_size)
-    _write_grid(
-        save_dir, out, grid[min(grid)], iteration, release, target_tp, target_pp, target_padded
-    )
-    return {
-        "iteration": iteration,
-        "num_layers": num_layers,
-        "padded_vocab_size": target_padded or 0,
-        "source_tp": 1 + max(t for t, _ in grid),
-        "source_pp": 1 + max(p for _, p in grid),
-    }
+    return source_padded
 
 
-def _write_grid(
-    save_dir: str,
-    out: dict,
-    template: dict,
-    iteration: int,
-    release: bool,
-    tp: int,
-    pp: int,
-    padded_vocab: int | None,
-) -> None:
-    args = copy.copy(template.get("args"))
+def _target_args(template_args, tp: int, pp: int, padded_vocab: int | None):
+    args = copy.copy(template_args)
     if args is not None:
         args.tensor_model_parallel_size = tp
         args.pipeline_model_parallel_size = pp
@@ -488,26 +760,94 @@ def _write_grid(
         args.num_layers_per_virtual_pipeline_stage = None
         if padded_vocab is not None:
             args.padded_vocab_size = padded_vocab
-    folder = os.path.join(save_dir, "release" if release else f"iter_{iteration:07d}")
+    return args
+
+
+def _output_files(
+    out: dict, source: SourceCheckpoint, tp: int, pp: int, padded_vocab: int | None
+) -> Dict[str, dict]:
+    """{path relative to the save folder: state} of the target checkpoint."""
+    template = source.template
+    args = _target_args(template.get("args"), tp, pp, padded_vocab)
+    folder = "release" if source.release else f"iter_{source.iteration:07d}"
+    files = {}
     for (t, p), model in out.items():
-        sub = f"mp_rank_{t:02d}_{p:03d}" if pp > 1 else f"mp_rank_{t:02d}"
         state = {
             "args": args,
             "checkpoint_version": CHECKPOINT_VERSION,
-            "iteration": iteration,
+            "iteration": source.iteration,
             "model": model,
         }
         for key in ("consumed_train_samples", "consumed_valid_samples"):
             if key in template:
                 state[key] = template[key]
-        path = os.path.join(folder, sub, "model_optim_rng.pt")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        files[os.path.join(folder, rank_folder_name(t, p, pp > 1), RANK_FILENAME)] = state
+    return files
+
+
+def _refuse_mixed_layouts(save_dir: str, files: Dict[str, dict]) -> None:
+    """An iteration folder of save_dir that holds rank folders the target does not write
+    would end up with two layouts in it."""
+    ours: Dict[str, set] = {}
+    for rel in files:
+        iteration_dir, rank_dir = rel.split(os.sep)[:2]
+        ours.setdefault(iteration_dir, set()).add(rank_dir)
+    for iteration_dir, names in ours.items():
+        folder = os.path.join(save_dir, iteration_dir)
+        if not os.path.isdir(folder):
+            continue
+        stale = sorted(n for n in os.listdir(folder) if _RANK_DIR_RE.match(n) and n not in names)
+        if stale:
+            raise ReshapeError(
+                f"{folder} already holds rank folder(s) {', '.join(stale)} that the target "
+                "layout does not write; choose an empty --save-dir"
+            )
+
+
+def _new_folders(paths: List[str]) -> List[str]:
+    """The top-most folders on the way to `paths` that do not exist yet."""
+    tops = set()
+    for path in paths:
+        folder, top = os.path.dirname(os.path.abspath(path)), None
+        while not os.path.exists(folder):
+            folder, top = os.path.dirname(folder), folder
+        if top is not None:
+            tops.add(top)
+    return sorted(tops)
+
+
+def _undo_write(paths: List[str], new_files: List[str], new_folders: List[str]) -> None:
+    for path in paths:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+    for path in new_files:
+        if os.path.exists(path):
+            os.remove(path)
+    for folder in new_folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_files(save_dir: str, files: Dict[str, dict], tracker_text: str) -> None:
+    """Write every file under a temporary name, then rename them all and write the tracker;
+    on any failure remove what this call created (files and folders that were there before
+    are kept)."""
+    _refuse_mixed_layouts(save_dir, files)
+    targets = {os.path.join(save_dir, rel): state for rel, state in files.items()}
     tracker = os.path.join(save_dir, TRACKER_FILENAME)
-    with open(tracker + ".tmp", "w") as f:
-        f.write("release" if release else str(iteration))
-    os.replace(tracker + ".tmp", tracker)
+    paths = list(targets) + [tracker]
+    new_folders = _new_folders(paths)
+    new_files = [p for p in paths if not os.path.exists(p)]
+    try:
+        for path, state in targets.items():
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(state, path + ".tmp")
+        with open(tracker + ".tmp", "w") as f:
+            f.write(tracker_text)
+        for path in paths:
+            os.replace(path + ".tmp", path)
+    except BaseException:
+        _undo_write(paths, new_files, new_folders)
+        raise
 
 
 __all__ = [
@@ -526,6 +866,10 @@ __all__ = [
     "model_chunks",
     "to_canonical",
     "from_canonical",
+    "SourceCheckpoint",
+    "saved_layout",
+    "rank_folder_name",
+    "load_source",
     "load_checkpoint_grid",
     "reshape_checkpoint",
 ]

@@ -9,6 +9,11 @@ to one model through the key tables of megatron/checkpoint_reshape.py and split 
 the target layout, re-padding the vocabulary for the target TP. Model weights, args,
 iteration and consumed samples are written; optimizer and RNG states are not, so resume
 with --no-load-optim --no-load-rng. No process group is needed.
+
+The source layout is the one the checkpoint's saved args record (the rank folders' when
+there are no args). A missing, unreadable or unexpected rank file, or a shard whose shape
+the saved args contradict, stops the conversion before anything is written: one line on
+stderr naming the file(s), exit status 1.
 """
 
 from __future__ import annotations
@@ -90,6 +95,12 @@ def true_vocab_size(args) -> int | None:
     return build_tokenizer(probe).vocab_size
 
 
+def fail(error: BaseException) -> int:
+    """Report a checkpoint that cannot be converted: one line on stderr, exit status 1."""
+    print(f"checkpoint_util.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron.checkpoint_reshape import ReshapeError, reshape_checkpoint
@@ -103,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             true_vocab_size=true_vocab_size(args),
             divisible_by=args.make_vocab_size_divisible_by,
         )
-    except ReshapeError as e:
-        print(f"checkpoint_util.py: error: {e}", file=sys.stderr)
-        return 2
+    except (ReshapeError, OSError) as e:
+        return fail(e)
     print(
         f"converted {args.load_dir} (TP={summary['source_tp']}, PP={summary['source_pp']}, "
-        f"iteration {summary['iteration']}) to {args.save_dir} "
-        f"(TP={args.target_tensor_parallel_size}, PP={args.target_pipeline_parallel_size}, "
+        f"virtual PP={summary['source_vp']}, iteration {summary['iteration']}) to "
+        f"{args.save_dir} (TP={args.target_tensor_parallel_size}, "
+        f"PP={args.target_pipeline_parallel_size}, "
         f"padded vocab {summary['padded_vocab_size']})",
         flush=True,
     )

@@ -9,10 +9,13 @@ pipeline stages (the seed README's command):
         --max-position-embeddings 512 --load checkpoints/bert_345m \
         --save checkpoints/bert_345m/merged
 
-The model flags are Megatron's own and are checked against the checkpoint. The vocabulary
-is re-padded for TP = 1 from the tokenizer named by the flags. Only the model weights
-(with args, iteration and consumed samples) are written: resume with --no-load-optim
---no-load-rng, or use the result with --finetune.
+The model flags are Megatron's own and are checked against the checkpoint, whose layout
+is the one its saved args record: a missing, unreadable or unexpected rank file, or a
+shard whose shape the saved args contradict, stops the merge before anything is written
+(one line on stderr naming the file(s), exit status 1). The vocabulary is re-padded for
+TP = 1 from the tokenizer named by the flags. Only the model weights (with args,
+iteration and consumed samples) are written: resume with --no-load-optim --no-load-rng,
+or use the result with --finetune.
 """
 
 from __future__ import annotations
@@ -60,38 +63,43 @@ def parse_merge_args(argv: list[str] | None = None):
     return args
 
 
-def _check_model_flags(load_dir: str, args) -> None:
-    """The checkpoint's model shape must be the one the flags describe."""
-    from megatron.checkpoint_reshape import ReshapeError, load_checkpoint_grid
+def _check_model_flags(source, args) -> None:
+    """The checkpoint's layout (from its saved args) and model shape must be the ones the
+    flags describe."""
+    from megatron.checkpoint_reshape import ReshapeError
 
-    grid, _, _ = load_checkpoint_grid(load_dir)
-    tp = 1 + max(t for t, _ in grid)
-    pp = 1 + max(p for _, p in grid)
-    if (tp, pp) != (args.tensor_model_parallel_size, args.pipeline_model_parallel_size):
+    flags = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    if (source.tp, source.pp) != flags:
         raise ReshapeError(
-            f"{load_dir} holds TP={tp} x PP={pp} partitions but the flags say "
-            f"--tensor-model-parallel-size {args.tensor_model_parallel_size} "
-            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}"
+            f"{args.load} holds TP={source.tp} x PP={source.pp} partitions "
+            f"({source.describe()}) but the flags say --tensor-model-parallel-size "
+            f"{flags[0]} --pipeline-model-parallel-size {flags[1]}"
         )
-    saved = grid[min(grid)].get("args")
     for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
-        theirs = getattr(saved, name, None)
+        theirs = getattr(source.args, name, None)
         if theirs is not None and theirs != getattr(args, name):
             flag = "--" + name.replace("_", "-")
             raise ReshapeError(
-                f"{flag}: checkpoint {load_dir} has {theirs}, the flags say {getattr(args, name)}"
+                f"{flag}: checkpoint {args.load} has {theirs}, the flags say {getattr(args, name)}"
             )
+
+
+def fail(error: BaseException) -> int:
+    """Report a checkpoint that cannot be merged: one line on stderr, exit status 1."""
+    print(f"merge_mp_partitions.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_merge_args(argv)
-    from megatron.checkpoint_reshape import ReshapeError, reshape_checkpoint
+    from megatron.checkpoint_reshape import ReshapeError, load_source, reshape_checkpoint
     from megatron.tokenizer.tokenizer import build_tokenizer
 
     args.rank = 1  # keep the tokenizer quiet; this tool prints its own summary
     true_vocab = build_tokenizer(args).vocab_size if args.vocab_file else None
     try:
-        _check_model_flags(args.load, args)
+        source = load_source(args.load)
+        _check_model_flags(source, args)
         summary = reshape_checkpoint(
             args.load,
             args.save,
@@ -99,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             args.target_pipeline_model_parallel_size,
             true_vocab_size=true_vocab,
             divisible_by=args.make_vocab_size_divisible_by,
+            source=source,
         )
-    except ReshapeError as e:
-        print(f"merge_mp_partitions.py: error: {e}", file=sys.stderr)
-        return 2
+    except (ReshapeError, OSError) as e:
+        return fail(e)
     print(
         f"merged {args.model_type} checkpoint {args.load} "
         f"(TP={summary['source_tp']}, PP={summary['source_pp']}, iteration "
