@@ -73,6 +73,9 @@ def _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_fu
     timers = get_timers()
     _install_signal_handler(args)
 
+    timers("train/valid/test-data-iterators-setup").start()
+    datasets = build_train_valid_test_datasets(train_valid_test_dataset_provider)
+    timers("train/valid/test-data-iterators-setup").stop()
     timers("model-and-optimizer-setup").start()
     model, optimizer, lr_scheduler = setup_model_and_optimizer(model_provider)
     timers("model-and-optimizer-setup").stop()
@@ -80,14 +83,13 @@ def _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_fu
 
     timers("train/valid/test-data-iterators-setup").start()
     if args.virtual_pipeline_model_parallel_size is not None:
-        iterators = [build_train_valid_test_data_iterators(train_valid_test_dataset_provider)
-                     for _ in range(len(model))]
+        iterators = [build_train_valid_test_data_iterators(datasets) for _ in range(len(model))]
         train_data_iterator = [it[0] for it in iterators]
         valid_data_iterator = [it[1] for it in iterators]
         test_data_iterator = [it[2] for it in iterators]
     else:
         train_data_iterator, valid_data_iterator, test_data_iterator = (
-            build_train_valid_test_data_iterators(train_valid_test_dataset_provider))
+            build_train_valid_test_data_iterators(datasets))
     timers("train/valid/test-data-iterators-setup").stop()
     print_datetime("after dataloaders are built")
     print_rank_0("done with setup ...")
@@ -514,14 +516,14 @@ def train(forward_step_func, model, optimizer, lr_scheduler, train_data_iterator
         params_norm = None
         if args.log_params_norm or iteration % args.log_interval == 0:
             params_norm = _params_norm(args, model)
-            if params_norm is not None and not math.isfinite(params_norm):
-                raise NonFiniteLossError(
-                    f"iteration {iteration}: the parameter norm is {params_norm}; the run "
-                    "diverged: lower --lr or resume from an earlier checkpoint")
         report_memory_flag = training_log(
             loss_dict, log_state, _current_lr(model, optimizer), iteration, loss_scale,
             report_memory_flag, skipped_iter, got_nan, grad_norm, params_norm, num_zeros,
             _extra_log_columns(args))
+        if params_norm is not None and not math.isfinite(params_norm):
+            raise NonFiniteLossError(
+                f"iteration {iteration}: the parameter norm is {params_norm}; the run "
+                "diverged: lower --lr or resume from an earlier checkpoint")
 
         if args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid:
             mark(f"iteration {iteration}: evaluation")
@@ -667,14 +669,36 @@ def cyclic_iter(iterable):
         yield from iterable
 
 
-def build_train_valid_test_data_iterators(build_train_valid_test_datasets_provider):
-    """Datasets on TP rank 0 of each pipeline stage that reads data, data loaders resuming
-    at the consumed sample counts, and the do_train/do_valid/do_test flags on every rank."""
+def build_train_valid_test_datasets(build_train_valid_test_datasets_provider):
+    """(train, valid, test) datasets on TP rank 0 of each rank (None elsewhere). pretrain()
+    builds them before the model, so that a data error ends the run before minutes of
+    model building and checkpoint loading."""
+    args = get_args()
+    print_rank_0("> building train, validation, and test datasets ...")
+    if mpu.get_tensor_model_parallel_rank() != 0:
+        return None
+    if args.train_samples:
+        train_samples = args.train_samples
+    else:
+        train_samples = args.train_iters * args.global_batch_size
+    eval_iters = (args.train_iters // args.eval_interval + 1) * args.eval_iters
+    test_iters = args.eval_iters
+    num_samples = [train_samples, eval_iters * args.global_batch_size,
+                   test_iters * args.global_batch_size]
+    print_rank_0(" > datasets target sizes (minimum size):")
+    print_rank_0(f"    train:      {num_samples[0]}")
+    print_rank_0(f"    validation: {num_samples[1]}")
+    print_rank_0(f"    test:       {num_samples[2]}")
+    return build_train_valid_test_datasets_provider(num_samples)
+
+
+def build_train_valid_test_data_iterators(datasets):
+    """Data loaders over `datasets` (build_train_valid_test_datasets) resuming at the
+    consumed sample counts, and the do_train/do_valid/do_test flags on every rank."""
     from .data.data_samplers import build_pretraining_data_loader
 
     args = get_args()
     train_dataloader = valid_dataloader = test_dataloader = None
-    print_rank_0("> building train, validation, and test datasets ...")
     if args.iteration > 0 and args.consumed_train_samples == 0:
         args.consumed_train_samples = args.iteration * args.global_batch_size
     if args.iteration > 0 and args.consumed_valid_samples == 0 and args.train_samples is None:
@@ -682,19 +706,7 @@ def build_train_valid_test_data_iterators(build_train_valid_test_datasets_provid
                                        * args.eval_iters * args.global_batch_size)
 
     if mpu.get_tensor_model_parallel_rank() == 0:
-        if args.train_samples:
-            train_samples = args.train_samples
-        else:
-            train_samples = args.train_iters * args.global_batch_size
-        eval_iters = (args.train_iters // args.eval_interval + 1) * args.eval_iters
-        test_iters = args.eval_iters
-        num_samples = [train_samples, eval_iters * args.global_batch_size,
-                       test_iters * args.global_batch_size]
-        print_rank_0(" > datasets target sizes (minimum size):")
-        print_rank_0(f"    train:      {num_samples[0]}")
-        print_rank_0(f"    validation: {num_samples[1]}")
-        print_rank_0(f"    test:       {num_samples[2]}")
-        train_ds, valid_ds, test_ds = build_train_valid_test_datasets_provider(num_samples)
+        train_ds, valid_ds, test_ds = datasets
         train_dataloader = build_pretraining_data_loader(train_ds, args.consumed_train_samples)
         valid_dataloader = build_pretraining_data_loader(valid_ds, args.consumed_valid_samples)
         test_dataloader = build_pretraining_data_loader(test_ds, 0)
@@ -718,5 +730,6 @@ def build_train_valid_test_data_iterators(build_train_valid_test_datasets_provid
 
 
 __all__ = ["pretrain", "train", "train_step", "evaluate", "get_model",
-           "setup_model_and_optimizer", "build_train_valid_test_data_iterators",
+           "setup_model_and_optimizer", "build_train_valid_test_datasets",
+           "build_train_valid_test_data_iterators",
            "NonFiniteLossError"]

