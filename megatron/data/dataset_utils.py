@@ -31,6 +31,10 @@ _NO_EPOCH_LIMIT = np.iinfo(np.int32).max - 1
 _NO_SAMPLE_LIMIT = np.iinfo(np.int64).max - 1
 
 
+class DataPathError(ValueError):
+    """Data flags (--data-path, --train-data-path, ..., --split) that cannot give a run."""
+
+
 # ----------------------------------------------------------------------------- splits
 
 
@@ -39,8 +43,11 @@ def get_train_valid_test_split_(splits_string: str, size: int) -> list[int]:
 
     ``splits_string`` holds up to three non-negative weights separated by ``,`` or ``/``
     (``"949,50,1"``, ``"0.9/0.1"``, ``"100"``); missing ones are 0. Split i gets
-    round(w_i / sum(w) * size) documents; rounding error is taken from the first
-    boundaries so that the last one is exactly ``size``.
+    round(w_i / sum(w) * size) documents; the rounding error goes to the first split of
+    positive weight so that the last boundary is exactly ``size``. (Megatron gives it to
+    the train split even at weight 0, so that ``0,50,50`` could train on a document of the
+    other splits, or give a negative boundary; with a positive train weight, as usual, the
+    two agree.)
     """
     sep = "," if "," in splits_string else "/"
     try:
@@ -60,8 +67,34 @@ def get_train_valid_test_split_(splits_string: str, size: int) -> list[int]:
     for split in splits:
         index.append(index[-1] + int(round(split / total * float(size))))
     diff = index[-1] - size
-    index = [0] + [i - diff for i in index[1:]]
-    return index
+    first = next(i for i, split in enumerate(splits) if split > 0)
+    return index[: first + 1] + [i - diff for i in index[first + 1 :]]
+
+
+def parse_weighted_prefixes(values: Sequence[str], flag: str = "--data-path"):
+    """``[prefix]`` or ``[w0, prefix0, w1, prefix1, ...]`` as ``[(weight, prefix), ...]``.
+
+    Weights are positive finite numbers: a corpus of weight 0 would silently get no
+    samples, so it is an error naming the weight and the prefix.
+    """
+    values = [str(v) for v in values]
+    if len(values) == 1:
+        return [(1.0, values[0].strip())]
+    if not values or len(values) % 2 != 0:
+        raise DataPathError(f"{flag}: weighted list {values} must alternate weight and prefix")
+    pairs = []
+    for text, prefix in zip(values[0::2], values[1::2]):
+        try:
+            weight = float(text)
+        except ValueError:
+            weight = math.nan
+        if not (math.isfinite(weight) and weight > 0):
+            raise DataPathError(
+                f"{flag}: weight {text!r} of {prefix} must be a positive number"
+                " (leave out a corpus instead of giving it weight 0)"
+            )
+        pairs.append((weight, prefix.strip()))
+    return pairs
 
 
 def get_datasets_weights_and_num_samples(
@@ -70,23 +103,30 @@ def get_datasets_weights_and_num_samples(
     """Parse ``[w0, prefix0, w1, prefix1, ...]`` into prefixes, normalised weights and
     per-dataset sample counts ceil(n * w_i * 1.005) for each of train/valid/test (the
     0.5% margin keeps the blend from running past the end of a dataset)."""
-    if len(data_prefix) % 2 != 0:
-        raise ValueError(
+    if len(data_prefix) < 2:
+        raise DataPathError(
             f"--data-path: weighted list {list(data_prefix)} must alternate weight and prefix"
         )
-    try:
-        weights = [float(w) for w in data_prefix[0::2]]
-    except ValueError:
-        raise ValueError(f"--data-path: weights in {list(data_prefix)} must be numbers") from None
-    prefixes = [p.strip() for p in data_prefix[1::2]]
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"--data-path: weights {weights} must be >= 0 with a positive sum")
-    total = sum(weights)
-    weights = [w / total for w in weights]
+    pairs = parse_weighted_prefixes(data_prefix)
+    prefixes = [p for _, p in pairs]
+    total = sum(w for w, _ in pairs)
+    weights = [w / total for w, _ in pairs]
     num_samples = [
         [int(math.ceil(n * w * 1.005)) for n in train_valid_test_num_samples] for w in weights
     ]
     return prefixes, weights, num_samples
+
+
+def require_train_documents(prefix: str, splits_string: str, num_docs: int) -> list[int]:
+    """The split boundaries of ``num_docs`` documents; DataPathError when the train split
+    gets none (an empty corpus, or ``--split 0,50,50``)."""
+    splits = get_train_valid_test_split_(splits_string, num_docs)
+    if splits[1] <= splits[0]:
+        raise DataPathError(
+            f"no training documents: --split {splits_string} gives the train split 0 of "
+            f"{num_docs} documents of {prefix}"
+        )
+    return splits
 
 
 # ----------------------------------------------------------------------- index caches
@@ -455,10 +495,14 @@ def pad_and_convert_to_numpy(
 # ------------------------------------------------------------------ samples mapping
 
 
-def get_indexed_dataset_(data_prefix: str, data_impl: str, skip_warmup: bool):
+def get_indexed_dataset_(
+    data_prefix: str, data_impl: str, skip_warmup: bool, eod_token: int | None = None
+):
     """Open ``{data_prefix}.bin/.idx``, check that its document index covers every item
-    (sentence, or whole document for GPT data) and log its size."""
-    from megatron.data.indexed_dataset import make_dataset
+    (sentence, or whole document for GPT data) and log its size. With ``eod_token``, a
+    few documents are checked for end-of-document tokens in the wrong places
+    (``indexed_dataset.check_document_ends``)."""
+    from megatron.data.indexed_dataset import check_document_ends, make_dataset
 
     start = time.time()
     indexed_dataset = make_dataset(data_prefix, data_impl, skip_warmup)
@@ -469,11 +513,100 @@ def get_indexed_dataset_(data_prefix: str, data_impl: str, skip_warmup: bool):
             f"{data_prefix}.idx: document index ends at {indexed_dataset.doc_idx[-1]} but "
             f"the file holds {indexed_dataset.sizes.shape[0]} items"
         )
+    if eod_token is not None:
+        check_document_ends(indexed_dataset, data_prefix, eod_token)
     print_rank_0(
         f" > {data_prefix}: {indexed_dataset.doc_idx.shape[0] - 1} documents, "
         f"{indexed_dataset.sizes.shape[0]} items ({time.time() - start:.2f} s to open)"
     )
     return indexed_dataset
+
+
+def tokenizer_eod_token() -> int | None:
+    """The eod id of the tokenizer built by ``initialize_megatron``, when that tokenizer
+    turns no text into it (so that any eod in the data was appended by
+    ``--append-eod``); else None (no tokenizer, no eod, or one that text can produce)."""
+    from megatron import global_vars
+
+    tokenizer = getattr(global_vars, "_GLOBAL_TOKENIZER", None)
+    if tokenizer is None:
+        return None
+    try:
+        eod = int(tokenizer.eod)
+        if eod in tokenizer.tokenize(tokenizer.detokenize([eod])):
+            return None
+    except Exception:  # noqa: BLE001 - a tokenizer without eod or round trip: no check
+        return None
+    return eod
+
+
+# ------------------------------------------------------------------ data flag checks
+
+
+def _training_requested(args) -> bool:
+    return any((getattr(args, name, None) or 0) > 0 for name in ("train_iters", "train_samples"))
+
+
+def _missing_files_message(flag: str, prefix: str) -> str | None:
+    from megatron.data.indexed_dataset import data_file_path, index_file_path
+
+    missing = [p for p in (index_file_path(prefix), data_file_path(prefix)) if not os.path.isfile(p)]
+    if not missing:
+        return None
+    message = f"{flag}: {' and '.join(missing)} not found (dataset prefix {prefix})"
+    stem, ext = os.path.splitext(prefix)
+    if ext in (".bin", ".idx"):
+        message += f"; give the prefix without {ext}: {stem}"
+    return message
+
+
+def _open_for_check(flag: str, prefix: str, data_impl: str, eod_token: int | None):
+    message = _missing_files_message(flag, prefix)
+    if message is not None:
+        raise DataPathError(message)
+    from megatron.data.indexed_dataset import check_document_ends, make_dataset
+
+    dataset = make_dataset(prefix, data_impl, skip_warmup=True)
+    if eod_token is not None:
+        check_document_ends(dataset, prefix, eod_token)
+    return dataset
+
+
+def check_data_paths(args, eod_token: int | None | str = "tokenizer") -> None:
+    """Check the data flags before any model is built; raise one-line errors naming the flag.
+
+    Every prefix of ``--data-path`` (plain, or blended ``w1 p1 w2 p2 ...``) and of
+    ``--train-data-path`` / ``--valid-data-path`` / ``--test-data-path`` must have its
+    ``.idx`` and ``.bin``, of matching sizes; blend weights must be positive numbers; when
+    training is asked for (``--train-iters`` or ``--train-samples`` > 0), ``--split`` must
+    leave documents in the train split of every ``--data-path`` corpus, and every
+    ``--train-data-path`` corpus must hold documents. Only index headers and a few pages
+    of data are read. ``eod_token`` ("tokenizer": ``tokenizer_eod_token()``; None: no
+    check) turns on ``indexed_dataset.check_document_ends``.
+    """
+    if eod_token == "tokenizer":
+        eod_token = tokenizer_eod_token()
+    data_impl = getattr(args, "data_impl", None) or "infer"
+    training = _training_requested(args)
+    for flag, attr in (
+        ("--data-path", "data_path"),
+        ("--train-data-path", "train_data_path"),
+        ("--valid-data-path", "valid_data_path"),
+        ("--test-data-path", "test_data_path"),
+    ):
+        values = getattr(args, attr, None)
+        if isinstance(values, str):
+            values = [values]
+        if not values:
+            continue
+        for _, prefix in parse_weighted_prefixes(values, flag):
+            dataset = _open_for_check(flag, prefix, data_impl, eod_token)
+            num_docs = len(dataset.doc_idx) - 1
+            split = getattr(args, "split", None)
+            if training and attr == "data_path" and split:
+                require_train_documents(prefix, split, num_docs)
+            elif training and attr == "train_data_path" and num_docs == 0:
+                raise DataPathError(f"no training documents: {flag} {prefix} holds 0 documents")
 
 
 def samples_mapping_filename(
@@ -640,7 +773,10 @@ def _build_train_valid_test_datasets(
 ):
     indexed_dataset = get_indexed_dataset_(data_prefix, data_impl, skip_warmup)
     total_num_of_documents = indexed_dataset.doc_idx.shape[0] - 1
-    splits = get_train_valid_test_split_(splits_string, total_num_of_documents)
+    if train_valid_test_num_samples[0]:
+        splits = require_train_documents(data_prefix, splits_string, total_num_of_documents)
+    else:
+        splits = get_train_valid_test_split_(splits_string, total_num_of_documents)
     print_rank_0(f" > dataset split of {data_prefix}: documents {splits}")
 
     def build_dataset(index: int, name: str):

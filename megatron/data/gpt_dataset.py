@@ -17,10 +17,13 @@ import torch
 
 from megatron import print_rank_0
 from megatron.data.dataset_utils import (
+    DataPathError,
     build_or_load_caches,
     get_datasets_weights_and_num_samples,
     get_indexed_dataset_,
     get_train_valid_test_split_,
+    require_train_documents,
+    tokenizer_eod_token,
 )
 
 _SPLIT_NAMES = ("train", "valid", "test")
@@ -37,42 +40,55 @@ def build_train_valid_test_datasets(
     train_data_prefix: Sequence[str] | None = None,
     valid_data_prefix: Sequence[str] | None = None,
     test_data_prefix: Sequence[str] | None = None,
+    eod_token: int | None | str = "tokenizer",
 ):
-    """(train, valid, test) GPT datasets; a split with no documents or samples is None.
+    """(train, valid, test) GPT datasets; a valid/test split with no documents is None.
 
     ``data_prefix`` is ``[prefix]`` or ``[w0, prefix0, w1, prefix1, ...]`` (blended with
     normalised weights, each dataset asked for ceil(n * w * 1.005) samples) and is cut
     into documents by ``splits_string``. Alternatively ``train/valid/test_data_prefix``
-    (``--train-data-path`` etc.) give each split its own, whole, corpora.
+    (``--train-data-path`` etc.) give each split its own, whole, corpora. Asking for
+    training samples when a corpus leaves no document to the train split raises
+    ``DataPathError``. ``eod_token`` ("tokenizer": the built tokenizer's, see
+    ``dataset_utils.tokenizer_eod_token``; None: no check) turns on the check of
+    end-of-document tokens at open time.
     """
+    if eod_token == "tokenizer":
+        eod_token = tokenizer_eod_token()
+    opts = dict(data_impl=data_impl, seq_length=seq_length, seed=seed,
+                skip_warmup=skip_warmup, eod_token=eod_token)  # fmt: skip
     if isinstance(data_prefix, str):
         data_prefix = [data_prefix]
     if data_prefix:
         if len(data_prefix) == 1:
             return _build_train_valid_test_datasets(
-                data_prefix[0], data_impl, splits_string, train_valid_test_num_samples,
-                seq_length, seed, skip_warmup,
-            )  # fmt: skip
+                data_prefix[0], splits_string, train_valid_test_num_samples, **opts
+            )
         prefixes, weights, per_dataset = get_datasets_weights_and_num_samples(
             data_prefix, train_valid_test_num_samples
         )
         per_split: list[list] = [[], [], []]
+        missing: list[list[str]] = [[], [], []]
         for prefix, num_samples in zip(prefixes, per_dataset):
-            datasets = _build_train_valid_test_datasets(
-                prefix, data_impl, splits_string, num_samples, seq_length, seed, skip_warmup
-            )
+            datasets = _build_train_valid_test_datasets(prefix, splits_string, num_samples, **opts)
             for i, ds in enumerate(datasets):
                 if ds is not None:
                     per_split[i].append(ds)
+                else:
+                    missing[i].append(prefix)
         return tuple(
-            _blend(dsets, weights, n, name)
-            for dsets, n, name in zip(per_split, train_valid_test_num_samples, _SPLIT_NAMES)
+            _blend(dsets, weights, n, name, gaps, splits_string)
+            for dsets, gaps, n, name in zip(
+                per_split, missing, train_valid_test_num_samples, _SPLIT_NAMES
+            )
         )
     separate = (train_data_prefix, valid_data_prefix, test_data_prefix)
     if not any(separate):
-        raise ValueError("need --data-path or --train-data-path/--valid-data-path/--test-data-path")
+        raise DataPathError(
+            "need --data-path or --train-data-path/--valid-data-path/--test-data-path"
+        )
     return tuple(
-        _build_dataset(name, prefix, data_impl, n, seq_length, seed, skip_warmup)
+        _build_dataset(name, [prefix] if isinstance(prefix, str) else prefix, n, **opts)
         if prefix
         else None
         for name, prefix, n in zip(_SPLIT_NAMES, separate, train_valid_test_num_samples)
@@ -90,6 +106,7 @@ def build_dataset_group(
     seed: int,
     skip_warmup: bool,
     train_valid_test: str,
+    eod_token: int | None | str = "tokenizer",
 ):
     """One blended dataset for split ``train_valid_test`` ('train' | 'valid' | 'test')
     named ``dataset_group_name``: corpus i contributes the part of its documents that its
@@ -103,6 +120,8 @@ def build_dataset_group(
             f"dataset group {dataset_group_name}: paths, weights and splits must be non-empty "
             f"and of equal length ({len(paths)}, {len(weights)}, {len(splits)})"
         )
+    if eod_token == "tokenizer":
+        eod_token = tokenizer_eod_token()
     index = _SPLIT_NAMES.index(train_valid_test)
     flat = [x for w, p in zip(weights, paths) for x in (str(w), p)]
     _, norm_weights, per_dataset = get_datasets_weights_and_num_samples(
@@ -110,11 +129,11 @@ def build_dataset_group(
     )
     datasets = []
     for path, split, num_samples in zip(paths, splits, per_dataset):
-        indexed_dataset = get_indexed_dataset_(path, data_impl, skip_warmup)
+        indexed_dataset = get_indexed_dataset_(path, data_impl, skip_warmup, eod_token)
         bounds = get_train_valid_test_split_(split, indexed_dataset.sizes.shape[0])
         documents = np.arange(bounds[index], bounds[index + 1], dtype=np.int32)
         if documents.size == 0:
-            raise ValueError(
+            raise DataPathError(
                 f"dataset group {dataset_group_name}: split {split!r} of {path} "
                 f"gives no documents to {train_valid_test}"
             )
@@ -126,40 +145,58 @@ def build_dataset_group(
     return _blend(datasets, norm_weights, train_valid_test_num_samples[index], dataset_group_name)
 
 
-def _blend(datasets, weights, num_samples, name):
+def _blend(datasets, weights, num_samples, name, missing=(), splits_string=None):
     from megatron.data.blendable_dataset import BlendableDataset
 
     if not datasets:
         return None
-    if len(datasets) != len(weights):
-        raise ValueError(f"--data-path: some blended corpora have no documents in the {name} split")
+    if missing or len(datasets) != len(weights):
+        where = f" (--split {splits_string})" if splits_string else ""
+        raise DataPathError(
+            f"--data-path: the {name} split{where} gets no documents of "
+            f"{', '.join(missing) or 'some blended corpora'} but some of the others; give "
+            "every blended corpus documents in that split, or none of them"
+        )
     return BlendableDataset(datasets, weights, size=num_samples)
 
 
-def _build_dataset(name, data_prefix, data_impl, num_samples, seq_length, seed, skip_warmup):
-    """A whole corpus (or a weighted list of them) as the one dataset of split ``name``."""
+def _build_dataset(name, data_prefix, num_samples, data_impl, seq_length, seed, skip_warmup,
+                   eod_token):  # fmt: skip
+    """A whole corpus (or a weighted list of them) as the one dataset of split ``name``;
+    None when the split asks for no samples."""
+    if num_samples <= 0:
+        return None
+    opts = dict(data_impl=data_impl, seq_length=seq_length, seed=seed,
+                skip_warmup=skip_warmup, eod_token=eod_token)  # fmt: skip
     if len(data_prefix) == 1:
-        indexed_dataset = get_indexed_dataset_(data_prefix[0], data_impl, skip_warmup)
-        documents = np.arange(indexed_dataset.sizes.shape[0], dtype=np.int32)
-        return GPTDataset(name, data_prefix[0], documents, indexed_dataset, num_samples,
+        prefix = data_prefix[0]
+        indexed_dataset = get_indexed_dataset_(prefix, data_impl, skip_warmup, eod_token)
+        num_docs = indexed_dataset.sizes.shape[0]
+        if num_docs == 0:
+            raise DataPathError(
+                f"no {'training' if name == 'train' else name} documents: "
+                f"--{name}-data-path {prefix} holds 0 documents"
+            )
+        documents = np.arange(num_docs, dtype=np.int32)
+        return GPTDataset(name, prefix, documents, indexed_dataset, num_samples,
                           seq_length, seed)  # fmt: skip
     prefixes, weights, per_dataset = get_datasets_weights_and_num_samples(
         data_prefix, [num_samples]
     )
-    datasets = [
-        _build_dataset(name, [p], data_impl, n[0], seq_length, seed, skip_warmup)
-        for p, n in zip(prefixes, per_dataset)
-    ]
+    datasets = [_build_dataset(name, [p], n[0], **opts) for p, n in zip(prefixes, per_dataset)]
     return _blend(datasets, weights, num_samples, name)
 
 
 def _build_train_valid_test_datasets(
-    data_prefix, data_impl, splits_string, train_valid_test_num_samples, seq_length, seed,
-    skip_warmup,
+    data_prefix, splits_string, train_valid_test_num_samples, data_impl, seq_length, seed,
+    skip_warmup, eod_token,
 ):  # fmt: skip
-    indexed_dataset = get_indexed_dataset_(data_prefix, data_impl, skip_warmup)
+    indexed_dataset = get_indexed_dataset_(data_prefix, data_impl, skip_warmup, eod_token)
     total_num_of_documents = indexed_dataset.sizes.shape[0]
-    splits = get_train_valid_test_split_(splits_string, total_num_of_documents)
+    if train_valid_test_num_samples[0] > 0:
+        splits = require_train_documents(data_prefix, splits_string, total_num_of_documents)
+    else:
+        splits = get_train_valid_test_split_(splits_string, total_num_of_documents)
     print_rank_0(f" > dataset split of {data_prefix}: documents {splits}")
 
     def build(index: int):

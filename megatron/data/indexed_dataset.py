@@ -24,7 +24,10 @@ doc_idx starts at 0.
 Dtype codes: 1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 6 float64, 7 float32, 8 uint16.
 
 Readers check the header, the version, the dtype code and the file lengths when they
-open a dataset and raise `IndexedDatasetError` naming the file. Builders write to
+open a dataset and raise `IndexedDatasetError` naming the file: the `.bin` must be exactly
+as long as the index describes (longer means it belongs to another dataset).
+`check_document_ends` samples a few documents for end-of-document tokens that the index
+does not put at document ends. Builders write to
 `<name>.tmp` and rename on `finalize()`, index last, so an interrupted run never leaves
 files under the final names; `abort()` (or leaving a `with` block by an exception)
 removes the temporary files.
@@ -167,12 +170,31 @@ def _check_doc_idx(path: str, doc_idx: np.ndarray, num_items: int) -> None:
         )
 
 
-def _check_data_size(path: str, needed: int) -> None:
-    size = _file_size(path)
+def _check_data_size(prefix: str, needed: int, itemsize: int, num_docs: int) -> None:
+    """`<prefix>.bin` must hold exactly the `needed` bytes that `<prefix>.idx` describes.
+
+    A shorter file is truncated; a longer one belongs to another dataset (or was appended
+    to), and reading it through this index would give shifted, meaningless tokens.
+    """
+    idx, bin_path = index_file_path(prefix), data_file_path(prefix)
+    size = _file_size(bin_path)
+    if size == needed:
+        return
     if size < needed:
         raise IndexedDatasetError(
-            f"{path}: truncated data file, {size} bytes but the index needs {needed}"
+            f"{bin_path}: truncated data file, {size} bytes but {idx} describes {needed}"
         )
+    extra = size - needed
+    hint = "the two files come from different datasets; rebuild both together"
+    if num_docs > 0 and extra == num_docs * itemsize:
+        hint = (
+            "exactly one token more per document: the index sizes leave out each "
+            "document's end-of-document token (a known preprocessing bug); rebuild both with "
+            "tools/preprocess_data.py"
+        )
+    raise IndexedDatasetError(
+        f"{bin_path}: {size} bytes, {extra} more than the {needed} that {idx} describes: {hint}"
+    )
 
 
 class _DocumentsMixin:
@@ -329,8 +351,10 @@ class MMapIndexedDatasetBuilder(_AtomicBuilder):
                 f"{index_file_path(another_file)}: dtype {np.dtype(index.dtype)} differs from "
                 f"the output's {np.dtype(self._dtype)}"
             )
-        needed = index.num_bytes(np.dtype(self._dtype).itemsize)
-        _check_data_size(data_file_path(another_file), needed)
+        itemsize = np.dtype(self._dtype).itemsize
+        _check_data_size(
+            another_file, index.num_bytes(itemsize), itemsize, len(index.doc_idx) - 1
+        )
         offset = len(self._sizes)
         self._sizes.frombytes(np.asarray(index.sizes, dtype=np.int64).tobytes())
         self._doc_idx.frombytes((offset + np.asarray(index.doc_idx[1:], np.int64)).tobytes())
@@ -463,7 +487,8 @@ class IndexedDataset(_DocumentsMixin):
         if self.dim_offsets[-1] != s or np.any(np.diff(self.data_offsets) < 0):
             raise IndexedDatasetError(f"{idx_path}: corrupt offsets")
         _check_doc_idx(idx_path, self._doc_idx, s)
-        _check_data_size(data_file_path(path), int(self.data_offsets[-1]) * elem)
+        needed = int(self.data_offsets[-1]) * elem
+        _check_data_size(path, needed, elem, len(self._doc_idx) - 1)
 
     def read_data(self, path: str) -> None:
         self.data_file = open(data_file_path(path), "rb", buffering=0)  # noqa: SIM115
@@ -681,7 +706,8 @@ class MMapIndexedDataset(_DocumentsMixin):
         self._doc_idx = self._index.doc_idx
         bin_path = data_file_path(path)
         itemsize = np.dtype(self._index.dtype).itemsize
-        _check_data_size(bin_path, self._index.num_bytes(itemsize))
+        num_docs = len(self._index.doc_idx) - 1
+        _check_data_size(path, self._index.num_bytes(itemsize), itemsize, num_docs)
         if not skip_warmup:
             _warmup_file(bin_path)
         if _file_size(bin_path) == 0:
@@ -798,3 +824,77 @@ def dataset_exists(path: str, impl: str) -> bool:
     if impl == "mmap":
         return MMapIndexedDataset.exists(path)
     return IndexedDataset.exists(path)
+
+
+# ------------------------------------------------------------------------------ eod check
+
+_EOD_SAMPLES = 16  # documents looked at by check_document_ends
+_EOD_WINDOW = 1 << 16  # tokens read from the end of each of them
+
+
+def _item_length(dataset, item: int) -> int:
+    offsets = getattr(dataset, "data_offsets", None)  # TNTIDX items may be n-dimensional
+    if offsets is not None:
+        return int(offsets[item + 1] - offsets[item])
+    return int(dataset.sizes[item])
+
+
+def _document_tail(dataset, doc: int, window: int) -> np.ndarray:
+    """The last `window` tokens (fewer when shorter) of document `doc`, items joined."""
+    parts: list[np.ndarray] = []
+    need = window
+    for item in range(int(dataset.doc_idx[doc + 1]) - 1, int(dataset.doc_idx[doc]) - 1, -1):
+        if need <= 0:
+            break
+        length = _item_length(dataset, item)
+        take = min(length, need)
+        parts.append(np.asarray(dataset.get(item, offset=length - take)).reshape(-1))
+        need -= take
+    if not parts:
+        return np.empty(0, dtype=np.int64)
+    return np.concatenate(parts[::-1])
+
+
+def sample_documents(num_docs: int, samples: int = _EOD_SAMPLES) -> np.ndarray:
+    """Up to `samples` document numbers spread evenly over [0, num_docs), ends included."""
+    if num_docs <= 0:
+        return np.empty(0, dtype=np.int64)
+    picks = np.linspace(0, num_docs - 1, min(samples, num_docs)).round().astype(np.int64)
+    return np.unique(picks)
+
+
+def check_document_ends(
+    dataset, prefix: str, eod: int, samples: int = _EOD_SAMPLES, window: int = _EOD_WINDOW
+) -> None:
+    """Check, on a few documents, that end-of-document tokens sit where the index ends them.
+
+    Neither index format records whether documents end with an eod token, so the data
+    decides, with a rule that no corpus written by tools/preprocess_data.py can fail:
+
+    * with `--append-eod` every document ends with the eod; without it the data holds no
+      eod at all, since the tokenizers turn no text into the eod id (the caller passes
+      `eod` only for such a tokenizer), and merging such corpora keeps both properties;
+    * an index laid over another dataset's data (equal in size) cuts that data in the wrong
+      places: its documents hold the other dataset's eod tokens inside, not at the end.
+
+    So: of `samples` documents spread over the corpus (the last `window` tokens of each),
+    when at least half hold the eod, every one that holds it must end with it. Reading is
+    cheap (memory-mapped, a few pages). Raises IndexedDatasetError naming both files.
+    """
+    docs = [
+        (d, tail)
+        for d in sample_documents(len(dataset.doc_idx) - 1, samples).tolist()
+        if (tail := _document_tail(dataset, d, window)).size
+    ]
+    holding = [(d, tail) for d, tail in docs if np.any(tail == eod)]
+    if not holding or 2 * len(holding) < len(docs):
+        return
+    for d, tail in holding:
+        if tail[-1] != eod:
+            pos = int(np.flatnonzero(tail == eod)[-1])
+            raise IndexedDatasetError(
+                f"{index_file_path(prefix)} does not describe {data_file_path(prefix)}: "
+                f"document {d} holds the end-of-document token {eod} {tail.size - pos - 1} "
+                f"tokens before its end but does not end with it ({len(holding)} of "
+                f"{len(docs)} sampled documents hold it); rebuild both files together"
+            )
