@@ -17,6 +17,10 @@ Contract:
 * A line that is not JSON, is not an object, or lacks a key (or has a non-string value) stops
   the run with `file:line` in the message and exit status 1; `--skip-invalid` skips and
   counts such lines instead. Whitespace-only lines are ignored.
+* A `.gz` input that is truncated, corrupt or not gzip at all stops the run the same way
+  (`file:line`, or the file alone when it is not gzip). So does an `--output-prefix` whose
+  folder cannot be created or written (under a regular file, read-only): checked before
+  any tokenizing.
 * Files are written under temporary names and renamed at the very end, so a failed or
   interrupted run (exception, Ctrl-C, SIGTERM) leaves nothing under the final names.
 
@@ -34,7 +38,9 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 
@@ -138,6 +144,35 @@ def open_input(path: str):
     return open(path, "rb", buffering=1 << 20)  # noqa: SIM115
 
 
+def gzip_problem(path: str, lineno: int | None, err: Exception) -> InputError:
+    """The one-line error for a `.gz` input that cannot be decompressed (at line `lineno`,
+    when known)."""
+    if isinstance(err, gzip.BadGzipFile) and str(err).startswith("Not a gzipped file"):
+        return InputError(f"{path}: not a gzip file, although its name ends in .gz")
+    where = path if lineno is None else f"{path}:{lineno}"
+    if isinstance(err, EOFError):
+        return InputError(
+            f"{where}: truncated gzip file (the compressed data ends before its "
+            "end-of-stream marker)"
+        )
+    return InputError(f"{where}: corrupt gzip data ({err})")
+
+
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def read_lines(path: str, f) -> Iterator[bytes]:
+    """The lines of input file `path` (open as `f`); a damaged `.gz` raises InputError
+    naming the file and the line where reading stopped."""
+    lineno = 0
+    try:
+        for line in f:
+            lineno += 1
+            yield line
+    except _GZIP_ERRORS as e:
+        raise gzip_problem(path, lineno + 1, e) from None
+
+
 @dataclass
 class Segment:
     """Lines [start, stop) of one input file (0-based; stop None = to the end)."""
@@ -151,9 +186,12 @@ def count_lines(path: str) -> int:
     """Number of lines of `path` (a last line without a newline counts)."""
     lines, last = 0, b"\n"
     with open_input(path) as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            lines += block.count(b"\n")
-            last = block[-1:]
+        try:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                lines += block.count(b"\n")
+                last = block[-1:]
+        except _GZIP_ERRORS as e:
+            raise gzip_problem(path, None, e) from None
     return lines + (last != b"\n")
 
 
@@ -180,7 +218,7 @@ def iter_chunks(segments: list[Segment], chunk_size: int) -> Iterator[tuple[str,
     """(path, 1-based number of the first line, up to `chunk_size` raw lines), in order."""
     for seg in segments:
         with open_input(seg.path) as f:
-            lines = itertools.islice(f, seg.start, seg.stop)
+            lines = itertools.islice(read_lines(seg.path, f), seg.start, seg.stop)
             lineno = seg.start + 1
             while True:
                 chunk = list(itertools.islice(lines, chunk_size))
@@ -271,7 +309,7 @@ def _training_text(paths: list[str], keys: list[str], limit: int) -> str:
     texts, size = [], 0
     for path in paths:
         with open_input(path) as f:
-            for line in f:
+            for line in read_lines(path, f):
                 try:
                     doc = json.loads(line)
                 except ValueError:
@@ -718,13 +756,65 @@ def output_prefixes(args: argparse.Namespace) -> dict[str, str]:
     return {key: f"{args.output_prefix}_{key}_{level}" for key in args.json_keys}
 
 
+def _first_existing(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def prepare_output_folder(prefix: str) -> str | None:
+    """Create the folder of `--output-prefix` and check that files can be created in it, by
+    creating one (permission bits alone mislead: root ignores them, a read-only mount does
+    not). Returns the topmost folder this created (to remove if the run fails), or None;
+    raises InputError naming the flag and the folder."""
+    flag = f"--output-prefix {prefix}"
+    folder = os.path.dirname(os.path.abspath(prefix))
+    existing = _first_existing(folder)
+    if not os.path.isdir(existing):
+        raise InputError(f"{flag}: {existing} is a file, not a folder")
+    created = None
+    if existing != folder:
+        rest = os.path.relpath(folder, existing).split(os.sep)[0]
+        created = os.path.join(existing, rest)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".preprocess-probe-", dir=folder)
+    except OSError as e:
+        remove_empty_folders(created)
+        raise InputError(f"{flag}: cannot write in folder {folder} ({e.strerror})") from None
+    os.close(fd)
+    os.remove(probe)
+    return created
+
+
+def remove_empty_folders(top: str | None) -> None:
+    """Remove `top` and the folders under it when they hold no file."""
+    if top is None or not os.path.isdir(top):
+        return
+    for root, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(root)
+        except OSError:  # not empty: keep it
+            pass
+
+
 def build(args: argparse.Namespace) -> Stats:
-    """Everything after parsing: tokenizer, splitter, encoding, writing."""
+    """Everything after parsing: output folder, tokenizer, splitter, encoding, writing."""
+    paths = list_inputs(args.input)
+    created = prepare_output_folder(args.output_prefix)
+    try:
+        return _build(args, paths)
+    except BaseException:
+        remove_empty_folders(created)
+        raise
+
+
+def _build(args: argparse.Namespace, paths: list[str]) -> Stats:
+    """Tokenizer, splitter, encoding and writing of `paths`."""
     global _ENCODER
     from megatron.data.indexed_dataset import best_fitting_dtype
     from megatron.tokenizer import build_tokenizer
 
-    paths = list_inputs(args.input)
     tokenizer = build_tokenizer(args)
     if args.append_eod:
         try:
@@ -738,8 +828,6 @@ def build(args: argparse.Namespace) -> Stats:
     dtype = best_fitting_dtype(vocab_size) if args.dataset_impl == "mmap" else np.int32
     _ENCODER = Encoder(args, tokenizer, splitter, dtype)
 
-    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
     prefixes = output_prefixes(args)
     if args.partitions == 1:
         return run_partition(args, [Segment(p) for p in paths], prefixes, vocab_size, args.workers)
@@ -782,6 +870,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # unreadable input, full disk, ...: one line naming the file
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; no output written", file=sys.stderr)
