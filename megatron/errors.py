@@ -31,6 +31,7 @@ _ONE_LINE = {
     ("megatron.checkpoint_reshape", "ReshapeError"),
     ("megatron.deepspeed_engine", "DeepSpeedConfigError"),
     ("megatron.data.indexed_dataset", "IndexedDatasetError"),
+    ("megatron.data.dataset_utils", "DataPathError"),
 }
 
 

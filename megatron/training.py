@@ -67,8 +67,11 @@ def pretrain(train_valid_test_dataset_provider, model_provider, forward_step_fun
 
 
 def _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_func):
+    from .data.dataset_utils import check_data_paths
+
     args = get_args()
     update_train_iters(args)
+    check_data_paths(args)  # data files, blend weights, train split: before anything is built
     print_datetime("after megatron is initialized")
     timers = get_timers()
     _install_signal_handler(args)

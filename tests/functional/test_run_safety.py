@@ -97,3 +97,27 @@ def test_stalled_rank_is_named_when_the_collective_times_out(tmp_path):
     assert ("rank 0: a collective in 'iteration 2: train step' timed out after "
             "--distributed-timeout-minutes 0.25; did not answer: rank 1 (still at "
             "'iteration 1: train step')") in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case", ["missing prefix", "empty train split", "zero blend weight"])
+def test_data_errors_stop_before_the_model_is_built(tmp_path, case):
+    data = small_vocab_dataset(str(tmp_path))
+    args = _null_tokenizer_args(data, 4)
+    i = args.index("--data-path")
+    expected = {
+        "missing prefix": f"DataPathError: --data-path: {data}_typo.idx and {data}_typo.bin "
+                          "not found",
+        "empty train split": "DataPathError: no training documents: --split 0,50,50 gives "
+                             f"the train split 0 of 64 documents of {data}",
+        "zero blend weight": f"DataPathError: --data-path: weight '0' of {data}",
+    }[case]
+    if case == "missing prefix":
+        args[i + 1] = data + "_typo"
+    elif case == "empty train split":
+        args[args.index("--split") + 1] = "0,50,50"
+    else:
+        args[i + 1:i + 2] = ["0.5", data, "0", data]
+    proc = run_pretrain(args, check=False)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert expected in _last_line(proc.stderr), proc.stderr[-2000:]
+    assert "number of parameters" not in proc.stdout
