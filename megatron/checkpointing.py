@@ -3,31 +3,58 @@
 Layout (as Megatron writes it):
 
     {save}/latest_checkpointed_iteration.txt         "100" or "release"
+    {save}/iter_0000100/run_id.txt                               the run that wrote it
     {save}/iter_0000100/mp_rank_00/model_optim_rng.pt           (PP = 1)
     {save}/iter_0000100/mp_rank_01_003/model_optim_rng.pt       (TP rank 1, PP rank 3)
 
-Nothing is lost: every file is written under a temporary name, flushed and renamed; the
-tracker is written last, by rank 0, after a barrier that every rank reaches only once its
-own file is in place. A save killed midway leaves the tracker pointing at the previous
-complete checkpoint.
+Nothing is lost:
+
+* every file is written under a temporary name (`NAME.tmp.PID`), flushed and renamed; the
+  tracker is written last, by rank 0, once every rank reports its file in place. A save that
+  fails (disk full: one CheckpointSpaceError line) or is killed leaves the tracker pointing
+  at the previous complete checkpoint; every save removes the `.tmp.PID` files of processes
+  that no longer exist.
+* no checkpoint holds NaN or inf weights: the save stops first (NonFiniteLossError).
+* a run never overwrites another run's checkpoint: each checkpoint folder names the run
+  lineage that wrote it (run_id.txt, a random id carried on by every resume). A run stops
+  before its first step when --save holds another run's checkpoints newer than its start
+  iteration, and a save stops rather than overwrite a folder of another run.
+* a --load folder with checkpoints but no tracker is refused (never "start from random"
+  over them); the message names the newest complete iteration and --load-tag.
+* --keep-last-checkpoints K deletes this run's oldest checkpoint folders beyond K after
+  each successful save (never the tracked one, never release).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import re
+import shutil
+import uuid
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
 
 from . import mpu, print_rank_0
-from .accelerator import get_accelerator, is_gpu
+from .accelerator import current_device, get_accelerator, is_gpu
+from .errors import NonFiniteLossError
 from .global_vars import get_args
 from .utils import unwrap_model
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+RUN_ID_FILENAME = "run_id.txt"
 CHECKPOINT_VERSION = 3.0
 _CHECKPOINT_VERSION = None
+
+ITER_RE = re.compile(r"iter_(\d+)")
+DS_STEP_RE = re.compile(r"global_step(\d+)")
+_RANK_DIR_RE = re.compile(r"mp_rank_(\d+)(?:_(\d+))?")
+_TMP_RE = re.compile(r"\.tmp\.(\d+)$")
+_RANK_FILE = "model_optim_rng.pt"
+_RESHAPE_TOOL = "tools/checkpoint_util.py"
 
 # Flags that fix the shapes of the weights: a checkpoint made with other values cannot load.
 MODEL_ARGS_TO_CHECK = (
@@ -43,6 +70,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used as asked; the message names the file or flag."""
 
 
+class CheckpointSpaceError(CheckpointError):
+    """The disk filled up while a checkpoint file was written."""
+
+
 def set_checkpoint_version(value) -> None:
     global _CHECKPOINT_VERSION
     _CHECKPOINT_VERSION = value
@@ -52,11 +83,15 @@ def get_checkpoint_version():
     return _CHECKPOINT_VERSION
 
 
+# ----------------------------------------------------------------------------------------
+# Names
+# ----------------------------------------------------------------------------------------
+
+
 def get_checkpoint_name(checkpoints_path: str, iteration: int, release: bool = False,
                         tensor_rank: int | None = None, pipeline_rank: int | None = None,
                         pipeline_parallel: bool | None = None) -> str:
     """Path of this rank's model_optim_rng.pt."""
-    directory = "release" if release else f"iter_{iteration:07d}"
     if tensor_rank is None:
         tensor_rank = mpu.get_tensor_model_parallel_rank()
     if pipeline_rank is None:
@@ -67,7 +102,11 @@ def get_checkpoint_name(checkpoints_path: str, iteration: int, release: bool = F
         sub = f"mp_rank_{tensor_rank:02d}_{pipeline_rank:03d}"
     else:
         sub = f"mp_rank_{tensor_rank:02d}"
-    return os.path.join(checkpoints_path, directory, sub, "model_optim_rng.pt")
+    return os.path.join(checkpoints_path, _folder_name(iteration, release), sub, _RANK_FILE)
+
+
+def _folder_name(iteration: int, release: bool = False) -> str:
+    return "release" if release else f"iter_{iteration:07d}"
 
 
 def get_checkpoint_tracker_filename(checkpoints_path: str) -> str:
@@ -116,23 +155,529 @@ def read_metadata(tracker_filename: str) -> tuple[int, bool]:
     return iteration, False
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+# ----------------------------------------------------------------------------------------
+# What a checkpoint folder holds (plain file system, no process group)
+# ----------------------------------------------------------------------------------------
+
+
+def iteration_folders(root: str, pattern: re.Pattern = ITER_RE) -> dict[int, str]:
+    """{iteration: folder name} of root's iter_* folders (global_step* with DS_STEP_RE)."""
+    if not os.path.isdir(root):
+        return {}
+    found = {}
+    for name in os.listdir(root):
+        match = pattern.fullmatch(name)
+        if match and os.path.isdir(os.path.join(root, name)):
+            found[int(match.group(1))] = name
+    return found
+
+
+def holds_checkpoint_data(folder: str) -> bool:
+    """Whether folder (or a rank folder in it) holds a finished *.pt file: anything less
+    is the debris of a save that died before writing a file."""
+    if not os.path.isdir(folder):
+        return False
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".pt") and os.path.isfile(path):
+            return True
+        if os.path.isdir(path) and any(n.endswith(".pt") for n in os.listdir(path)):
+            return True
+    return False
+
+
+class Layout(NamedTuple):
+    """The parallel layout an iter_* folder's mp_rank_* folders describe."""
+
+    tp: int
+    pp: int
+    complete: bool  # every rank folder of the TP x PP grid holds its model_optim_rng.pt
+
+
+def checkpoint_layout(folder: str) -> Layout | None:
+    """TP x PP of folder's mp_rank_TT (PP = 1) or mp_rank_TT_PPP folders; None if none."""
+    ranks = {}
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    for name in names:
+        match = _RANK_DIR_RE.fullmatch(name)
+        if match and os.path.isdir(os.path.join(folder, name)):
+            stage = None if match.group(2) is None else int(match.group(2))
+            ranks[(int(match.group(1)), stage)] = os.path.isfile(
+                os.path.join(folder, name, _RANK_FILE))
+    if not ranks:
+        return None
+    staged = {stage is not None for _, stage in ranks}
+    tp = 1 + max(t for t, _ in ranks)
+    pp = 1 + max(stage or 0 for _, stage in ranks)
+    grid = [(t, p if True in staged else None) for t in range(tp) for p in range(pp)]
+    complete = len(staged) == 1 and all(ranks.get(key, False) for key in grid)
+    return Layout(tp, pp, complete)
+
+
+def newest_complete_iteration(load_dir: str) -> int | None:
+    complete = [it for it, name in iteration_folders(load_dir).items()
+                if (layout := checkpoint_layout(os.path.join(load_dir, name)))
+                and layout.complete]
+    return max(complete) if complete else None
+
+
+def list_names(names: list[str], limit: int = 6) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
+def checkpoint_tags(load_dir: str) -> list[str]:
+    """The checkpoint folders of load_dir (iter_*, global_step*, release), oldest first."""
+    tags = [name for _, name in sorted(iteration_folders(load_dir).items())]
+    tags += [name for _, name in sorted(iteration_folders(load_dir, DS_STEP_RE).items())]
+    if os.path.isdir(os.path.join(load_dir, "release")):
+        tags.append("release")
+    return tags
+
+
+# ----------------------------------------------------------------------------------------
+# Which checkpoint to load
+# ----------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(load_dir: str, load_tag: str | None = None) -> tuple[int, bool] | None:
+    """(iteration, release) to load from load_dir: --load-tag, else the tracker; None when
+    load_dir holds no checkpoint (a fresh start)."""
+    if load_tag is not None:
+        return _resolve_load_tag(load_dir, load_tag)
+    tracker = get_checkpoint_tracker_filename(load_dir)
+    if os.path.isfile(tracker):
+        iteration, release = read_metadata(tracker)
+        _require_tracked_folder(load_dir, tracker, iteration, release)
+        return iteration, release
+    _refuse_untracked_checkpoints(load_dir)
+    return None
+
+
+def _resolve_load_tag(load_dir: str, tag: str) -> tuple[int, bool]:
+    text = tag.strip()
+    match = ITER_RE.fullmatch(text)
+    if text == "release":
+        iteration, release = 0, True
+    elif text.isdigit() or match:
+        iteration, release = int(match.group(1) if match else text), False
+    else:
+        raise CheckpointError(f"--load-tag {tag!r}: expected an iteration (4), its folder "
+                              "(iter_0000004) or release")
+    name = _folder_name(iteration, release)
+    if not os.path.isdir(os.path.join(load_dir, name)):
+        raise CheckpointError(f"--load-tag {tag}: {load_dir} has no {name}; checkpoints "
+                              f"there: {list_names(checkpoint_tags(load_dir))}")
+    return iteration, release
+
+
+def _require_tracked_folder(load_dir: str, tracker: str, iteration: int, release: bool):
+    folder = os.path.join(load_dir, _folder_name(iteration, release))
+    if os.path.isdir(folder):
+        return
+    named = "release" if release else f"iteration {iteration}"
+    present = [str(it) for it in sorted(iteration_folders(load_dir))]
+    raise CheckpointError(
+        f"{tracker} names {named} but {folder} is missing; iterations present in "
+        f"{load_dir}: {list_names(present, 12)} (fix the tracker or pass --load-tag)"
+    )
+
+
+def _refuse_untracked_checkpoints(load_dir: str) -> None:
+    """A folder with checkpoints but no tracker: never start from random over them."""
+    names = [name for name in checkpoint_tags(load_dir)
+             if holds_checkpoint_data(os.path.join(load_dir, name))]
+    if not names:
+        return
+    tracker = get_checkpoint_tracker_filename(load_dir)
+    start = (f"{load_dir} holds checkpoints ({list_names(names)}) but no {TRACKER_FILENAME}: "
+             "refusing to start from random over them")
+    newest = newest_complete_iteration(load_dir)
+    if newest is not None:
+        raise CheckpointError(
+            f"{start}; the newest complete one is iteration {newest}: resume from it with "
+            f"`echo {newest} > {tracker}` or --load-tag {_folder_name(newest)}")
+    steps = iteration_folders(load_dir, DS_STEP_RE)
+    if steps:
+        tag = steps[max(steps)]
+        raise CheckpointError(f"{start}; resume from the newest with --deepspeed --load-tag "
+                              f"{tag}, or write {tracker}")
+    if "release" in names:
+        raise CheckpointError(f"{start}; load it with `echo release > {tracker}` or "
+                              "--load-tag release")
+    raise CheckpointError(f"{start}; none of them is complete (a rank file is missing in "
+                          "each): move them away or use another --load/--save folder")
+
+
+# ----------------------------------------------------------------------------------------
+# Parallel layout
+# ----------------------------------------------------------------------------------------
+
+
+def layout_mismatch_error(load_dir: str, ckpt_tp: int, ckpt_pp: int, tp: int,
+                          pp: int) -> CheckpointError:
+    """'checkpoint is TP=a x PP=b, this run is ...' with the reshape command to run."""
+    src = os.path.normpath(load_dir)
+    dst = f"{src}_tp{tp}_pp{pp}"
+    return CheckpointError(
+        f"checkpoint {load_dir} is TP={ckpt_tp} x PP={ckpt_pp}, this run is TP={tp} x PP={pp}: "
+        f"reshape it with `python {_RESHAPE_TOOL} --load-dir {src} --save-dir {dst} "
+        f"--target-tensor-parallel-size {tp} --target-pipeline-parallel-size {pp}` "
+        f"and load {dst} with --no-load-optim --no-load-rng"
+    )
+
+
+def _this_layout() -> tuple[int, int]:
+    return (mpu.get_tensor_model_parallel_world_size(),
+            mpu.get_pipeline_model_parallel_world_size())
+
+
+def _check_layout_before_reading(load_dir: str, path: str) -> None:
+    """The mp_rank_* folders present must be this run's TP x PP; then this rank's file."""
+    folder = os.path.dirname(os.path.dirname(path))
+    found = checkpoint_layout(folder)
+    tp, pp = _this_layout()
+    if found is not None and (found.tp, found.pp) != (tp, pp):
+        raise layout_mismatch_error(load_dir, found.tp, found.pp, tp, pp)
+    if not os.path.isfile(path):
+        raise _missing_rank_file_error(path, load_dir)
+
+
+def _saved_layout(checkpoint_args) -> tuple[int, int] | None:
+    tp = getattr(checkpoint_args, "tensor_model_parallel_size", None)
+    pp = getattr(checkpoint_args, "pipeline_model_parallel_size", None)
+    return None if tp is None or pp is None else (tp, pp)
+
+
+def _missing_rank_file_error(path: str, load_dir: str) -> CheckpointError:
+    parent = os.path.dirname(os.path.dirname(path))
+    found = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
+    return CheckpointError(
+        f"checkpoint file {path} not found ({parent} holds {found}): that checkpoint is "
+        f"incomplete; load another with --load-tag (checkpoints in {load_dir}: "
+        f"{list_names(checkpoint_tags(load_dir))})"
+    )
+
+
+def check_checkpoint_args(checkpoint_args, args=None) -> None:
+    """Stop, naming every mismatch, when the checkpoint's model shape differs from ours;
+    a different tensor/pipeline layout is named first, with the reshape command."""
+    args = args or get_args()
+    problems = []
+    for name, flag in MODEL_ARGS_TO_CHECK:
+        ours = getattr(args, name, None)
+        theirs = getattr(checkpoint_args, name, None)
+        if theirs is not None and ours is not None and ours != theirs:
+            problems.append(f"{flag}: checkpoint has {theirs}, this run has {ours}")
+    if not problems:
+        return
+    saved = _saved_layout(checkpoint_args)
+    ours = (getattr(args, "tensor_model_parallel_size", 1),
+            getattr(args, "pipeline_model_parallel_size", 1))
+    if saved is not None and saved != ours:
+        raise layout_mismatch_error(args.load, *saved, *ours)
+    raise CheckpointError(
+        f"checkpoint in {args.load} does not match this model: " + "; ".join(problems)
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Writing files
+# ----------------------------------------------------------------------------------------
+
+
+def _is_out_of_space(exc: BaseException) -> bool:
+    """Whether exc, or an exception it was raised from or during, is ENOSPC / EDQUOT."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        todo += [e.__cause__, e.__context__]
+    return False
+
+
+def out_of_space_error(exc: BaseException, what: str) -> BaseException:
+    """A one-line CheckpointSpaceError for a disk-full exc, else exc itself."""
+    if _is_out_of_space(exc):
+        return CheckpointSpaceError(f"no space left on device while writing {what}")
+    return exc
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def atomic_write(path: str, write: Callable, mode: str = "wb") -> None:
+    """write(f) into path.tmp.PID, flush, fsync, rename to path. On any failure the
+    partial file is removed and path is untouched; a full disk is a CheckpointSpaceError."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        _remove_quietly(tmp)
+        error = out_of_space_error(e, path)
+        if error is e:
+            raise
+        raise error from None
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def remove_stale_temp_files(save_dir: str) -> list[str]:
+    """Delete the NAME.tmp.PID files under save_dir whose process is gone (a save killed
+    midway); returns their paths. Called while no rank of this run is writing."""
+    removed = []
+    for root, _, files in os.walk(save_dir):
+        for name in files:
+            match = _TMP_RE.search(name)
+            if match and not _pid_alive(int(match.group(1))):
+                path = os.path.join(root, name)
+                _remove_quietly(path)
+                removed.append(path)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------
+# Agreement between ranks
+# ----------------------------------------------------------------------------------------
+
+
+def _is_rank_0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def agree(error: BaseException | None) -> None:
+    """Every rank calls this with its own error or None; if any rank has one, every rank
+    raises (its own, else the first rank's message), so that no rank waits on the others."""
+    if not torch.distributed.is_initialized():
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([0 if error is None else 1], device=current_device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if not flag.item():
+        return
+    messages = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(messages, None if error is None else str(error))
+    if error is not None:
+        raise error
+    rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+    raise CheckpointError(f"(rank {rank}) {message}")
+
+
+# ----------------------------------------------------------------------------------------
+# Finite weights
+# ----------------------------------------------------------------------------------------
+
+
+def _named_tensors(models) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every parameter of the model chunks (ZeRO-3: its partition)."""
+    named = []
+    for i, m in enumerate(models):
+        prefix = f"model{i}." if len(models) > 1 else ""
+        for name, p in m.named_parameters():
+            tensor = getattr(p, "ds_tensor", None)
+            named.append((prefix + name, (p if tensor is None else tensor).detach()))
+    return named
+
+
+def first_non_finite(models) -> str | None:
+    """This rank's first parameter holding NaN or inf (one isfinite reduction each)."""
+    named = [(n, t) for n, t in _named_tensors(models) if t.numel()]
+    if not named:
+        return None
+    device = current_device()
+    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0])][0]
+
+
+def check_weights_finite(models, iteration: int) -> None:
+    """All ranks: NonFiniteLossError naming the iteration and the first bad parameter
+    when any rank's weights hold NaN or inf."""
+    bad = first_non_finite(models)
+    error = None
+    if bad is not None:
+        error = NonFiniteLossError(
+            f"iteration {iteration}: parameter {bad} holds NaN or inf; not saving the "
+            "checkpoint (the run diverged: resume from the previous checkpoint, e.g. with "
+            "a lower --lr)")
+    try:
+        agree(error)
+    except CheckpointError as e:
+        raise NonFiniteLossError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------------------
+# Run lineage
+# ----------------------------------------------------------------------------------------
+
+
+def _run_id(args) -> str:
+    """This run's lineage id: the loaded checkpoint's, else a fresh random one."""
+    run_id = getattr(args, "checkpoint_run_id", None)
+    if not run_id:
+        run_id = uuid.uuid4().hex
+        args.checkpoint_run_id = run_id
+    return run_id
+
+
+def read_run_id(folder: str) -> str | None:
+    try:
+        with open(os.path.join(folder, RUN_ID_FILENAME)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def written_by_other_run(folder: str, run_id: str) -> bool:
+    """Whether folder holds checkpoint files of a run other than run_id (a folder without
+    run_id.txt counts as another run's)."""
+    return holds_checkpoint_data(folder) and read_run_id(folder) != run_id
+
+
+def foreign_checkpoints(save_dir: str, after_iteration: int, run_id: str) -> list[str]:
+    """Checkpoint folders of save_dir newer than after_iteration from another run."""
+    names = []
+    for pattern in (ITER_RE, DS_STEP_RE):
+        for it, name in sorted(iteration_folders(save_dir, pattern).items()):
+            if it > after_iteration and written_by_other_run(
+                    os.path.join(save_dir, name), run_id):
+                names.append(name)
+    return names
+
+
+def _foreign_error(args, after: int, where: str) -> CheckpointError | None:
+    found = foreign_checkpoints(args.save, after, _run_id(args))
+    if not found:
+        return None
+    return CheckpointError(
+        f"--save {args.save} holds checkpoints of another run {where} "
+        f"({list_names(found, 3)}): refusing to overwrite them; resume that run with "
+        f"--load {args.save}, or save to another folder")
+
+
+def check_save_folder(start_iteration: int | None = None) -> None:
+    """Before the first step: stop when --save holds checkpoints of another run newer than
+    the iteration this run starts at (args.iteration), which it would overwrite. All ranks."""
+    args = get_args()
+    if not getattr(args, "save", None):
+        return
+    start = args.iteration if start_iteration is None else start_iteration
+    error = None
+    if _is_rank_0():
+        error = _foreign_error(args, start, f"newer than iteration {start}, where this run "
+                               "starts")
+    agree(error)
+
+
+def adopt_lineage(args, folder: str, new_lineage: bool) -> None:
+    """A resume carries on the loaded checkpoint's run id; --finetune and release start a
+    new one."""
+    args.checkpoint_run_id = None if new_lineage else read_run_id(folder)
+
+
+def prepare_save_folder(args, folder: str, iteration: int) -> None:
+    """Rank 0, before `iteration` is saved into folder: drop stale temporary files, refuse
+    when another run's checkpoints are at `iteration` or later, write run_id.txt."""
+    error = None
+    if _is_rank_0():
+        try:
+            for path in remove_stale_temp_files(args.save):
+                print(f"removed {path}: left by a save that was killed", flush=True)
+            foreign = _foreign_error(args, iteration - 1, f"at iteration {iteration} or later")
+            if foreign is not None:
+                raise foreign
+            _atomic_write_text(os.path.join(folder, RUN_ID_FILENAME), _run_id(args) + "\n")
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it
+            error = e
+    agree(error)
+
+
+# ----------------------------------------------------------------------------------------
+# --keep-last-checkpoints
+# ----------------------------------------------------------------------------------------
+
+
+def checkpoints_to_delete(iterations: Iterable[int], keep: int | None,
+                          tracked: int) -> list[int]:
+    """The iterations to delete so that `keep` remain up to the tracked one (which always
+    stays); newer folders (a run resumed from an earlier checkpoint) are left alone."""
+    if not keep or keep < 1:
+        return []
+    eligible = sorted({it for it in iterations if it <= tracked})
+    kept = set(eligible[-keep:]) | {tracked}
+    return [it for it in eligible if it not in kept]
+
+
+def prune_checkpoints(save_dir: str, tracked: int, keep: int | None, run_id: str,
+                      pattern: re.Pattern = ITER_RE) -> list[str]:
+    """Rank 0, after the tracker names `tracked`: delete this run's oldest checkpoint
+    folders beyond `keep` (never another run's, never release); returns their names."""
+    ours = {it: name for it, name in iteration_folders(save_dir, pattern).items()
+            if read_run_id(os.path.join(save_dir, name)) == run_id}
+    removed = []
+    for it in checkpoints_to_delete(ours, keep, tracked):
+        try:
+            shutil.rmtree(os.path.join(save_dir, ours[it]))
+            removed.append(ours[it])
+        except OSError as e:
+            print(f"WARNING: could not remove old checkpoint {ours[it]}: {e}", flush=True)
+    return removed
+
+
+def finish_save(args, iteration: int, pattern: re.Pattern = ITER_RE) -> None:
+    """All ranks, once every rank file is in place: rank 0 points the tracker at
+    `iteration`, then applies --keep-last-checkpoints."""
+    error = None
+    if _is_rank_0():
+        try:
+            _atomic_write_text(get_checkpoint_tracker_filename(args.save), str(iteration))
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it
+            error = e
+    agree(error)
+    keep = getattr(args, "keep_last_checkpoints", None)
+    if keep and _is_rank_0():
+        for name in prune_checkpoints(args.save, iteration, keep, _run_id(args), pattern):
+            print(f"removed old checkpoint {name} (--keep-last-checkpoints {keep})", flush=True)
+
+
+# ----------------------------------------------------------------------------------------
+# RNG
+# ----------------------------------------------------------------------------------------
 
 
 def get_rng_state() -> dict:
@@ -159,6 +704,11 @@ def set_rng_state(state: dict) -> None:
     mpu.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
 
+# ----------------------------------------------------------------------------------------
+# Save
+# ----------------------------------------------------------------------------------------
+
+
 def _model_state(model) -> dict:
     models = unwrap_model(model if isinstance(model, list) else [model])
     if len(models) == 1:
@@ -170,137 +720,160 @@ def _model_state(model) -> dict:
     return state
 
 
+def _checkpoint_state(args, iteration: int, model, optimizer, lr_scheduler) -> dict:
+    state = {
+        "args": args,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration,
+        "consumed_train_samples": args.consumed_train_samples,
+        "consumed_valid_samples": args.consumed_valid_samples,
+    }
+    state.update(_model_state(model))
+    if not args.no_save_optim:
+        if optimizer is not None:
+            state["optimizer"] = optimizer.state_dict()
+        if lr_scheduler is not None:
+            state["lr_scheduler"] = lr_scheduler.state_dict()
+    if not args.no_save_rng:
+        state.update(get_rng_state())
+    return state
+
+
 def save_checkpoint(iteration: int, model, optimizer, lr_scheduler) -> None:
     """Save this rank's model (and optimizer, scheduler, RNG unless --no-save-*) at
-    `iteration`, then, after every rank is done, point the tracker at it."""
+    `iteration`, then, after every rank is done, point the tracker at it. Nothing is
+    written when a weight is NaN or inf or when --save's folder for `iteration` belongs
+    to another run."""
     args = get_args()
     if getattr(args, "deepspeed", False):
         from .deepspeed_engine import save_deepspeed_checkpoint
 
         return save_deepspeed_checkpoint(iteration, model, optimizer, lr_scheduler)
+    check_weights_finite(unwrap_model(model if isinstance(model, list) else [model]),
+                         iteration)
     print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save}")
+    prepare_save_folder(args, os.path.join(args.save, _folder_name(iteration)), iteration)
+    error = None
     if mpu.get_data_parallel_rank() == 0:
-        state = {
-            "args": args,
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "iteration": iteration,
-            "consumed_train_samples": args.consumed_train_samples,
-            "consumed_valid_samples": args.consumed_valid_samples,
-        }
-        state.update(_model_state(model))
-        if not args.no_save_optim:
-            if optimizer is not None:
-                state["optimizer"] = optimizer.state_dict()
-            if lr_scheduler is not None:
-                state["lr_scheduler"] = lr_scheduler.state_dict()
-        if not args.no_save_rng:
-            state.update(get_rng_state())
-        _atomic_torch_save(state, get_checkpoint_name(args.save, iteration))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        _atomic_write_text(get_checkpoint_tracker_filename(args.save), str(iteration))
+        try:
+            state = _checkpoint_state(args, iteration, model, optimizer, lr_scheduler)
+            _atomic_torch_save(state, get_checkpoint_name(args.save, iteration))
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it
+            error = e
+    agree(error)
+    finish_save(args, iteration)
     print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {args.save}")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
-def check_checkpoint_args(checkpoint_args, args=None) -> None:
-    """Stop, naming every mismatch, when the checkpoint's model shape differs from ours."""
-    args = args or get_args()
-    problems = []
-    for name, flag in MODEL_ARGS_TO_CHECK:
-        ours = getattr(args, name, None)
-        theirs = getattr(checkpoint_args, name, None)
-        if theirs is not None and ours is not None and ours != theirs:
-            problems.append(f"{flag}: checkpoint has {theirs}, this run has {ours}")
-    if problems:
+# ----------------------------------------------------------------------------------------
+# Load
+# ----------------------------------------------------------------------------------------
+
+
+def _read_state(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
+        raise CheckpointError(f"could not read checkpoint file {path}: {e}") from e
+
+
+def _restore_counters(args, state: dict) -> None:
+    args.consumed_train_samples = state.get(
+        "consumed_train_samples", getattr(state["args"], "consumed_train_samples", 0))
+    args.consumed_valid_samples = state.get(
+        "consumed_valid_samples", getattr(state["args"], "consumed_valid_samples", 0))
+    from .global_vars import update_num_microbatches
+
+    update_num_microbatches(args.consumed_train_samples, consistency_check=False)
+
+
+def _load_model_state(models, state: dict, strict: bool) -> None:
+    if len(models) == 1:
+        models[0].load_state_dict(state["model"], strict=strict)
+        return
+    for i, m in enumerate(models):
+        mpu.set_virtual_pipeline_model_parallel_rank(i)
+        m.load_state_dict(state[f"model{i}"], strict=strict)
+
+
+def _load_optimizer_state(optimizer, lr_scheduler, state: dict, path: str) -> None:
+    try:
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if lr_scheduler is not None:
+            lr_scheduler.load_state_dict(state["lr_scheduler"])
+    except KeyError as e:
         raise CheckpointError(
-            f"checkpoint in {args.load} does not match this model: " + "; ".join(problems)
-        )
+            f"unable to load optimizer state from {path} (missing {e}); use "
+            "--no-load-optim or --finetune to load only the model"
+        ) from e
 
 
-def _missing_rank_file_error(path: str, load_dir: str) -> CheckpointError:
-    parent = os.path.dirname(os.path.dirname(path))
-    found = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
-    return CheckpointError(
-        f"checkpoint file {path} not found (this run: tensor parallel "
-        f"{mpu.get_tensor_model_parallel_world_size()}, pipeline parallel "
-        f"{mpu.get_pipeline_model_parallel_world_size()}; {parent} holds {found}). "
-        f"To change the parallel layout, reshape {load_dir} with tools/checkpoint_util.py"
-    )
+def _load_rng_state(state: dict, path: str) -> None:
+    try:
+        set_rng_state(state)
+    except KeyError as e:
+        raise CheckpointError(
+            f"unable to load RNG state from {path} (missing {e}); use --no-load-rng or "
+            "--finetune to load only the model"
+        ) from e
+
+
+def _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir: str, load_tag,
+                              strict: bool) -> int:
+    args = get_args()
+    resolved = resolve_checkpoint(load_dir, load_tag)
+    if resolved is None:
+        print_rank_0(f"WARNING: could not find the metadata file "
+                     f"{get_checkpoint_tracker_filename(load_dir)}\n"
+                     "    will not load any checkpoints and will start from random")
+        return 0
+    iteration, release = resolved
+    path = get_checkpoint_name(load_dir, iteration, release)
+    _check_layout_before_reading(load_dir, path)
+    print_rank_0(f" loading checkpoint from {load_dir} at iteration {iteration}")
+    state = _read_state(path)
+    set_checkpoint_version(state.get("checkpoint_version", 0))
+    fresh = args.finetune or release
+    if "args" in state:
+        check_checkpoint_args(state["args"], args)
+        if not fresh:
+            _restore_counters(args, state)
+    _load_model_state(unwrap_model(model if isinstance(model, list) else [model]), state,
+                      strict)
+    adopt_lineage(args, os.path.dirname(os.path.dirname(path)), fresh)
+    if fresh:
+        iteration = 0
+    if not fresh and not args.no_load_optim:
+        _load_optimizer_state(optimizer, lr_scheduler, state, path)
+    if not fresh and not args.no_load_rng:
+        _load_rng_state(state, path)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    print_rank_0(f"  successfully loaded checkpoint from {load_dir} at iteration {iteration}")
+    return iteration
 
 
 def load_checkpoint(model, optimizer, lr_scheduler, load_arg: str = "load",
                     strict: bool = True) -> int:
-    """Load the latest (or release) checkpoint from args.<load_arg>; return the iteration
-    to resume from (0 for a fresh start or --finetune)."""
+    """Load --load-tag's, else the tracker's (or release) checkpoint from args.<load_arg>;
+    return the iteration to resume from (0 for a fresh start or --finetune). A training
+    load (with an optimizer) then checks that --save holds no other run's newer
+    checkpoints."""
     args = get_args()
     load_dir = getattr(args, load_arg)
+    load_tag = getattr(args, "load_tag", None) if load_arg == "load" else None
     if getattr(args, "deepspeed", False):
         from .deepspeed_engine import load_deepspeed_checkpoint
 
-        return load_deepspeed_checkpoint(model, optimizer, lr_scheduler, load_dir, strict)
-    models = unwrap_model(model if isinstance(model, list) else [model])
-    tracker = get_checkpoint_tracker_filename(load_dir)
-    if not os.path.isfile(tracker):
-        print_rank_0(f"WARNING: could not find the metadata file {tracker}\n"
-                     "    will not load any checkpoints and will start from random")
-        return 0
-    iteration, release = read_metadata(tracker)
-    path = get_checkpoint_name(load_dir, iteration, release)
-    if not os.path.isfile(path):
-        raise _missing_rank_file_error(path, load_dir)
-    print_rank_0(f" loading checkpoint from {load_dir} at iteration {iteration}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
-        raise CheckpointError(f"could not read checkpoint file {path}: {e}") from e
-    set_checkpoint_version(state.get("checkpoint_version", 0))
-
-    if "args" in state:
-        check_checkpoint_args(state["args"], args)
-        if not args.finetune and not release:
-            args.consumed_train_samples = state.get(
-                "consumed_train_samples", getattr(state["args"], "consumed_train_samples", 0))
-            args.consumed_valid_samples = state.get(
-                "consumed_valid_samples", getattr(state["args"], "consumed_valid_samples", 0))
-            from .global_vars import update_num_microbatches
-
-            update_num_microbatches(args.consumed_train_samples, consistency_check=False)
-
-    if len(models) == 1:
-        models[0].load_state_dict(state["model"], strict=strict)
+        iteration = load_deepspeed_checkpoint(model, optimizer, lr_scheduler, load_dir, strict)
     else:
-        for i, m in enumerate(models):
-            mpu.set_virtual_pipeline_model_parallel_rank(i)
-            m.load_state_dict(state[f"model{i}"], strict=strict)
-
-    if args.finetune or release:
-        iteration = 0
-    if not release and not args.finetune and not args.no_load_optim:
-        try:
-            if optimizer is not None:
-                optimizer.load_state_dict(state["optimizer"])
-            if lr_scheduler is not None:
-                lr_scheduler.load_state_dict(state["lr_scheduler"])
-        except KeyError as e:
-            raise CheckpointError(
-                f"unable to load optimizer state from {path} (missing {e}); use "
-                "--no-load-optim or --finetune to load only the model"
-            ) from e
-    if not release and not args.finetune and not args.no_load_rng:
-        try:
-            set_rng_state(state)
-        except KeyError as e:
-            raise CheckpointError(
-                f"unable to load RNG state from {path} (missing {e}); use --no-load-rng or "
-                "--finetune to load only the model"
-            ) from e
-
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    print_rank_0(f"  successfully loaded checkpoint from {load_dir} at iteration {iteration}")
+        iteration = _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir,
+                                              load_tag, strict)
+    if optimizer is not None:
+        check_save_folder(iteration)
     return iteration
 
 
@@ -313,4 +886,3 @@ def load_model_weights_only(model, load_dir: str, strict: bool = True) -> int:
         return load_checkpoint(model, None, None, strict=strict)
     finally:
         args.load, args.finetune, args.no_load_optim, args.no_load_rng = saved
-

@@ -672,40 +672,122 @@ def _client_state(args, iteration: int) -> dict:
 
 def save_deepspeed_checkpoint(iteration: int, model_list, optimizer, lr_scheduler) -> None:
     """engine.save_checkpoint(save, tag=global_step{iteration}) with Megatron's client
-    state, then (every rank done) Megatron's tracker file."""
-    from .checkpointing import _atomic_write_text, get_checkpoint_tracker_filename
+    state, then (every rank done) Megatron's tracker file. As for Megatron checkpoints:
+    nothing is written when a weight is NaN or inf or when the tag folder belongs to
+    another run; a full disk is one CheckpointSpaceError line; --keep-last-checkpoints
+    prunes the oldest global_step* folders."""
+    from .checkpointing import (
+        DS_STEP_RE,
+        agree,
+        check_weights_finite,
+        finish_save,
+        out_of_space_error,
+        prepare_save_folder,
+    )
 
     del optimizer, lr_scheduler  # saved by the engine
     args = get_args()
     engine = _engine(model_list)
+    check_weights_finite([engine.module], iteration)
+    tag = f"global_step{iteration}"
     print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save}")
-    engine.save_checkpoint(
-        args.save, tag=f"global_step{iteration}", client_state=_client_state(args, iteration)
-    )
-    torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
-        _atomic_write_text(get_checkpoint_tracker_filename(args.save), str(iteration))
+    folder = os.path.join(args.save, tag)
+    prepare_save_folder(args, folder, iteration)
+    error = None
+    try:
+        engine.save_checkpoint(args.save, tag=tag, client_state=_client_state(args, iteration))
+    except Exception as e:  # noqa: BLE001 - every rank must learn of it
+        error = out_of_space_error(e, f"checkpoint {folder}")
+    agree(error)
+    finish_save(args, iteration, DS_STEP_RE)
     torch.distributed.barrier()
     print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {args.save}")
 
 
-def _load_tag(load_dir: str, universal: bool) -> str | None:
-    """The tag to load: from Megatron's tracker, else DeepSpeed's latest file (None)."""
-    from .checkpointing import get_checkpoint_tracker_filename, read_metadata
+def _resolve_ds_tag(load_dir: str, load_tag: str) -> str:
+    """--load-tag as given (global_step4), or global_step{N} for a bare iteration."""
+    from .checkpointing import CheckpointError, checkpoint_tags, list_names
 
+    text = load_tag.strip()
+    for tag in (text, f"global_step{text}" if text.isdigit() else None):
+        if tag and os.path.isdir(os.path.join(load_dir, tag)):
+            return tag
+    raise CheckpointError(
+        f"--load-tag {load_tag}: {load_dir} has no {text}; checkpoints there: "
+        f"{list_names(checkpoint_tags(load_dir))}"
+    )
+
+
+def _load_tag(load_dir: str, universal: bool, load_tag: str | None = None) -> str | None:
+    """The tag to load: --load-tag, else Megatron's tracker's, else DeepSpeed's latest
+    file (None)."""
+    from .checkpointing import (
+        DS_STEP_RE,
+        CheckpointError,
+        get_checkpoint_tracker_filename,
+        iteration_folders,
+        list_names,
+        read_metadata,
+    )
+
+    if load_tag is not None:
+        return _resolve_ds_tag(load_dir, load_tag)
     tracker = get_checkpoint_tracker_filename(load_dir)
     if universal or not os.path.isfile(tracker):
         return None
     iteration, release = read_metadata(tracker)
-    return None if release else f"global_step{iteration}"
+    if release:
+        return None
+    tag = f"global_step{iteration}"
+    if not os.path.isdir(os.path.join(load_dir, tag)):
+        present = [str(it) for it in sorted(iteration_folders(load_dir, DS_STEP_RE))]
+        raise CheckpointError(
+            f"{tracker} names iteration {iteration} but {os.path.join(load_dir, tag)} is "
+            f"missing; iterations present in {load_dir}: {list_names(present, 12)} (fix the "
+            "tracker or pass --load-tag)"
+        )
+    return tag
+
+
+def _refuse_untracked(load_dir: str) -> None:
+    """global_step* folders but neither tracker nor latest file: no start from random."""
+    from .checkpointing import (
+        DS_STEP_RE,
+        CheckpointError,
+        get_checkpoint_tracker_filename,
+        holds_checkpoint_data,
+        iteration_folders,
+        list_names,
+    )
+
+    steps = {
+        it: name
+        for it, name in iteration_folders(load_dir, DS_STEP_RE).items()
+        if holds_checkpoint_data(os.path.join(load_dir, name))
+    }
+    if not steps:
+        return
+    newest = max(steps)
+    raise CheckpointError(
+        f"{load_dir} holds DeepSpeed checkpoints ({list_names([steps[i] for i in sorted(steps)])})"
+        " but neither latest nor latest_checkpointed_iteration.txt: refusing to start from "
+        f"random over them; resume from the newest with `echo {newest} > "
+        f"{get_checkpoint_tracker_filename(load_dir)}` or --load-tag {steps[newest]}"
+    )
 
 
 def load_deepspeed_checkpoint(
     model_list, optimizer, lr_scheduler, load_dir: str, strict: bool = True
 ) -> int:
-    """engine.load_checkpoint(load_dir) (a universal checkpoint with
-    --universal-checkpoint); restores consumed samples and RNG; returns the iteration."""
-    from .checkpointing import CheckpointError, set_checkpoint_version, set_rng_state
+    """engine.load_checkpoint(load_dir, tag) (a universal checkpoint with
+    --universal-checkpoint); restores consumed samples, RNG and the run's lineage;
+    returns the iteration."""
+    from .checkpointing import (
+        CheckpointError,
+        adopt_lineage,
+        set_checkpoint_version,
+        set_rng_state,
+    )
 
     del optimizer, lr_scheduler  # restored by the engine
     args = get_args()
@@ -713,8 +795,9 @@ def load_deepspeed_checkpoint(
     has_latest = any(
         os.path.isfile(os.path.join(load_dir, n)) for n in ("latest", "latest_universal")
     )
-    tag = _load_tag(load_dir, args.universal_checkpoint)
+    tag = _load_tag(load_dir, args.universal_checkpoint, getattr(args, "load_tag", None))
     if tag is None and not has_latest:
+        _refuse_untracked(load_dir)
         print_rank_0(
             f"WARNING: no DeepSpeed checkpoint (latest file) in {load_dir}; starting from random"
         )
@@ -735,6 +818,7 @@ def load_deepspeed_checkpoint(
     state = state or {}
     set_checkpoint_version(state.get("checkpoint_version", 0))
     iteration = 0 if args.finetune else int(state.get("iteration", engine.global_steps))
+    adopt_lineage(args, os.path.dirname(path), args.finetune)
     if not args.finetune:
         args.consumed_train_samples = state.get("consumed_train_samples", 0)
         args.consumed_valid_samples = state.get("consumed_valid_samples", 0)
