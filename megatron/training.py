@@ -28,7 +28,7 @@ from . import (
     update_num_microbatches,
 )
 from .accelerator import current_device
-from .checkpointing import load_checkpoint, save_checkpoint
+from .checkpointing import check_save_folder, load_checkpoint, save_checkpoint
 from .errors import NonFiniteLossError
 from .initialize import initialize_megatron, set_jit_fusion_options
 from .learning_rates import AnnealingLR
@@ -82,6 +82,7 @@ def _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_fu
     timers("model-and-optimizer-setup").start()
     model, optimizer, lr_scheduler = setup_model_and_optimizer(model_provider)
     timers("model-and-optimizer-setup").stop()
+    check_save_folder()  # before any step: --save holds no other run's newer checkpoints
     print_datetime("after model, optimizer, and learning rate scheduler are built")
 
     timers("train/valid/test-data-iterators-setup").start()
