@@ -1,7 +1,7 @@
 """Megatron tokenizers: build_tokenizer(args) and the classes behind --tokenizer-type.
 
 Types: GPT2BPETokenizer, BertWordPieceLowerCase, BertWordPieceCase, SentencePieceTokenizer,
-HFTokenizer, NullTokenizer. Every class implements AbstractTokenizer (vocab_size, vocab,
+GPTSentencePieceTokenizer, HFTokenizer, NullTokenizer. Every class implements AbstractTokenizer (vocab_size, vocab,
 inv_vocab, tokenize, detokenize and the special ids that exist for it).
 
 GPT-2 and BERT have interchangeable implementations chosen with impl=:
@@ -19,11 +19,14 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 
+from ..errors import register_one_line_error
+
 TOKENIZER_TYPES = (
     "BertWordPieceLowerCase",
     "BertWordPieceCase",
     "GPT2BPETokenizer",
     "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
     "HFTokenizer",
     "NullTokenizer",
 )
@@ -58,6 +61,8 @@ def build_tokenizer(args):
     elif tokenizer_type == "SentencePieceTokenizer":
         model = _require(args, "tokenizer_model", tokenizer_type)
         tokenizer = _SentencePieceTokenizer(model, vocab_extra_ids=extra_ids)
+    elif tokenizer_type == "GPTSentencePieceTokenizer":
+        tokenizer = _GPTSentencePieceTokenizer(_require(args, "tokenizer_model", tokenizer_type))
     elif tokenizer_type == "HFTokenizer":
         tokenizer = _HFTokenizer(_require(args, "tokenizer_model", tokenizer_type))
     elif tokenizer_type == "NullTokenizer":
@@ -77,11 +82,21 @@ def build_tokenizer(args):
     return tokenizer
 
 
+@register_one_line_error
+class TokenizerError(ValueError):
+    """A tokenizer flag or file that cannot be used; the message is one line naming them."""
+
+
+class TokenizerFileError(TokenizerError, FileNotFoundError):
+    """A tokenizer file (--vocab-file, --merge-file, --tokenizer-model) that is missing,
+    unreadable or not of the kind its flag needs."""
+
+
 def _require(args, name: str, tokenizer_type: str):
     value = getattr(args, name, None)
     if value is None:
         flag = "--" + name.replace("_", "-")
-        raise ValueError(f"{flag} is required for --tokenizer-type {tokenizer_type}")
+        raise TokenizerError(f"{flag} is required for --tokenizer-type {tokenizer_type}")
     return value
 
 
@@ -128,8 +143,14 @@ def _check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> None:
 
 
 def _check_file(path: str, what: str) -> None:
+    """Raise TokenizerFileError naming `what` (the flag) and `path` unless it is a readable
+    regular file."""
+    if os.path.isdir(path):
+        raise TokenizerFileError(f"{what} {path} is a folder, not a file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise TokenizerFileError(f"{what} not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise TokenizerFileError(f"{what} {path} is not readable (permission denied)")
 
 
 class AbstractTokenizer(ABC):
@@ -452,6 +473,24 @@ class _BertWordPieceTokenizer(AbstractTokenizer):
         return [self.vocab[t] for t in self.additional_special_tokens]
 
 
+def load_sentencepiece(model_file: str):
+    """sentencepiece.SentencePieceProcessor of `model_file`; TokenizerFileError naming
+    --tokenizer-model and the file when it is missing or not a SentencePiece model."""
+    _check_file(model_file, "--tokenizer-model")
+    import sentencepiece
+
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    except (RuntimeError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TokenizerFileError(
+            f"--tokenizer-model {model_file}: not a SentencePiece model ({reason})"
+        ) from None
+    if processor.get_piece_size() < 1:
+        raise TokenizerFileError(f"--tokenizer-model {model_file}: SentencePiece model has no pieces")
+    return processor
+
+
 class _SentencePieceTokenizer(AbstractTokenizer):
     """A sentencepiece .model plus Megatron's special tokens.
 
@@ -464,10 +503,7 @@ class _SentencePieceTokenizer(AbstractTokenizer):
 
     def __init__(self, model_file: str, vocab_extra_ids: int = 0):
         super().__init__("SentencePieceTokenizer")
-        _check_file(model_file, "--tokenizer-model")
-        import sentencepiece
-
-        self.tokenizer = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        self.tokenizer = load_sentencepiece(model_file)
         n = self.tokenizer.get_piece_size()
         self._inv_vocab = {i: self.tokenizer.id_to_piece(i) for i in range(n)}
         self._vocab = {piece: i for i, piece in self._inv_vocab.items()}
@@ -588,6 +624,98 @@ class _SentencePieceTokenizer(AbstractTokenizer):
         return [self._vocab[t] for t in self._t5_tokens]
 
 
+class _GPTSentencePieceTokenizer(AbstractTokenizer):
+    """A sentencepiece .model as it is (LLaMA-style): the model's ids and nothing added.
+
+    tokenize() is sentencepiece's own encode (no BOS/EOS added, special strings in the text
+    are ordinary text); detokenize() its decode. bos, eos and pad are the model's ids (-1
+    where the model has none, as sentencepiece reports it); eod is eos; cls, sep and mask
+    are -1. vocab_size is the model's number of pieces.
+    """
+
+    def __init__(self, model_file: str):
+        super().__init__("GPTSentencePieceTokenizer")
+        self.model_file = model_file
+        self.tokenizer = load_sentencepiece(model_file)
+        n = self.tokenizer.get_piece_size()
+        self._vocab_size = n
+        self._inv_vocab = None
+        self._vocab = None
+        self._bos_id = self.tokenizer.bos_id()
+        self._eos_id = self.tokenizer.eos_id()
+        self._pad_id = self.tokenizer.pad_id()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def inv_vocab(self) -> dict:
+        if self._inv_vocab is None:
+            self._inv_vocab = {i: self.tokenizer.id_to_piece(i) for i in range(self._vocab_size)}
+        return self._inv_vocab
+
+    @property
+    def vocab(self) -> dict:
+        if self._vocab is None:
+            self._vocab = {piece: i for i, piece in self.inv_vocab.items()}
+        return self._vocab
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        """ids of each text, on one thread (a worker process is one CPU)."""
+        if not texts:
+            return []
+        return self.tokenizer.encode(list(texts), num_threads=1)
+
+    def detokenize(self, token_ids) -> str:
+        return self.tokenizer.decode([int(i) for i in token_ids])
+
+    @property
+    def eod(self) -> int:
+        if self._eos_id < 0:
+            return self._missing("EOD (the SentencePiece model has no eos piece)")
+        return self._eos_id
+
+    @property
+    def eos(self) -> int:
+        return self._eos_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def bos(self) -> int:
+        return self._bos_id
+
+    @property
+    def bos_token_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def pad(self) -> int:
+        return self._pad_id
+
+    @property
+    def cls(self) -> int:
+        return -1
+
+    @property
+    def sep(self) -> int:
+        return -1
+
+    @property
+    def mask(self) -> int:
+        return -1
+
+    @property
+    def additional_special_tokens_ids(self):
+        return None
+
+
 # Special tokens recognised as end-of-document / padding / begin when no tokenizer_config.json
 # names them, in order of preference.
 _HF_EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[SEP]")
@@ -606,16 +734,16 @@ class _HFTokenizer(AbstractTokenizer):
 
     def __init__(self, tokenizer_model: str):
         super().__init__("HFTokenizer")
-        path = tokenizer_model
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
-        _check_file(path, "--tokenizer-model (tokenizer.json)")
+        path = _tokenizer_json_path(tokenizer_model)
         from tokenizers import Tokenizer
 
         try:
             self.tokenizer = Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise ValueError(f"{path}: not a `tokenizers` tokenizer.json ({e})") from None
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TokenizerFileError(
+                f"--tokenizer-model {path}: not a `tokenizers` tokenizer.json ({reason})"
+            ) from None
         self.encoder = self.tokenizer.get_vocab(with_added_tokens=True)
         self.decoder = {v: k for k, v in self.encoder.items()}
         config = _read_hf_config(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
@@ -675,6 +803,19 @@ class _HFTokenizer(AbstractTokenizer):
         return self._known(self._bos_id, "BOS")
 
 
+def _tokenizer_json_path(tokenizer_model: str) -> str:
+    """The tokenizer.json named by --tokenizer-model (the file, or a folder holding it)."""
+    if os.path.isdir(tokenizer_model):
+        path = os.path.join(tokenizer_model, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise TokenizerFileError(
+                f"--tokenizer-model {tokenizer_model}: folder holds no tokenizer.json"
+            )
+        return path
+    _check_file(tokenizer_model, "--tokenizer-model (tokenizer.json)")
+    return tokenizer_model
+
+
 def _read_hf_config(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
@@ -683,8 +824,10 @@ def _read_hf_config(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         try:
             config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
+        except ValueError as e:  # bad JSON, or not UTF-8
+            raise TokenizerFileError(
+                f"--tokenizer-model: {path} (next to the tokenizer.json) is not valid JSON ({e})"
+            ) from None
     return config if isinstance(config, dict) else {}
 
 
