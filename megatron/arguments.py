@@ -64,6 +64,62 @@ def ffn_hidden_size(hidden: int) -> int:
     return 4 * hidden
 
 
+def swiglu_ffn_hidden_size(hidden: int) -> int:
+    """The SwiGLU MLP inner width when --ffn-hidden-size is not given: 2/3 of 4h (two
+    input projections keep the parameter count of a 4h MLP), rounded down to a multiple
+    of 64 as Megatron-DeepSpeed does: int(4h * 2/3 / 64) * 64."""
+    ffn = int((4 * hidden * 2 / 3) / 64) * 64
+    if ffn < 1:
+        raise ArgumentError(
+            f"--swiglu with --hidden-size ({hidden}) rounds the MLP width down to 0; "
+            "give --ffn-hidden-size"
+        )
+    return ffn
+
+
+def num_key_value_heads(heads: int, kv_heads: int | None, tp: int) -> int:
+    """Key/value heads of grouped-query attention (heads when not given): they must
+    divide the attention heads (each serves heads / kv_heads query heads) and split
+    evenly across the tensor-parallel ranks."""
+    if kv_heads is None:
+        return heads
+    if kv_heads < 1 or heads % kv_heads != 0:
+        raise ArgumentError(
+            f"--num-attention-heads ({heads}) is not divisible by --num-key-value-heads "
+            f"({kv_heads})"
+        )
+    if kv_heads % tp != 0:
+        raise ArgumentError(
+            f"--num-key-value-heads ({kv_heads}) is not divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+    return kv_heads
+
+
+def rotary_channels(kv_channels: int, rotary_percent: float) -> int:
+    """Channels of each head that RoPE rotates: int(kv_channels * rotary_percent), which
+    must be even (they are rotated in pairs) and at least 2."""
+    if not 0.0 < rotary_percent <= 1.0:
+        raise ArgumentError(f"--rotary-percent must be in (0, 1] (got {rotary_percent})")
+    dim = int(kv_channels * rotary_percent)
+    if dim < 2 or dim % 2 != 0:
+        raise ArgumentError(
+            f"--rotary-percent ({rotary_percent}) of --kv-channels ({kv_channels}) rotates "
+            f"{dim} channels per head; it must be an even number >= 2"
+        )
+    return dim
+
+
+def swiglu_ffn_split(ffn: int, tp: int) -> None:
+    """The fused SwiGLU gate/up projection gives each tensor-parallel rank ffn / tp
+    channels of the gate and of the up projection: ffn must divide by tp."""
+    if ffn % tp != 0:
+        raise ArgumentError(
+            f"--swiglu with --ffn-hidden-size ({ffn}) is not divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+
+
 def kv_channels(hidden: int, heads: int) -> int:
     """The per-head width when --kv-channels is not given: h / heads."""
     if heads < 1 or hidden % heads != 0:
@@ -201,7 +257,41 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
     add("--kv-channels", type=int, help="Per-head width; h / heads if unset.")
     add("--max-position-embeddings", type=int, help="Position embeddings (>= seq length).")
     add("--make-vocab-size-divisible-by", type=int, default=128, help="Vocab padding (x TP).")
+    add("--num-key-value-heads", type=int, help="Key/value heads (GQA); heads if unset.")
+    add("--use-rotary-position-embeddings", action=_TRUE, help="Rotary position embeddings.")
+    add(
+        "--rotary-position-embeddings-theta",
+        type=int,
+        default=10000,
+        dest="rope_theta",
+        help="Rotary base theta.",
+    )
+    add("--rotary-percent", type=float, default=1.0, help="Fraction of head channels rotated.")
+    add(
+        "--no-position-embedding",
+        action=_FALSE,
+        dest="add_position_embedding",
+        help="No learned absolute position embeddings.",
+    )
+    add(
+        "--normalization",
+        default="layernorm",
+        choices=["layernorm", "rmsnorm"],
+        help="Normalisation layers.",
+    )
     add("--layernorm-epsilon", type=float, default=1e-5, help="Layer-norm epsilon.")
+    add("--swiglu", action=_TRUE, help="SwiGLU MLP (gated linear unit with SiLU).")
+    add(
+        "--untie-embeddings-and-output-weights",
+        action=_TRUE,
+        help="An output layer of its own instead of the word embeddings.",
+    )
+    add(
+        "--disable-bias-linear",
+        action=_FALSE,
+        dest="add_bias_linear",
+        help="No biases in the linear layers.",
+    )
     add("--apply-residual-connection-post-layernorm", action=_TRUE, help="Original BERT order.")
     add("--openai-gelu", action=_TRUE, help="OpenAI's tanh GeLU approximation.")
     add("--onnx-safe", action=_TRUE, help="ONNX-exportable GeLU.")
@@ -434,7 +524,6 @@ _TOKENIZERS = [
     "BertWordPieceCase",
     "GPT2BPETokenizer",
     "SentencePieceTokenizer",
-    "GPTSentencePieceTokenizer",
     "HFTokenizer",
     "NullTokenizer",
 ]
@@ -460,9 +549,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     add("--mmap-warmup", action=_TRUE, help="Touch the mmap pages at start.")
     add("--num-workers", type=int, default=2, help="Dataloader workers.")
     add("--tokenizer-type", choices=_TOKENIZERS, help="Tokenizer.")
-    add("--tokenizer-model", type=str,
-        help="SentencePiece .model (SentencePieceTokenizer, GPTSentencePieceTokenizer) or "
-             "tokenizer.json / its folder (HFTokenizer).")
+    add("--tokenizer-model", type=str, help="SentencePiece model or HF tokenizer name.")
     add("--vocab-size", type=int, default=None,
         help="Vocabulary size of the NullTokenizer (ids are whitespace-separated integers).")
     add(
@@ -757,10 +844,23 @@ def _set_parallel_layout(args: argparse.Namespace) -> None:
 
 def _set_model_shape(args: argparse.Namespace) -> None:
     if args.ffn_hidden_size is None:
-        args.ffn_hidden_size = ffn_hidden_size(args.hidden_size)
+        if args.swiglu:
+            args.ffn_hidden_size = swiglu_ffn_hidden_size(args.hidden_size)
+        else:
+            args.ffn_hidden_size = ffn_hidden_size(args.hidden_size)
     if args.kv_channels is None:
         args.kv_channels = kv_channels(args.hidden_size, args.num_attention_heads)
     tp = args.tensor_model_parallel_size
+    args.num_key_value_heads = num_key_value_heads(
+        args.num_attention_heads, args.num_key_value_heads, tp
+    )
+    if args.use_rotary_position_embeddings:
+        rotary_channels(args.kv_channels, args.rotary_percent)
+        args.add_position_embedding = False  # RoPE replaces absolute positions
+    elif not 0.0 < args.rotary_percent <= 1.0:
+        raise ArgumentError(f"--rotary-percent must be in (0, 1] (got {args.rotary_percent})")
+    if args.swiglu:
+        swiglu_ffn_split(args.ffn_hidden_size, tp)
     if args.ffn_hidden_size % tp != 0:
         raise ArgumentError(
             f"--ffn-hidden-size ({args.ffn_hidden_size}) is not divisible by "

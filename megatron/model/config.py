@@ -11,6 +11,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron.arguments import ffn_hidden_size as _ffn_hidden_size
+from megatron.arguments import swiglu_ffn_hidden_size
+
+
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
+    """4h, or with SwiGLU int(4h * 2/3 / 64) * 64 (Megatron-DeepSpeed's rounding)."""
+    return swiglu_ffn_hidden_size(hidden_size) if swiglu else _ffn_hidden_size(hidden_size)
+
 
 @dataclass
 class TransformerConfig:
@@ -107,10 +115,36 @@ class TransformerConfig:
     moe_eval_capacity_factor: float = 1.0
     moe_min_capacity: int = 4
     moe_token_dropping: bool = True
+    use_rotary_position_embeddings: bool = False
+    """Rotate q and k by their positions (RoPE) instead of learned absolute positions."""
+    rope_theta: float = 10000
+    """RoPE base theta (--rotary-position-embeddings-theta)."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's channels that RoPE rotates (partial rotary), in (0, 1]."""
+    add_position_embedding: bool = True
+    """Learned absolute position embeddings (off with --no-position-embedding or RoPE)."""
+    swiglu: bool = False
+    """MLP silu(X G) * (X U) W_2 (gated linear unit) instead of gelu(X A) B."""
+    normalization: str = "layernorm"
+    """'layernorm' or 'rmsnorm' for every norm of the transformer."""
+    num_key_value_heads: int | None = None
+    """Key/value heads (grouped-query attention); num_attention_heads when None."""
+    untie_embeddings_and_output_weights: bool = False
+    """Output layer with its own weight (language_model.output_layer) instead of E^T."""
+    add_bias_linear: bool = True
+    """Biases in the attention and MLP linear layers (off with --disable-bias-linear)."""
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
+            self.ffn_hidden_size = default_ffn_hidden_size(self.hidden_size, self.swiglu)
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.use_rotary_position_embeddings:
+            self.add_position_embedding = False  # RoPE replaces absolute positions
+        if self.normalization not in ("layernorm", "rmsnorm"):
+            raise ValueError(
+                f"--normalization must be layernorm or rmsnorm (got {self.normalization!r})"
+            )
         if self.kv_channels is None:
             if self.hidden_size % self.num_attention_heads != 0:
                 raise ValueError(

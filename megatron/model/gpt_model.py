@@ -1,5 +1,12 @@
 """GPT: a causal TransformerLanguageModel with the output head tied to the word
-embeddings (logits = h E^T) and the vocabulary-parallel cross entropy.
+embeddings (logits = h E^T) and the vocabulary-parallel cross entropy. With
+--untie-embeddings-and-output-weights the logits are h W^T with the last stage's own
+`language_model.output_layer.weight` W, and nothing is tied across pipeline stages.
+
+The LLaMA family is this model with options (see TransformerConfig): RoPE
+(use_rotary_position_embeddings, no learned positions), SwiGLU MLP, RMSNorm,
+grouped-query attention (num_key_value_heads), untied output weights and no linear
+biases (add_bias_linear False).
 
 Checkpoint layout (state_dict_for_save_checkpoint): {'language_model': {...}} as in
 language_model.py, plus {'word_embeddings_for_head': {'weight'}} on a last pipeline
@@ -82,7 +89,7 @@ class GPTModel(MegatronModule):
         pre_process: bool = True,
         post_process: bool = True,
     ) -> None:
-        super().__init__(share_word_embeddings=True)
+        super().__init__(share_word_embeddings=not config.untie_embeddings_and_output_weights)
         self.config = config
         self.parallel_output = parallel_output
         self.pre_process = pre_process
@@ -100,7 +107,15 @@ class GPTModel(MegatronModule):
             post_process=self.post_process,
         )
         self._word_embeddings_for_head_key = "word_embeddings_for_head"
-        self.initialize_word_embeddings(config)
+        if self.share_word_embeddings:
+            self.initialize_word_embeddings(config)
+
+    def output_weight(self) -> torch.Tensor:
+        """The weight of the logits h W^T [v/p, h]: the untied output layer's, or the
+        (tied) word embeddings."""
+        if self.share_word_embeddings:
+            return self.word_embeddings_weight()
+        return self.language_model.output_layer.weight
 
     def set_input_tensor(self, input_tensor) -> None:
         """Input from the previous pipeline stage."""
@@ -147,7 +162,7 @@ class GPTModel(MegatronModule):
         output = post_language_model_processing(
             lm_output,
             labels,
-            self.word_embeddings_weight(),
+            self.output_weight(),
             parallel_output,
             self.fp16_lm_cross_entropy,
             sequence_parallel=self.sequence_parallel,
@@ -169,7 +184,7 @@ class GPTModel(MegatronModule):
                 keep_vars=keep_vars
             )
         }
-        if self.post_process and not self.pre_process:
+        if self.post_process and not self.pre_process and self.share_word_embeddings:
             state_dict_[self._word_embeddings_for_head_key] = self.word_embeddings.state_dict(
                 keep_vars=keep_vars
             )

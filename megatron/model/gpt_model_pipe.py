@@ -11,7 +11,11 @@ partitions over the pipeline stages (transformer layers balanced across stages):
 
 The two 'embed' specs share the word embeddings E (logits = h E^T): DeepSpeed builds the
 module on the first and on the last stage, broadcasts E from the first, and sums the two
-gradients before each step. Each component is built under the same init seed as in
+gradients before each step. With --untie-embeddings-and-output-weights the first spec is a
+plain LayerSpec(EmbeddingPipe) and the head is LayerSpec(OutputLayerPipe) with its own
+weight `output_layer.weight` (logits = h W^T); with --normalization rmsnorm the final norm
+is FinalRMSNormPipe. RoPE, SwiGLU, GQA and --disable-bias-linear live inside the
+transformer layers. Each component is built under the same init seed as in
 GPTModel (model/utils.py init_rng), so both models start from the same weights and the
 pipeline's losses equal GPTModel's.
 
@@ -33,10 +37,12 @@ from .config import TransformerConfig
 from .enums import AttnMaskType
 from .fused_layer_norm import MixedFusedLayerNorm as LayerNorm
 from .gpt_model import lm_cross_entropy
-from .language_model import Embedding, parallel_lm_logits
+from .language_model import Embedding, build_output_layer, parallel_lm_logits
+from .rmsnorm import RMSNorm
 from .transformer import ParallelTransformerLayer
 from .utils import (
     INIT_SALT_EMBEDDING,
+    INIT_SALT_OUTPUT_LAYER,
     init_method_normal,
     init_rng,
     layer_init_salt,
@@ -101,6 +107,39 @@ class FinalLayerNormPipe(LayerNorm):
         return super().forward(hidden_states)
 
 
+class FinalRMSNormPipe(RMSNorm):
+    """The final RMSNorm (--normalization rmsnorm): (h, mask) -> RMSNorm(h) [s, b, h]."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__(
+            config.hidden_size,
+            eps=config.layernorm_epsilon,
+            sequence_parallel=config.sequence_parallel,
+        )
+
+    def forward(self, inputs):
+        hidden_states = inputs[0] if isinstance(inputs, tuple) else inputs
+        return super().forward(hidden_states)
+
+
+class OutputLayerPipe(torch.nn.Module):
+    """The untied head: hidden [s, b, h] -> logits h W^T [s, b, v/p], W = output_layer."""
+
+    def __init__(self, config: TransformerConfig, init_method: Callable):
+        super().__init__()
+        self.sequence_parallel = config.sequence_parallel
+        with init_rng(config.seed, INIT_SALT_OUTPUT_LAYER):
+            self.output_layer = build_output_layer(config, init_method)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return parallel_lm_logits(
+            hidden_states,
+            self.output_layer.weight,
+            parallel_output=True,
+            sequence_parallel=self.sequence_parallel,
+        )
+
+
 def lm_logits(embedding: EmbeddingPipe, hidden_states: torch.Tensor) -> torch.Tensor:
     """The tied head: hidden [s, b, h] -> logits h E^T [s, b, v/p]."""
     return parallel_lm_logits(
@@ -127,6 +166,20 @@ def _checkpoint_func(distribute: bool) -> Callable:
     return checkpoint
 
 
+def _embedding_spec(config, init_method, num_tokentypes: int, untied: bool):
+    """The first stage's embedding: tied to the head ('embed') unless untied."""
+    if untied:
+        return LayerSpec(EmbeddingPipe, config, init_method, num_tokentypes)
+    return TiedLayerSpec(
+        "embed",
+        EmbeddingPipe,
+        config,
+        init_method,
+        num_tokentypes,
+        tied_weight_attr="word_embeddings_weight",
+    )
+
+
 class GPTModelPipe(PipelineModule):
     """GPT for DeepSpeed's pipeline engine (see the module docstring)."""
 
@@ -142,34 +195,30 @@ class GPTModelPipe(PipelineModule):
             )
         init_method = init_method_normal(config.init_method_std)
         output_init = scaled_init_method_normal(config.init_method_std, config.num_layers)
-        specs = [
-            TiedLayerSpec(
-                "embed",
-                EmbeddingPipe,
-                config,
-                init_method,
-                num_tokentypes,
-                tied_weight_attr="word_embeddings_weight",
-            )
-        ]
+        untied = config.untie_embeddings_and_output_weights
+        specs = [_embedding_spec(config, init_method, num_tokentypes, untied)]
         for layer_number in range(1, config.num_layers + 1):
             specs.append(
                 LayerSpec(
                     ParallelTransformerLayerPipe, config, init_method, output_init, layer_number
                 )
             )
-        specs.append(LayerSpec(FinalLayerNormPipe, config))
-        specs.append(
-            TiedLayerSpec(
-                "embed",
-                EmbeddingPipe,
-                config,
-                init_method,
-                num_tokentypes,
-                forward_fn=lm_logits,
-                tied_weight_attr="word_embeddings_weight",
+        final_norm = FinalRMSNormPipe if config.normalization == "rmsnorm" else FinalLayerNormPipe
+        specs.append(LayerSpec(final_norm, config))
+        if untied:
+            specs.append(LayerSpec(OutputLayerPipe, config, init_method))
+        else:
+            specs.append(
+                TiedLayerSpec(
+                    "embed",
+                    EmbeddingPipe,
+                    config,
+                    init_method,
+                    num_tokentypes,
+                    forward_fn=lm_logits,
+                    tied_weight_attr="word_embeddings_weight",
+                )
             )
-        )
         topology = PipeModelDataParallelTopology(
             num_pp=mpu.get_pipeline_model_parallel_world_size(),
             num_mp=mpu.get_tensor_model_parallel_world_size(),
@@ -193,6 +242,8 @@ __all__ = [
     "EmbeddingPipe",
     "ParallelTransformerLayerPipe",
     "FinalLayerNormPipe",
+    "FinalRMSNormPipe",
+    "OutputLayerPipe",
     "gpt_pipe_loss",
     "lm_logits",
 ]

@@ -5,7 +5,11 @@ Checkpoint layout: `state_dict_for_save_checkpoint()` nests as Megatron does,
     {'embedding': {'word_embeddings': {'weight'}, 'position_embeddings': {'weight'},
                    'tokentype_embeddings': {'weight'}},
      'transformer': {'layers.0.input_layernorm.weight': ..., 'final_layernorm.weight': ...},
-     'decoder': {...}, 'pooler': {'dense.weight', 'dense.bias'}}
+     'decoder': {...}, 'pooler': {'dense.weight', 'dense.bias'},
+     'output_layer': {'weight'}}
+
+('position_embeddings' is absent with --no-position-embedding or RoPE; 'output_layer',
+the untied output weight of --untie-embeddings-and-output-weights, is on the last stage)
 
 and `load_state_dict()` accepts that nesting or the plain flat `state_dict()`; the flat
 keys are the nested path joined by dots (language_model.embedding.word_embeddings.weight,
@@ -27,6 +31,7 @@ from .module import MegatronModule
 from .transformer import ParallelTransformer
 from .utils import (
     INIT_SALT_EMBEDDING,
+    INIT_SALT_OUTPUT_LAYER,
     INIT_SALT_POOLER,
     get_linear_layer,
     init_full_parameter,
@@ -57,8 +62,26 @@ def parallel_lm_logits(
     return mpu.gather_from_tensor_model_parallel_region(logits_parallel)
 
 
+def build_output_layer(config: TransformerConfig, init_method: Callable) -> torch.nn.Module:
+    """The untied output weight W [v/p, h] (vocab-parallel rows, no bias): logits h W^T."""
+    return mpu.ColumnParallelLinear(
+        config.hidden_size,
+        config.padded_vocab_size,
+        bias=False,
+        gather_output=False,
+        init_method=init_method,
+        sequence_parallel=config.sequence_parallel,
+        async_tensor_model_parallel_allreduce=config.async_tensor_model_parallel_allreduce,
+        params_dtype=config.params_dtype,
+        use_cpu_initialization=config.use_cpu_initialization,
+        perform_initialization=config.perform_initialization,
+    )
+
+
 class Embedding(MegatronModule):
-    """Word + learned position (+ token type) embeddings, then dropout.
+    """Word + learned position (+ token type) embeddings, then dropout. Without
+    config.add_position_embedding (RoPE, --no-position-embedding) there is no position
+    table and position_ids are ignored.
 
     input_ids, position_ids [b, s] -> [s, b, h] (transposed to the transformer layout;
     [s/p, b, h] under sequence parallelism, each rank keeping its part of the sequence).
@@ -83,12 +106,14 @@ class Embedding(MegatronModule):
             perform_initialization=config.perform_initialization,
         )
         self._word_embeddings_key = "word_embeddings"
-        self.position_embeddings = torch.nn.Embedding(
-            config.max_position_embeddings, config.hidden_size
-        )
         self._position_embeddings_key = "position_embeddings"
-        if config.perform_initialization:
-            init_full_parameter(self.position_embeddings.weight, init_method)
+        self.position_embeddings = None
+        if config.add_position_embedding:
+            self.position_embeddings = torch.nn.Embedding(
+                config.max_position_embeddings, config.hidden_size
+            )
+            if config.perform_initialization:
+                init_full_parameter(self.position_embeddings.weight, init_method)
         self._tokentype_embeddings_key = "tokentype_embeddings"
         self.tokentype_embeddings = None
         if num_tokentypes > 0:
@@ -111,8 +136,9 @@ class Embedding(MegatronModule):
         position_ids: torch.Tensor,
         tokentype_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        words_embeddings = self.word_embeddings(input_ids)  # [b, s, h]
-        embeddings = words_embeddings + self.position_embeddings(position_ids)
+        embeddings = self.word_embeddings(input_ids)  # [b, s, h]
+        if self.position_embeddings is not None:
+            embeddings = embeddings + self.position_embeddings(position_ids)
         if tokentype_ids is not None:
             if self.tokentype_embeddings is None:
                 raise ValueError("Embedding: tokentype_ids given but num_tokentypes is 0")
@@ -131,8 +157,11 @@ class Embedding(MegatronModule):
     def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False):
         state_dict_ = {
             self._word_embeddings_key: self.word_embeddings.state_dict(keep_vars=keep_vars),
-            self._position_embeddings_key: self.position_embeddings.state_dict(keep_vars=keep_vars),
         }
+        if self.position_embeddings is not None:
+            state_dict_[self._position_embeddings_key] = self.position_embeddings.state_dict(
+                keep_vars=keep_vars
+            )
         if self.tokentype_embeddings is not None:
             state_dict_[self._tokentype_embeddings_key] = self.tokentype_embeddings.state_dict(
                 keep_vars=keep_vars
@@ -198,7 +227,12 @@ def load_model_state_dict(
 
 class TransformerLanguageModel(MegatronModule):
     """Embedding (first stage) -> ParallelTransformer (this stage's layers) -> optional
-    decoder stack (T5) and pooler (last stage). Returns [s, b, h] hidden states."""
+    decoder stack (T5) and pooler (last stage). Returns [s, b, h] hidden states.
+
+    With config.untie_embeddings_and_output_weights the last stage also holds
+    `output_layer`, a column-parallel [v, h] weight split over the vocabulary like the
+    word embeddings (rank r holds rows [r v/p, (r+1) v/p)), no bias; the model computes
+    its logits h W^T with it (see GPTModel) instead of with the word embeddings."""
 
     def __init__(
         self,
@@ -252,6 +286,15 @@ class TransformerLanguageModel(MegatronModule):
             with init_rng(config.seed, INIT_SALT_POOLER):
                 self.pooler = Pooler(self.hidden_size, init_method, config.sequence_parallel)
             self._pooler_key = "pooler"
+        self.untie_embeddings_and_output_weights = config.untie_embeddings_and_output_weights
+        if self.post_process and self.untie_embeddings_and_output_weights:
+            if add_decoder:
+                raise ValueError(
+                    "--untie-embeddings-and-output-weights is for decoder-only models (GPT)"
+                )
+            with init_rng(config.seed, INIT_SALT_OUTPUT_LAYER):
+                self.output_layer = build_output_layer(config, init_method)
+            self._output_layer_key = "output_layer"
 
     def set_input_tensor(self, input_tensor) -> None:
         """Input from the previous pipeline stage (a tensor, or a one-element list)."""
@@ -323,6 +366,8 @@ class TransformerLanguageModel(MegatronModule):
             state_dict_[self._decoder_key] = self.decoder.state_dict(keep_vars=keep_vars)
         if self.post_process and self.add_pooler:
             state_dict_[self._pooler_key] = self.pooler.state_dict(keep_vars=keep_vars)
+        if self.post_process and self.untie_embeddings_and_output_weights:
+            state_dict_[self._output_layer_key] = self.output_layer.state_dict(keep_vars=keep_vars)
         return state_dict_
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):

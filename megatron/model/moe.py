@@ -66,7 +66,7 @@ class ExpertMLP(ParallelMLP):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         output, bias = super().forward(hidden_states)
-        return output + bias
+        return output if bias is None else output + bias
 
 
 class MoEMLP(MoE):

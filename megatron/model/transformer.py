@@ -3,7 +3,8 @@
 Layout: activations inside the transformer are [s, b, h] (sequence, batch, hidden)
 throughout, as in Megatron; with sequence parallelism each tensor-parallel rank holds
 [s/p, b, h] outside the attention and MLP blocks. Notation below: p = tensor-parallel
-size, np = attention heads on this rank, hn = per-head width, hp = np * hn.
+size, np = attention heads on this rank, ng = key/value heads on this rank (grouped-query
+attention; ng = np for plain multi-head attention), hn = per-head width, hp = np * hn.
 
 Every layer takes a TransformerConfig; nothing here reads global arguments.
 """
@@ -25,6 +26,8 @@ from .fused_bias_gelu import bias_gelu_impl
 from .fused_layer_norm import MixedFusedLayerNorm as LayerNorm
 from .fused_softmax import FusedScaleMaskSoftmax
 from .module import MegatronModule
+from .rmsnorm import RMSNorm
+from .rotary_pos_embedding import RotaryEmbedding, apply_rotary_pos_emb, rotary_dim
 from .utils import (
     attention_mask_func,
     erf_gelu,
@@ -38,38 +41,74 @@ from .utils import (
 
 def _linear_kwargs(config: TransformerConfig) -> dict:
     return dict(
+        bias=config.add_bias_linear,
         params_dtype=config.params_dtype,
         use_cpu_initialization=config.use_cpu_initialization,
         perform_initialization=config.perform_initialization,
     )
 
 
+def build_norm(config: TransformerConfig) -> torch.nn.Module:
+    """The normalisation layer of config.normalization over h (LayerNorm or RMSNorm)."""
+    if config.normalization == "rmsnorm":
+        return RMSNorm(
+            config.hidden_size,
+            eps=config.layernorm_epsilon,
+            sequence_parallel=config.sequence_parallel,
+        )
+    return LayerNorm(
+        config.hidden_size,
+        eps=config.layernorm_epsilon,
+        sequence_parallel=config.sequence_parallel,
+    )
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """[gate, up] along the last dimension -> silu(gate) * up (half the width)."""
+    gate, up = torch.chunk(x, 2, dim=-1)
+    return F.silu(gate) * up
+
+
 class ParallelMLP(MegatronModule):
-    """h -> ffn -> h with GeLU: Y = gelu(X A + a) B + b.
+    """h -> ffn -> h with GeLU: Y = gelu(X A + a) B + b, or with config.swiglu
+    Y = (silu(X G + g) * (X U + u)) B + b.
 
     A [h, ffn] is split by columns (each rank computes its ffn/p features, no
     communication); B [ffn, h] by rows (partial products summed by an all-reduce, or a
     reduce-scatter under sequence parallelism). The output bias b is returned unadded so
-    that it fuses into the bias-dropout-add that follows.
+    that it fuses into the bias-dropout-add that follows (None with --disable-bias-linear).
+
+    SwiGLU: G and U are ONE column-parallel GEMM `dense_h_to_4h` of width 2 ffn. Its TP=1
+    weight is [G^T; U^T] ([2 ffn, h]: the ffn gate rows, then the ffn up rows); it is
+    split with partition_stride 2, so rank r holds [G_r^T; U_r^T] ([2 ffn/p, h]: its
+    ffn/p gate rows, then the same ffn/p up rows) and computes silu(X G_r) * (X U_r)
+    locally, the input of its rows B_r of B. Reshaping a checkpoint across TP sizes must
+    therefore split (or join) each shard in two halves along dim 0 and concatenate the
+    gate halves and the up halves separately (partition_stride 2 marks this), not split
+    the weight into p contiguous blocks.
     """
 
     def __init__(
         self, config: TransformerConfig, init_method: Callable, output_layer_init_method: Callable
     ) -> None:
         super().__init__()
+        self.swiglu = config.swiglu
         self.dense_h_to_4h = mpu.ColumnParallelLinear(
             config.hidden_size,
-            config.ffn_hidden_size,
+            2 * config.ffn_hidden_size if self.swiglu else config.ffn_hidden_size,
             gather_output=False,
             init_method=init_method,
+            stride=2 if self.swiglu else 1,
             skip_bias_add=True,
             sequence_parallel=config.sequence_parallel,
             async_tensor_model_parallel_allreduce=config.async_tensor_model_parallel_allreduce,
             **_linear_kwargs(config),
         )
-        self.bias_gelu_fusion = config.bias_gelu_fusion
+        self.bias_gelu_fusion = config.bias_gelu_fusion and not self.swiglu
         self.activation_func = F.gelu
-        if config.openai_gelu:
+        if self.swiglu:
+            self.activation_func = swiglu
+        elif config.openai_gelu:
             self.activation_func = openai_gelu
         elif config.onnx_safe:
             self.activation_func = erf_gelu
@@ -84,10 +123,12 @@ class ParallelMLP(MegatronModule):
             **_linear_kwargs(config),
         )
 
-    def forward(self, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        # hidden_states: [s, b, h] -> intermediate [s, b, ffn/p]
+    def forward(self, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor | None]:
+        # hidden_states: [s, b, h] -> intermediate [s, b, ffn/p] ([s, b, 2 ffn/p] SwiGLU)
         intermediate_parallel, bias_parallel = self.dense_h_to_4h(hidden_states)
-        if self.bias_gelu_fusion:
+        if bias_parallel is None:
+            intermediate_parallel = self.activation_func(intermediate_parallel)
+        elif self.bias_gelu_fusion:
             intermediate_parallel = bias_gelu_impl(intermediate_parallel, bias_parallel)
         else:
             intermediate_parallel = self.activation_func(intermediate_parallel + bias_parallel)
@@ -96,6 +137,19 @@ class ParallelMLP(MegatronModule):
 
 
 _CAUSAL_CACHE: dict = {}
+_SDPA_GQA: dict = {}
+
+
+def sdpa_supports_gqa() -> bool:
+    """Whether this torch's scaled_dot_product_attention takes enable_gqa (torch >= 2.5)."""
+    if "ok" not in _SDPA_GQA:
+        q, kv = torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2)
+        try:
+            F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+            _SDPA_GQA["ok"] = True
+        except TypeError:
+            _SDPA_GQA["ok"] = False
+    return _SDPA_GQA["ok"]
 
 
 def is_plain_causal_mask(attention_mask: torch.Tensor | None) -> bool:
@@ -117,20 +171,38 @@ def is_plain_causal_mask(attention_mask: torch.Tensor | None) -> bool:
 
 
 class ParallelAttention(MegatronModule):
-    """Multi-head attention over heads split across tensor-parallel ranks.
+    """Multi-head (or grouped-query) attention over heads split across tensor-parallel
+    ranks.
 
     Self-attention projects [s, b, h] with one column-parallel `query_key_value` whose
-    output is laid out per head as [np, 3 * hn] (q, k, v of head 0, then of head 1, ...),
-    Megatron's layout, so its rows split by heads across ranks and checkpoints load as
-    they are. Cross-attention (T5 decoder) uses `query` on the input and `key_value` on
-    the encoder output. Core attention:
+    output is grouped per key/value head: with N heads, G key/value heads and r = N / G
+    query heads per group, its [(N + 2 G) hn, h] weight is G blocks of (r + 2) hn rows,
+
+        [q heads g r .. g r + r - 1, k_g, v_g]   for g = 0 .. G - 1,
+
+    and query head j attends with key/value head j // r. With G = N (plain multi-head
+    attention) this is Megatron's per-head [q, k, v] layout, so existing checkpoints load
+    as they are. This layout (rather than separate q | k | v blocks) is chosen because a
+    contiguous split of the rows gives each of the p ranks G/p whole groups, its query
+    heads with their own keys and values: no strided split, the same rule as the other
+    column-parallel weights, and TP reshaping of a checkpoint is a plain split or concat
+    along dim 0 (separate q | k | v blocks would need a three-way strided split with
+    blocks of two sizes). It is also Megatron-Core's GQA layout.
+
+    With RoPE (config.use_rotary_position_embeddings) q and k are rotated by their
+    positions right after the split, before the key/value cache is joined: positions
+    start at the number of cached positions. Cross-attention (T5 decoder) uses `query` on
+    the input and `key_value` on the encoder output (no GQA, no RoPE). Core attention:
 
         scores = Q K^T / sqrt(hn),  probs = dropout(softmax(mask(scores))),  ctx = probs V
 
     either with baddbmm and FusedScaleMaskSoftmax (with apply_query_key_layer_scaling the
     scores are divided by layer_number more and the softmax multiplies them back, which
     keeps fp16 in range and is exact in fp32), or with config.use_flash_attn through
-    torch's scaled_dot_product_attention. The row-parallel `dense` projects back to h.
+    torch's scaled_dot_product_attention. For grouped-query attention the math path
+    repeats each key/value head r times; the flash path passes enable_gqa=True where this
+    torch has it, so K and V are never materialised repeated. The row-parallel `dense`
+    projects back to h.
     """
 
     def __init__(
@@ -151,10 +223,18 @@ class ParallelAttention(MegatronModule):
         self.sequence_parallel = config.sequence_parallel
         self.attention_dropout_p = config.attention_dropout
         projection_size = config.kv_channels * config.num_attention_heads
+        kv_projection_size = config.kv_channels * config.num_key_value_heads
         world_size = mpu.get_tensor_model_parallel_world_size()
         self.hidden_size_per_partition = mpu.divide(projection_size, world_size)
         self.hidden_size_per_attention_head = config.kv_channels
         self.num_attention_heads_per_partition = mpu.divide(config.num_attention_heads, world_size)
+        self.num_key_value_heads_per_partition = mpu.divide(config.num_key_value_heads, world_size)
+        self.num_query_groups = mpu.divide(config.num_attention_heads, config.num_key_value_heads)
+        self.rotary_emb = None
+        if config.use_rotary_position_embeddings and attention_type == AttnType.self_attn:
+            self.rotary_emb = RotaryEmbedding(
+                rotary_dim(config.kv_channels, config.rotary_percent), config.rope_theta
+            )
         common = dict(
             gather_output=False,
             init_method=init_method,
@@ -164,7 +244,7 @@ class ParallelAttention(MegatronModule):
         )
         if attention_type == AttnType.self_attn:
             self.query_key_value = mpu.ColumnParallelLinear(
-                config.hidden_size, 3 * projection_size, **common
+                config.hidden_size, projection_size + 2 * kv_projection_size, **common
             )
         else:
             self.query = mpu.ColumnParallelLinear(config.hidden_size, projection_size, **common)
@@ -209,12 +289,18 @@ class ParallelAttention(MegatronModule):
         return contextlib.nullcontext()
 
     def _project(self, hidden_states, encoder_output):
-        """q [sq, b, np, hn], k and v [sk, b, np, hn]."""
+        """q [sq, b, np, hn], k and v [sk, b, ng, hn] (ng = np for cross-attention)."""
         np_, hn = self.num_attention_heads_per_partition, self.hidden_size_per_attention_head
         if self.attention_type == AttnType.self_attn:
-            mixed_x_layer, _ = self.query_key_value(hidden_states)  # [sq, b, np * 3 * hn]
-            mixed_x_layer = mixed_x_layer.view(*mixed_x_layer.shape[:-1], np_, 3 * hn)
-            return torch.split(mixed_x_layer, hn, dim=-1)
+            ng, r = self.num_key_value_heads_per_partition, self.num_query_groups
+            mixed_x_layer, _ = self.query_key_value(hidden_states)  # [sq, b, ng * (r+2) * hn]
+            sq, b = mixed_x_layer.shape[:2]
+            mixed_x_layer = mixed_x_layer.view(sq, b, ng, (r + 2) * hn)
+            query_layer, key_layer, value_layer = torch.split(
+                mixed_x_layer, [r * hn, hn, hn], dim=-1
+            )  # [sq, b, ng, r * hn], [sq, b, ng, hn], [sq, b, ng, hn]
+            query_layer = query_layer.reshape(sq, b, np_, hn)  # heads g r .. g r + r - 1
+            return query_layer, key_layer, value_layer
         mixed_kv_layer, _ = self.key_value(encoder_output)  # [sk, b, np * 2 * hn]
         mixed_kv_layer = mixed_kv_layer.view(*mixed_kv_layer.shape[:-1], np_, 2 * hn)
         key_layer, value_layer = torch.split(mixed_kv_layer, hn, dim=-1)
@@ -222,8 +308,17 @@ class ParallelAttention(MegatronModule):
         query_layer = query_layer.view(*query_layer.shape[:-1], np_, hn)
         return query_layer, key_layer, value_layer
 
+    def _repeat_kv(self, layer: torch.Tensor) -> torch.Tensor:
+        """[sk, b, ng, hn] -> [sk, b, np, hn]: head j gets key/value head j // r."""
+        r = self.num_query_groups
+        if r == 1:
+            return layer
+        sk, b, ng, hn = layer.shape
+        return layer[:, :, :, None, :].expand(sk, b, ng, r, hn).reshape(sk, b, ng * r, hn)
+
     def core_attention(self, query_layer, key_layer, value_layer, attention_mask):
         """Scores by baddbmm, FusedScaleMaskSoftmax, dropout, probs @ V -> [sq, b, hp]."""
+        key_layer, value_layer = self._repeat_kv(key_layer), self._repeat_kv(value_layer)
         sq, b, np_, hn = query_layer.shape
         sk = key_layer.size(0)
         query_layer = query_layer.reshape(sq, b * np_, hn)
@@ -263,17 +358,32 @@ class ParallelAttention(MegatronModule):
         if not is_causal and attention_mask is not None:
             mask = ~attention_mask.bool()  # SDPA: True = attend
         dropout_p = self.attention_dropout_p if self.training else 0.0
+        gqa = {}
+        if self.num_query_groups > 1:
+            if sdpa_supports_gqa():
+                gqa = {"enable_gqa": True}  # query head j uses key/value head j // r
+            else:
+                k, v = (t.repeat_interleave(self.num_query_groups, dim=1) for t in (k, v))
         with self._dropout_rng(dropout_p > 0):
             context = F.scaled_dot_product_attention(
                 q,  # [b, np, sq, hn]
-                k,  # [b, np, sk, hn]
+                k,  # [b, ng, sk, hn]
                 v,
                 attn_mask=mask,
                 dropout_p=dropout_p,
                 is_causal=is_causal,
                 scale=1.0 / math.sqrt(hn),
+                **gqa,
             )
         return context.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)  # [sq, b, hp]
+
+    def _rotate(self, query_layer, key_layer, offset: int):
+        """RoPE on q and k [s, b, n, hn] at positions offset .. offset + s - 1."""
+        cos, sin = self.rotary_emb(
+            query_layer.size(0), offset, device=query_layer.device, dtype=query_layer.dtype
+        )  # [s, 1, 1, rotary dim]
+        query_layer = apply_rotary_pos_emb(query_layer, cos, sin)
+        return query_layer, apply_rotary_pos_emb(key_layer, cos, sin)
 
     def forward(
         self,
@@ -287,10 +397,14 @@ class ParallelAttention(MegatronModule):
         """hidden_states [sq, b, h] -> (output [sq, b, h], dense bias [h]).
 
         With get_key_value the first element is [output, (key, value)], key and value
-        [sk, b, np, hn] including `layer_past` (incremental generation).
+        [sk, b, ng, hn] including `layer_past` (incremental generation; with RoPE the
+        cached keys are stored rotated).
         `attention_mask_is_causal` (flash path) saves re-checking the mask per layer.
         """
         query_layer, key_layer, value_layer = self._project(hidden_states, encoder_output)
+        if self.rotary_emb is not None:
+            offset = 0 if layer_past is None else layer_past[0].size(0)
+            query_layer, key_layer = self._rotate(query_layer, key_layer, offset)
         if layer_past is not None:
             past_key, past_value = layer_past
             key_layer = torch.cat((past_key.type_as(key_layer), key_layer), dim=0)
@@ -352,7 +466,9 @@ class ParallelTransformerLayer(MegatronModule):
         a = x + dropout(attention(LN1(x)))        (residual from LN1(x) with
         y = a + dropout(mlp(LN2(a)))               apply_residual_connection_post_layernorm)
 
-    with cross-attention on the encoder output between the two for decoder layers.
+    with cross-attention on the encoder output between the two for decoder layers. LN
+    is a layer norm or, with config.normalization 'rmsnorm', an RMSNorm; without biases
+    (--disable-bias-linear) the bias-dropout-adds become residual + dropout(x).
     """
 
     def __init__(
@@ -374,11 +490,7 @@ class ParallelTransformerLayer(MegatronModule):
         self.hidden_dropout = config.hidden_dropout
 
         def norm():
-            return LayerNorm(
-                config.hidden_size,
-                eps=config.layernorm_epsilon,
-                sequence_parallel=config.sequence_parallel,
-            )
+            return build_norm(config)
 
         self.input_layernorm = norm()
         self.self_attention = ParallelAttention(
@@ -417,6 +529,13 @@ class ParallelTransformerLayer(MegatronModule):
             return bias_dropout_add_fused_inference
         return get_bias_dropout_add(self.training)
 
+    def _add_output(self, func: Callable, output, bias, residual) -> torch.Tensor:
+        """residual + dropout(output + bias); without a bias (--disable-bias-linear)
+        residual + dropout(output)."""
+        if bias is None:
+            return residual + F.dropout(output, p=self.hidden_dropout, training=self.training)
+        return func(output, bias.expand_as(residual), residual, self.hidden_dropout)
+
     def _residual(self, layernorm_output, layernorm_input):
         if self.apply_residual_connection_post_layernorm:
             return layernorm_output
@@ -445,8 +564,8 @@ class ParallelTransformerLayer(MegatronModule):
         if get_key_value:
             attention_output, presents = attention_output
         residual = self._residual(layernorm_output, hidden_states)
-        layernorm_input = bias_dropout_add_func(
-            attention_output, attention_bias.expand_as(residual), residual, self.hidden_dropout
+        layernorm_input = self._add_output(
+            bias_dropout_add_func, attention_output, attention_bias, residual
         )
         layernorm_output = self.post_attention_layernorm(layernorm_input)
 
@@ -455,19 +574,14 @@ class ParallelTransformerLayer(MegatronModule):
                 layernorm_output, enc_dec_attn_mask, encoder_output=encoder_output
             )
             residual = self._residual(layernorm_output, layernorm_input)
-            layernorm_input = bias_dropout_add_func(
-                attention_output,
-                attention_bias.expand_as(residual),
-                residual,
-                self.hidden_dropout,
+            layernorm_input = self._add_output(
+                bias_dropout_add_func, attention_output, attention_bias, residual
             )
             layernorm_output = self.post_inter_attention_layernorm(layernorm_input)
 
         mlp_output, mlp_bias = self.mlp(layernorm_output)
         residual = self._residual(layernorm_output, layernorm_input)
-        output = bias_dropout_add_func(
-            mlp_output, mlp_bias.expand_as(residual), residual, self.hidden_dropout
-        )
+        output = self._add_output(bias_dropout_add_func, mlp_output, mlp_bias, residual)
         if get_key_value:
             output = [output, presents]
         return output
@@ -551,11 +665,7 @@ class ParallelTransformer(MegatronModule):
             [build_layer(i + 1 + offset) for i in range(self.num_layers)]
         )
         if self.post_process:
-            self.final_layernorm = LayerNorm(
-                config.hidden_size,
-                eps=config.layernorm_epsilon,
-                sequence_parallel=config.sequence_parallel,
-            )
+            self.final_layernorm = build_norm(config)
 
     def _get_layer(self, layer_number: int) -> ParallelTransformerLayer:
         return self.layers[layer_number]
