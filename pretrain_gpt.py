@@ -6,7 +6,9 @@ import torch
 
 from megatron import get_args, get_timers, get_tokenizer, mpu, print_rank_0
 from megatron.accelerator import current_device
+from megatron.data.dataset_utils import DataPathError
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
+from megatron.data.mock_dataset import build_mock_train_valid_test_datasets
 from megatron.model import GPTModel
 from megatron.model.config import config_from_args
 from megatron.training import pretrain
@@ -124,9 +126,13 @@ def forward_step(data_iterator, model):
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples):
-    """Build train, validation and test datasets from --data-path."""
+    """Build train, validation and test datasets from --data-path (or --train-data-path,
+    --valid-data-path, --test-data-path), or random tokens with --mock-data."""
     args = get_args()
+    if getattr(args, "mock_data", False):
+        return _mock_datasets(args, train_val_test_num_samples)
     print_rank_0("> building train, validation, and test datasets for GPT ...")
+    _require_data_flags(args)
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
         data_prefix=args.data_path,
         data_impl=args.data_impl,
@@ -135,9 +141,43 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
         seq_length=args.seq_length,
         seed=args.seed,
         skip_warmup=(not args.mmap_warmup),
+        train_data_prefix=args.train_data_path,
+        valid_data_prefix=args.valid_data_path,
+        test_data_prefix=args.test_data_path,
     )
     print_rank_0("> finished creating GPT datasets ...")
     return train_ds, valid_ds, test_ds
+
+
+_SPLIT_FLAGS = (("--train-data-path", "train_data_path"), ("--valid-data-path", "valid_data_path"),
+                ("--test-data-path", "test_data_path"))
+
+
+def _require_data_flags(args) -> None:
+    if args.data_path or any(getattr(args, attr) for _, attr in _SPLIT_FLAGS):
+        return
+    raise DataPathError("no training data: give --data-path (or --train-data-path, "
+                        "--valid-data-path, --test-data-path), or --mock-data for random tokens")
+
+
+def _mock_datasets(args, train_val_test_num_samples):
+    """Random-token datasets over the tokenizer's ids (eod excluded), seeded by --seed."""
+    for flag, attr in _SPLIT_FLAGS:
+        if getattr(args, attr):
+            raise DataPathError(f"--mock-data and {flag} both given; give one of them")
+    tokenizer = get_tokenizer()
+    print_rank_0(f"> building mock GPT datasets (random tokens over {tokenizer.vocab_size} "
+                 f"ids, seed {args.seed}) ...")
+    return build_mock_train_valid_test_datasets(
+        train_val_test_num_samples, args.seq_length, tokenizer.vocab_size, args.seed,
+        eod=_eod_or_none(tokenizer))
+
+
+def _eod_or_none(tokenizer):
+    try:
+        return int(tokenizer.eod)
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 if __name__ == "__main__":

@@ -530,8 +530,18 @@ _TOKENIZERS = [
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    add = _group(parser, "data and dataloader")
-    add("--data-path", nargs="*", help="Dataset prefix, or 'weight1 prefix1 weight2 ...'.")
+    group = parser.add_argument_group(title="data and dataloader")
+    add = group.add_argument
+    # argparse reports both flags by name when they are given together.
+    source = group.add_mutually_exclusive_group()
+    source.add_argument(
+        "--data-path", nargs="*", help="Dataset prefix, or 'weight1 prefix1 weight2 ...'."
+    )
+    source.add_argument(
+        "--mock-data",
+        action=_TRUE,
+        help="Train on random tokens (seeded by --seed) instead of --data-path files.",
+    )
     add("--split", type=str, default="969, 30, 1", help="Train,valid,test proportions.")
     add("--train-data-path", nargs="*", help="Training data only.")
     add("--valid-data-path", nargs="*", help="Validation data only.")
