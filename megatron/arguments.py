@@ -524,6 +524,7 @@ _TOKENIZERS = [
     "BertWordPieceCase",
     "GPT2BPETokenizer",
     "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
     "HFTokenizer",
     "NullTokenizer",
 ]
@@ -559,7 +560,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     add("--mmap-warmup", action=_TRUE, help="Touch the mmap pages at start.")
     add("--num-workers", type=int, default=2, help="Dataloader workers.")
     add("--tokenizer-type", choices=_TOKENIZERS, help="Tokenizer.")
-    add("--tokenizer-model", type=str, help="SentencePiece model or HF tokenizer name.")
+    add("--tokenizer-model", type=str,
+        help="SentencePiece .model (SentencePieceTokenizer, GPTSentencePieceTokenizer) or "
+             "tokenizer.json / its folder (HFTokenizer).")
     add("--vocab-size", type=int, default=None,
         help="Vocabulary size of the NullTokenizer (ids are whitespace-separated integers).")
     add(
