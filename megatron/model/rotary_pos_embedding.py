@@ -27,6 +27,8 @@ from typing import Dict, Tuple
 
 import torch
 
+from .utils import compile_for_cuda
+
 _TABLES: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -86,7 +88,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_pos_emb(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _apply_rotary_pos_emb(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first cos.size(-1) channels of t [s, b, n, hn] by (cos, sin)
     [s, 1, 1, dim]; the other hn - dim channels pass unchanged."""
     dim = cos.size(-1)
@@ -95,6 +97,10 @@ def apply_rotary_pos_emb(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     t_rot, t_pass = t[..., :dim], t[..., dim:]
     t_rot = t_rot * cos + _rotate_half(t_rot) * sin
     return torch.cat((t_rot, t_pass), dim=-1)
+
+
+# eager on CPU; one fused kernel (forward and backward) on CUDA
+apply_rotary_pos_emb = compile_for_cuda(_apply_rotary_pos_emb)
 
 
 def rotary_dim(kv_channels: int, rotary_percent: float) -> int:

@@ -30,6 +30,7 @@ from .rmsnorm import RMSNorm
 from .rotary_pos_embedding import RotaryEmbedding, apply_rotary_pos_emb, rotary_dim
 from .utils import (
     attention_mask_func,
+    compile_for_cuda,
     erf_gelu,
     fuse_pointwise,
     init_rng,
@@ -63,10 +64,13 @@ def build_norm(config: TransformerConfig) -> torch.nn.Module:
     )
 
 
-def swiglu(x: torch.Tensor) -> torch.Tensor:
+def _swiglu(x: torch.Tensor) -> torch.Tensor:
     """[gate, up] along the last dimension -> silu(gate) * up (half the width)."""
     gate, up = torch.chunk(x, 2, dim=-1)
     return F.silu(gate) * up
+
+
+swiglu = compile_for_cuda(_swiglu)  # eager on CPU, one fused kernel on CUDA
 
 
 class ParallelMLP(MegatronModule):

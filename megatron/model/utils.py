@@ -51,6 +51,33 @@ def fuse_pointwise(fn: Callable) -> Callable:
     return call
 
 
+def compile_for_cuda(fn: Callable) -> Callable:
+    """`fn` on CPU tensors; on CUDA tensors `fn` compiled by torch.compile (its pointwise
+    ops fused into one kernel forward and one backward; autograd goes through it). A
+    compile failure, or MEGATRON_TORCH_COMPILE=0, keeps `fn` with one log line. Unlike
+    fuse_pointwise the CPU path is `fn` itself, so CPU results do not change at all.
+    `fn` must be free of randomness."""
+    state: dict = {"compiled": None, "failed": os.environ.get("MEGATRON_TORCH_COMPILE") == "0"}
+
+    def call(*args):
+        on_cuda = any(torch.is_tensor(a) and a.is_cuda for a in args)
+        if not on_cuda or state["failed"]:
+            return fn(*args)
+        try:
+            if state["compiled"] is None:
+                state["compiled"] = torch.compile(fn)
+            return state["compiled"](*args)
+        except Exception as exc:  # noqa: BLE001 - any compile problem keeps eager torch
+            state["failed"] = True
+            print(f"> torch.compile of {fn.__name__} failed ({type(exc).__name__}: {exc}); "
+                  "running it eagerly", flush=True)
+            return fn(*args)
+
+    call.__name__ = fn.__name__
+    call.__doc__ = fn.__doc__
+    return call
+
+
 def init_full_parameter(param: torch.Tensor, init_method: InitMethod) -> None:
     """Run `init_method` on a parameter created before it (e.g. a torch.nn.Embedding).
 
