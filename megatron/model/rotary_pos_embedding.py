@@ -18,7 +18,8 @@ sequence parallelism it sees the whole (all-gathered) sequence. Positions are
 offset, offset + 1, ..., offset + s - 1; with a key/value cache the offset is the number
 of cached positions. The cos/sin tables are computed once per (dim, theta, device) and
 sliced for shorter sequences (curriculum learning) or offsets; they are plain tensors,
-not parameters or buffers, so checkpoints do not change.
+not parameters or buffers, so checkpoints do not change. On CUDA the rotation runs as
+one torch.compile kernel (forward and backward); on CPU as the plain torch below.
 """
 
 from __future__ import annotations
