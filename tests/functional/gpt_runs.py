@@ -102,7 +102,8 @@ def parse_log(stdout: str) -> dict[int, dict]:
 
 
 # "| grad norm: G | moe loss: M |" of a MoE run's log line: (iteration, grad norm, moe loss)
-MOE_RE = re.compile(r"iteration\s+(\d+)/.*?\| grad norm: ([0-9.]+) \| moe loss: ([0-9.E+-]+) \|")
+MOE_RE = re.compile(r"iteration\s+(\d+)/.*?\| grad norm: ([0-9.]+) \|(?: params norm: [0-9.]+ \|)?"
+                    r" moe loss: ([0-9.E+-]+) \|")
 
 
 def rel_close(a: float, b: float, rel_tol: float) -> bool:
