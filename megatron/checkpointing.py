@@ -63,6 +63,14 @@ MODEL_ARGS_TO_CHECK = (
     ("num_attention_heads", "--num-attention-heads"),
     ("max_position_embeddings", "--max-position-embeddings"),
     ("padded_vocab_size", "padded vocab size"),
+    ("ffn_hidden_size", "--ffn-hidden-size"),
+    ("num_key_value_heads", "--num-key-value-heads"),
+    ("swiglu", "--swiglu"),
+    ("normalization", "--normalization"),
+    ("use_rotary_position_embeddings", "--use-rotary-position-embeddings"),
+    ("add_position_embedding", "--no-position-embedding (add_position_embedding)"),
+    ("untie_embeddings_and_output_weights", "--untie-embeddings-and-output-weights"),
+    ("add_bias_linear", "--disable-bias-linear (add_bias_linear)"),
 )
 
 

@@ -390,3 +390,18 @@ def test_prune_checkpoints_keeps_others_and_release(tmp_path):
         _iter(tmp_path, step, name=f"global_step{step}", run_id="mine")
     removed = prune_checkpoints(str(tmp_path), 3, 1, "mine", ckpt.DS_STEP_RE)
     assert removed == ["global_step1", "global_step2"]
+
+
+def test_llama_options_are_compared_on_load():
+    llama = dict(num_key_value_heads=2, swiglu=True, normalization="rmsnorm",
+                 use_rotary_position_embeddings=True, add_position_embedding=False,
+                 untie_embeddings_and_output_weights=True, add_bias_linear=False)
+    ckpt.check_checkpoint_args(_model_args(**llama), _model_args(**llama))
+    ckpt.check_checkpoint_args(_model_args(), _model_args(**llama))  # older args: not recorded
+    with pytest.raises(CheckpointError) as e:
+        ckpt.check_checkpoint_args(_model_args(**llama),
+                                   _model_args(**dict(llama, num_key_value_heads=4,
+                                                      normalization="layernorm")))
+    text = _one_line(e)
+    assert "--num-key-value-heads: checkpoint has 2, this run has 4" in text
+    assert "--normalization: checkpoint has rmsnorm, this run has layernorm" in text
