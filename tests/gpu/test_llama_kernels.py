@@ -27,12 +27,23 @@ def _forward_backward(fn, *inputs):
     return out.detach(), [t.grad for t in leaves]
 
 
+def _max_error(a, truth):
+    return (a.float() - truth).abs().max().item()
+
+
 def _compare(fast, reference, inputs, dtype):
+    """The fast path against the half-precision reference and, where they differ, both
+    against the reference in fp32: the fast path (which keeps fp32 inside the fused
+    kernel, e.g. when summing a weight gradient over many rows) must be no less accurate."""
     out, grads = _forward_backward(fast, *inputs)
     ref_out, ref_grads = _forward_backward(reference, *inputs)
-    torch.testing.assert_close(out, ref_out, **_tolerance(dtype))
-    for grad, ref in zip(grads, ref_grads):
-        torch.testing.assert_close(grad, ref, **_tolerance(dtype))
+    truth_out, truth_grads = _forward_backward(reference, *[t.float() for t in inputs])
+    for got, ref, truth in zip([out, *grads], [ref_out, *ref_grads],
+                               [truth_out, *truth_grads]):
+        if torch.allclose(got, ref, **_tolerance(dtype)):
+            continue
+        fast_error, ref_error = _max_error(got, truth), _max_error(ref, truth)
+        assert fast_error <= 1.5 * ref_error + 1e-3, (fast_error, ref_error)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
