@@ -42,7 +42,7 @@ from . import mpu, print_rank_0
 from .accelerator import current_device, get_accelerator, is_gpu
 from .errors import NonFiniteLossError
 from .global_vars import get_args
-from .utils import unwrap_model
+from .utils import first_non_finite, unwrap_model
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 RUN_ID_FILENAME = "run_id.txt"
@@ -510,29 +510,6 @@ def agree(error: BaseException | None) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def _named_tensors(models) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every parameter of the model chunks (ZeRO-3: its partition)."""
-    named = []
-    for i, m in enumerate(models):
-        prefix = f"model{i}." if len(models) > 1 else ""
-        for name, p in m.named_parameters():
-            tensor = getattr(p, "ds_tensor", None)
-            named.append((prefix + name, (p if tensor is None else tensor).detach()))
-    return named
-
-
-def first_non_finite(models) -> str | None:
-    """This rank's first parameter holding NaN or inf (one isfinite reduction each)."""
-    named = [(n, t) for n, t in _named_tensors(models) if t.numel()]
-    if not named:
-        return None
-    device = current_device()
-    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named])
-    if bool(finite.all()):
-        return None
-    return named[int((~finite).nonzero()[0])][0]
-
-
 def check_weights_finite(models, iteration: int) -> None:
     """All ranks: NonFiniteLossError naming the iteration and the first bad parameter
     when any rank's weights hold NaN or inf."""
@@ -728,14 +705,20 @@ def _model_state(model) -> dict:
     return state
 
 
-def _checkpoint_state(args, iteration: int, model, optimizer, lr_scheduler) -> dict:
-    state = {
+def checkpoint_header(args, iteration: int) -> dict:
+    """The run-state entries every checkpoint (Megatron's or DeepSpeed's client state)
+    starts with."""
+    return {
         "args": args,
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": iteration,
         "consumed_train_samples": args.consumed_train_samples,
         "consumed_valid_samples": args.consumed_valid_samples,
     }
+
+
+def _checkpoint_state(args, iteration: int, model, optimizer, lr_scheduler) -> dict:
+    state = checkpoint_header(args, iteration)
     state.update(_model_state(model))
     if not args.no_save_optim:
         if optimizer is not None:

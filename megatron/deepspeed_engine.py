@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -165,10 +166,15 @@ _OPTIMIZER_TYPES = {"adam": "adam", "adamw": "adam", "fusedadam": "adam", "sgd":
 _OPTIMIZER_NEUTRAL = {"adam_w_mode": True, "bias_correction": True, "torch_adam": None}
 
 
-def _flag_default(dest: str):
+@functools.lru_cache(maxsize=1)
+def _default_parser():
     from .arguments import build_parser
 
-    return build_parser().get_default(dest)
+    return build_parser()
+
+
+def _flag_default(dest: str):
+    return _default_parser().get_default(dest)
 
 
 def _take_param(args, dest: str, flag: str, value, key: str, source: str) -> None:
@@ -656,15 +662,9 @@ def universal_checkpoint_info(param_names: List[str], tp: int) -> dict:
 
 
 def _client_state(args, iteration: int) -> dict:
-    from .checkpointing import CHECKPOINT_VERSION, get_rng_state
+    from .checkpointing import checkpoint_header, get_rng_state
 
-    state = {
-        "args": args,
-        "checkpoint_version": CHECKPOINT_VERSION,
-        "iteration": iteration,
-        "consumed_train_samples": args.consumed_train_samples,
-        "consumed_valid_samples": args.consumed_valid_samples,
-    }
+    state = checkpoint_header(args, iteration)
     if not args.no_save_rng:
         state.update(get_rng_state())
     return state

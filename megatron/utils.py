@@ -105,20 +105,37 @@ def calc_params_l2_norm(model) -> float:
     return norm.item() ** 0.5
 
 
+def _named_tensors(models) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every parameter of the model chunks (ZeRO-3: its partition)."""
+    named = []
+    for i, m in enumerate(models):
+        prefix = f"model{i}." if len(models) > 1 else ""
+        for name, p in m.named_parameters():
+            tensor = getattr(p, "ds_tensor", None)
+            named.append((prefix + name, (p if tensor is None else tensor).detach()))
+    return named
+
+
+def first_non_finite(models) -> str | None:
+    """This rank's first parameter holding NaN or inf (one isfinite reduction each)."""
+    named = [(n, t) for n, t in _named_tensors(models) if t.numel()]
+    if not named:
+        return None
+    from .accelerator import current_device
+
+    device = current_device()
+    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0])][0]
+
+
 def first_non_finite_parameter(model) -> str | None:
     """The name of the first parameter holding NaN or inf on any rank, or None; every rank
     must call it (one all-reduce over the world)."""
     from .accelerator import current_device
 
-    models = model if isinstance(model, list) else [model]
-    bad_name = None
-    for m in models:
-        for name, p in m.named_parameters():
-            if p.numel() and not torch.isfinite(p.detach()).all():
-                bad_name = name
-                break
-        if bad_name is not None:
-            break
+    bad_name = first_non_finite(model if isinstance(model, list) else [model])
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     flag = torch.tensor([rank if bad_name is not None else -1], device=current_device())
     if torch.distributed.is_initialized():
