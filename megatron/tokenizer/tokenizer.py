@@ -624,7 +624,28 @@ class _SentencePieceTokenizer(AbstractTokenizer):
         return [self._vocab[t] for t in self._t5_tokens]
 
 
-class _GPTSentencePieceTokenizer(AbstractTokenizer):
+class _NoBertSpecialTokens:
+    """cls, sep and mask are -1 and there are no additional special tokens, as Megatron's
+    GPT-style tokenizers report them (the abstract base raises instead)."""
+
+    @property
+    def cls(self) -> int:
+        return -1
+
+    @property
+    def sep(self) -> int:
+        return -1
+
+    @property
+    def mask(self) -> int:
+        return -1
+
+    @property
+    def additional_special_tokens_ids(self):
+        return None
+
+
+class _GPTSentencePieceTokenizer(_NoBertSpecialTokens, AbstractTokenizer):
     """A sentencepiece .model as it is (LLaMA-style): the model's ids and nothing added.
 
     tokenize() is sentencepiece's own encode (no BOS/EOS added, special strings in the text
@@ -698,23 +719,6 @@ class _GPTSentencePieceTokenizer(AbstractTokenizer):
     @property
     def pad(self) -> int:
         return self._pad_id
-
-    @property
-    def cls(self) -> int:
-        return -1
-
-    @property
-    def sep(self) -> int:
-        return -1
-
-    @property
-    def mask(self) -> int:
-        return -1
-
-    @property
-    def additional_special_tokens_ids(self):
-        return None
-
 
 # Special tokens recognised as end-of-document / padding / begin when no tokenizer_config.json
 # names them, in order of preference.
@@ -831,7 +835,7 @@ def _read_hf_config(path: str) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-class _NullTokenizer(AbstractTokenizer):
+class _NullTokenizer(_NoBertSpecialTokens, AbstractTokenizer):
     """Text is already ids: whitespace-separated integers in [0, vocab_size].
 
     vocab_size (the flag) ids are data ids; one more id, vocab_size itself, is eod.
@@ -875,19 +879,3 @@ class _NullTokenizer(AbstractTokenizer):
     @property
     def eod(self) -> int:
         return self._eod_id
-
-    @property
-    def cls(self) -> int:
-        return -1
-
-    @property
-    def sep(self) -> int:
-        return -1
-
-    @property
-    def mask(self) -> int:
-        return -1
-
-    @property
-    def additional_special_tokens_ids(self):
-        return None
