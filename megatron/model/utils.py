@@ -24,31 +24,37 @@ def jit_script(fn: Callable) -> Callable:
         return fn
 
 
-def fuse_pointwise(fn: Callable) -> Callable:
-    """A pointwise function fused for the device it runs on: torch.compile (one Triton
-    kernel) on CUDA tensors, TorchScript elsewhere. A compile failure falls back to the
-    TorchScript version with one log line; MEGATRON_TORCH_COMPILE=0 turns compiling off.
-    `fn` must be free of randomness (compiled RNG would not follow Megatron's trackers)."""
-    scripted = jit_script(fn)
+def _compiled_on_cuda(fn: Callable, fallback: Callable, fallback_name: str,
+                      **compile_kwargs) -> Callable:
+    """`fn` compiled by torch.compile on CUDA tensors, `fallback` on other tensors, after a
+    compile failure (one log line naming `fallback_name`) or with MEGATRON_TORCH_COMPILE=0."""
     state: dict = {"compiled": None, "failed": os.environ.get("MEGATRON_TORCH_COMPILE") == "0"}
 
     def call(*args):
         on_cuda = any(torch.is_tensor(a) and a.is_cuda for a in args)
         if not on_cuda or state["failed"]:
-            return scripted(*args)
+            return fallback(*args)
         try:
             if state["compiled"] is None:
-                state["compiled"] = torch.compile(fn, dynamic=False)
+                state["compiled"] = torch.compile(fn, **compile_kwargs)
             return state["compiled"](*args)
-        except Exception as exc:  # noqa: BLE001 - any compile problem keeps the jit path
+        except Exception as exc:  # noqa: BLE001 - any compile problem keeps the fallback
             state["failed"] = True
             print(f"> torch.compile of {fn.__name__} failed ({type(exc).__name__}: {exc}); "
-                  "using the TorchScript fusion", flush=True)
-            return scripted(*args)
+                  f"{fallback_name}", flush=True)
+            return fallback(*args)
 
     call.__name__ = fn.__name__
     call.__doc__ = fn.__doc__
     return call
+
+
+def fuse_pointwise(fn: Callable) -> Callable:
+    """A pointwise function fused for the device it runs on: torch.compile (one Triton
+    kernel) on CUDA tensors, TorchScript elsewhere. A compile failure falls back to the
+    TorchScript version with one log line; MEGATRON_TORCH_COMPILE=0 turns compiling off.
+    `fn` must be free of randomness (compiled RNG would not follow Megatron's trackers)."""
+    return _compiled_on_cuda(fn, jit_script(fn), "using the TorchScript fusion", dynamic=False)
 
 
 def compile_for_cuda(fn: Callable) -> Callable:
@@ -57,25 +63,7 @@ def compile_for_cuda(fn: Callable) -> Callable:
     compile failure, or MEGATRON_TORCH_COMPILE=0, keeps `fn` with one log line. Unlike
     fuse_pointwise the CPU path is `fn` itself, so CPU results do not change at all.
     `fn` must be free of randomness."""
-    state: dict = {"compiled": None, "failed": os.environ.get("MEGATRON_TORCH_COMPILE") == "0"}
-
-    def call(*args):
-        on_cuda = any(torch.is_tensor(a) and a.is_cuda for a in args)
-        if not on_cuda or state["failed"]:
-            return fn(*args)
-        try:
-            if state["compiled"] is None:
-                state["compiled"] = torch.compile(fn)
-            return state["compiled"](*args)
-        except Exception as exc:  # noqa: BLE001 - any compile problem keeps eager torch
-            state["failed"] = True
-            print(f"> torch.compile of {fn.__name__} failed ({type(exc).__name__}: {exc}); "
-                  "running it eagerly", flush=True)
-            return fn(*args)
-
-    call.__name__ = fn.__name__
-    call.__doc__ = fn.__doc__
-    return call
+    return _compiled_on_cuda(fn, fn, "running it eagerly")
 
 
 def init_full_parameter(param: torch.Tensor, init_method: InitMethod) -> None:
