@@ -37,7 +37,7 @@ from .schedules import get_forward_backward_func
 from .utils import (
     calc_params_l2_norm,
     first_non_finite_parameter,
-    num_floating_point_operations,
+    model_flops_per_iteration,
     report_memory,
     unwrap_model,
 )
@@ -346,9 +346,7 @@ def _format_log_line(args, iteration, elapsed_ms, lr, batch_size, avg_losses, lo
     """DESIGN.md's log line."""
     seq_len = getattr(args, "curriculum_seqlen", None) or args.seq_length
     tokens_per_sec = batch_size * seq_len / (elapsed_ms / 1000.0)
-    flops = num_floating_point_operations(
-        batch_size, seq_len, args.num_layers, args.hidden_size, args.padded_vocab_size,
-        recompute=args.checkpoint_activations)
+    flops = model_flops_per_iteration(args, batch_size, seq_len)
     tflops = flops / (elapsed_ms / 1000.0) / args.world_size / 1e12
     s = f" iteration {iteration:8d}/{args.train_iters:8d} |"
     s += f" consumed samples: {args.consumed_train_samples:12d} |"

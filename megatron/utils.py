@@ -77,14 +77,52 @@ def get_ltor_masks_and_position_ids(data, eod_token: int, reset_position_ids: bo
 
 def num_floating_point_operations(batch_size: int, seq_length: int, num_layers: int,
                                   hidden_size: int, vocab_size: int,
-                                  recompute: bool = False) -> float:
-    """Model FLOPs of one iteration, Megatron paper formula:
-    c·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)) with c = 72 (forward + backward), 96 with full
-    activation recompute."""
+                                  recompute: bool = False, *,
+                                  num_attention_heads: int | None = None,
+                                  kv_channels: int | None = None,
+                                  num_key_value_heads: int | None = None,
+                                  ffn_hidden_size: int | None = None,
+                                  swiglu: bool = False) -> float:
+    """Model FLOPs of one iteration (forward + backward, and with full activation recompute
+    one more forward of the layers), counting the GEMMs and the attention products.
+
+    Per layer and token, the forward pass costs 2·h·(a·d + 2·g·d) for the query and
+    key/value projections (a heads, g key/value heads, d = kv_channels), 4·s·a·d for the
+    scores and the weighted sum, 2·a·d·h for the output projection and 4·h·f for the MLP
+    (6·h·f with SwiGLU's extra gate GEMM). The layer total is scaled by c/24 and the
+    logits add c·B·s·h·V/16, with c = 72, or 96 with recompute. For GPT (a·d = h, g = a,
+    f = 4h) this is the Megatron paper's c·B·s·l·h²·(1 + s/(6h) + V/(16·l·h))."""
     c = 96 if recompute else 72
-    return (c * batch_size * seq_length * num_layers * hidden_size ** 2
-            * (1.0 + seq_length / (6.0 * hidden_size)
-               + vocab_size / (16.0 * num_layers * hidden_size)))
+    h, s = hidden_size, seq_length
+    heads = num_attention_heads
+    d = kv_channels or (h // heads if heads else None)
+    if heads is None or d is None:  # the GPT shape: a·d = h, g = a
+        projection, groups = h, None
+    else:
+        projection, groups = heads * d, (num_key_value_heads or heads)
+    kv_projection = projection if groups is None else groups * d
+    ffn = ffn_hidden_size or 4 * h
+    per_token = (
+        2 * h * (projection + 2 * kv_projection)
+        + 4 * s * projection
+        + 2 * projection * h
+        + (6 if swiglu else 4) * h * ffn
+    )
+    tokens = batch_size * s
+    return (c / 24.0) * num_layers * tokens * per_token + c * tokens * h * vocab_size / 16.0
+
+
+def model_flops_per_iteration(args, batch_size: int, seq_length: int) -> float:
+    """num_floating_point_operations for the model the flags in `args` describe."""
+    return num_floating_point_operations(
+        batch_size, seq_length, args.num_layers, args.hidden_size, args.padded_vocab_size,
+        recompute=getattr(args, "checkpoint_activations", False),
+        num_attention_heads=args.num_attention_heads,
+        kv_channels=getattr(args, "kv_channels", None),
+        num_key_value_heads=getattr(args, "num_key_value_heads", None),
+        ffn_hidden_size=getattr(args, "ffn_hidden_size", None),
+        swiglu=getattr(args, "swiglu", False),
+    )
 
 
 def calc_params_l2_norm(model) -> float:
@@ -182,6 +220,7 @@ __all__ = [
     "unwrap_model",
     "average_losses_across_data_parallel_group",
     "get_ltor_masks_and_position_ids",
+    "model_flops_per_iteration",
     "num_floating_point_operations",
     "calc_params_l2_norm",
     "report_memory",
