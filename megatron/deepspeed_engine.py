@@ -803,17 +803,29 @@ def load_deepspeed_checkpoint(
         )
         return 0
     load_optim = not (args.no_load_optim or args.finetune)
+    # bf16 without ZeRO: the engine saves BF16_Optimizer's state (fp32 master weights, Adam
+    # moments) in bf16_zero_pp_rank_* files, but its load_checkpoint hands the model file's
+    # copy to the optimizer in the wrong form; read the bf16_zero files instead.
+    bf16_states = load_optim and engine.bfloat16_enabled() and not engine.zero_optimization()
     path, state = engine.load_checkpoint(
         load_dir,
         tag=tag,
         load_module_strict=strict,
-        load_optimizer_states=load_optim,
+        load_optimizer_states=load_optim and not bf16_states,
         load_lr_scheduler_states=load_optim,
         load_module_only=not load_optim,
     )
     if path is None:
         raise CheckpointError(
             f"DeepSpeed could not load a checkpoint from {load_dir} (tag {tag or 'latest'})"
+        )
+    if bf16_states and not engine._load_zero_checkpoint(
+        load_dir, os.path.basename(os.path.dirname(path)), load_optimizer_states=True
+    ):
+        raise CheckpointError(
+            f"{os.path.dirname(path)} has no bf16_zero_pp_rank_*_optim_states.pt files: the "
+            "bf16 optimizer state (fp32 master weights) is missing; pass --no-load-optim to "
+            "start the optimizer afresh from the saved weights"
         )
     state = state or {}
     set_checkpoint_version(state.get("checkpoint_version", 0))

@@ -7,12 +7,15 @@ shape, batch and precision (bf16, flash attention, dropout 0, AdamW):
 
 * megatron          GPTModel + Megatron's bf16 optimizer (fp32 master weights) through
                     megatron.training.train_step, the code path of pretrain_gpt.py;
-* hf                transformers' GPT2LMHeadModel, sdpa attention, bf16 autocast, fused AdamW;
-* compact           a plain-torch GPT (below), bf16 autocast, fused AdamW, eager;
+* hf                transformers' GPT2LMHeadModel (LlamaForCausalLM for the llama shapes),
+                    sdpa attention, bf16 autocast, fused AdamW;
+* compact           a plain-torch GPT or LLaMA (below), bf16 autocast, fused AdamW, eager;
 * compact-compiled  the same under torch.compile.
 
-Prints one JSON line per implementation (tokens/s, TFLOP/s per GPU with the Megatron paper
-formula, peak memory) and a markdown table at the end.
+Prints one JSON line per implementation (tokens/s, TFLOP/s per GPU with the formula of the
+log line, megatron.utils.num_floating_point_operations, peak memory) and a markdown table at
+the end. The llama shapes run megatron with the LLaMA options (RoPE, SwiGLU, RMSNorm,
+grouped-query attention, no linear biases).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
@@ -39,27 +43,64 @@ ENV_RECORDED = (
     "CUDA_VISIBLE_DEVICES",
 )
 
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    heads: int
+    seq: int
+    mbs: int
+    vocab: int
+    kv_heads: int | None = None  # set: a LLaMA-style model
+    ffn: int | None = None
+    rope_theta: float = 10000.0
+
+    @property
+    def llama(self) -> bool:
+        return self.kv_heads is not None
+
+    def flops(self, batch: int) -> float:
+        """Model FLOPs of one step (forward + backward) for `batch` sequences."""
+        from megatron.utils import num_floating_point_operations
+
+        return num_floating_point_operations(
+            batch, self.seq, self.layers, self.hidden, self.vocab,
+            num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+            ffn_hidden_size=self.ffn, swiglu=self.llama,
+        )
+
+    def megatron_flags(self) -> list:
+        flags = {
+            "--num-layers": self.layers, "--hidden-size": self.hidden,
+            "--num-attention-heads": self.heads, "--seq-length": self.seq,
+            "--max-position-embeddings": self.seq, "--micro-batch-size": self.mbs,
+            "--global-batch-size": self.mbs,
+            # NullTokenizer adds one id (eod): the model's vocabulary is then exactly `vocab`
+            "--vocab-size": self.vocab - 1,
+        }
+        out = [str(x) for kv in flags.items() for x in kv]
+        if self.llama:
+            out += [
+                "--num-key-value-heads", str(self.kv_heads), "--ffn-hidden-size", str(self.ffn),
+                "--use-rotary-position-embeddings", "--no-position-embedding",
+                "--rotary-position-embeddings-theta", str(int(self.rope_theta)), "--swiglu",
+                "--normalization", "rmsnorm", "--layernorm-epsilon", "1e-5",
+                "--disable-bias-linear",
+            ]
+        return out
+
+
 SHAPES = {
-    # name: (layers, hidden, heads, seq, micro batch, vocab)
-    "1.3B": (24, 2048, 16, 2048, 8, 51200),
-    "2.7B": (32, 2560, 32, 2048, 8, 51200),
-    "6.7B": (32, 4096, 32, 2048, 8, 51200),
-    "13B": (40, 5120, 40, 2048, 8, 51200),
-    "125M": (12, 768, 12, 1024, 16, 51200),
-    "tiny": (2, 64, 4, 64, 2, 512),
+    "1.3B": Shape(24, 2048, 16, 2048, 8, 51200),
+    "2.7B": Shape(32, 2560, 32, 2048, 8, 51200),
+    "6.7B": Shape(32, 4096, 32, 2048, 8, 51200),
+    "13B": Shape(40, 5120, 40, 2048, 8, 51200),
+    "125M": Shape(12, 768, 12, 1024, 16, 51200),
+    "tiny": Shape(2, 64, 4, 64, 2, 512),
+    # LLaMA-3.2-1B: tied embeddings, 8 key/value heads, rope theta 500000
+    "llama-1b": Shape(16, 2048, 32, 2048, 4, 128256, kv_heads=8, ffn=8192, rope_theta=500000.0),
+    "llama-tiny": Shape(2, 64, 4, 64, 2, 512, kv_heads=2, ffn=128),
 }
-
-
-def model_flops(layers, hidden, seq, batch, vocab) -> float:
-    """72·B·s·l·h²·(1 + s/6h + V/16lh): forward + backward model FLOPs of one step."""
-    return (
-        72
-        * batch
-        * seq
-        * layers
-        * hidden**2
-        * (1 + seq / (6 * hidden) + vocab / (16 * layers * hidden))
-    )
 
 
 def _device():
@@ -98,43 +139,17 @@ def _time_steps(step, warmup: int, iters: int) -> float:
 def run_megatron(shape, warmup, iters, extra_flags=()):
     import torch
 
-    layers, hidden, heads, seq, mbs, vocab = SHAPES[shape]
+    sh = SHAPES[shape]
+    seq, vocab = sh.seq, sh.vocab
     from megatron import get_args, global_vars
     from megatron.initialize import initialize_megatron
     from megatron.training import setup_model_and_optimizer, train_step
     from megatron.utils import unwrap_model
 
-    flags = [
-        "--num-layers",
-        str(layers),
-        "--hidden-size",
-        str(hidden),
-        "--num-attention-heads",
-        str(heads),
-        "--seq-length",
-        str(seq),
-        "--max-position-embeddings",
-        str(seq),
-        "--micro-batch-size",
-        str(mbs),
-        "--global-batch-size",
-        str(mbs),
-        "--lr",
-        "1e-4",
-        "--train-iters",
-        "1000",
-        "--hidden-dropout",
-        "0",
-        "--attention-dropout",
-        "0",
-        "--clip-grad",
-        "1.0",
-        "--tokenizer-type",
-        "NullTokenizer",
-        "--vocab-size",
-        str(vocab),
-        "--make-vocab-size-divisible-by",
-        "128",
+    flags = sh.megatron_flags() + [
+        "--lr", "1e-4", "--train-iters", "1000", "--hidden-dropout", "0",
+        "--attention-dropout", "0", "--clip-grad", "1.0", "--tokenizer-type", "NullTokenizer",
+        "--make-vocab-size-divisible-by", "128",
     ]
     if _device().type == "cuda":
         flags += ["--bf16", "--use-flash-attn"]
@@ -281,33 +296,105 @@ def build_compact(layers, hidden, heads, seq, vocab):
     return CompactGPT()
 
 
+def build_compact_llama(sh: Shape):
+    """A plain-torch LLaMA: RMSNorm, fused QKV with grouped-query attention, rotate-half
+    RoPE, SwiGLU, no biases, tied embeddings."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    hidden, heads, kv = sh.hidden, sh.heads, sh.kv_heads
+    d = hidden // heads
+
+    def rope(x, cos, sin):  # x: (B, nh, T, d)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n1 = nn.RMSNorm(hidden, eps=1e-5)
+            self.qkv = nn.Linear(hidden, (heads + 2 * kv) * d, bias=False)
+            self.proj = nn.Linear(hidden, hidden, bias=False)
+            self.n2 = nn.RMSNorm(hidden, eps=1e-5)
+            self.gate_up = nn.Linear(hidden, 2 * sh.ffn, bias=False)
+            self.down = nn.Linear(sh.ffn, hidden, bias=False)
+
+        def forward(self, x, cos, sin):
+            B, T, C = x.shape
+            q, k, v = self.qkv(self.n1(x)).split([heads * d, kv * d, kv * d], dim=2)
+            q = rope(q.view(B, T, heads, d).transpose(1, 2), cos, sin)
+            k = rope(k.view(B, T, kv, d).transpose(1, 2), cos, sin)
+            v = v.view(B, T, kv, d).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+            gate, up = self.gate_up(self.n2(x)).chunk(2, dim=-1)
+            return x + self.down(F.silu(gate) * up)
+
+    class CompactLlama(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(sh.vocab, hidden)
+            self.blocks = nn.ModuleList(Block() for _ in range(sh.layers))
+            self.norm = nn.RMSNorm(hidden, eps=1e-5)
+            inv = 1.0 / (sh.rope_theta ** (torch.arange(0, d, 2).float() / d))
+            freqs = torch.outer(torch.arange(sh.seq).float(), inv)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.register_buffer("cos", emb.cos(), persistent=False)
+            self.register_buffer("sin", emb.sin(), persistent=False)
+
+        def forward(self, idx, targets):
+            T = idx.size(1)
+            x = self.wte(idx)
+            cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+            for block in self.blocks:
+                x = block(x, cos, sin)
+            logits = self.norm(x) @ self.wte.weight.t()
+            return F.cross_entropy(logits.float().view(-1, sh.vocab), targets.reshape(-1))
+
+    return CompactLlama()
+
+
+def build_hf(sh: Shape):
+    if sh.llama:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            vocab_size=sh.vocab, hidden_size=sh.hidden, intermediate_size=sh.ffn,
+            num_hidden_layers=sh.layers, num_attention_heads=sh.heads,
+            num_key_value_heads=sh.kv_heads, max_position_embeddings=sh.seq,
+            rope_theta=sh.rope_theta, rms_norm_eps=1e-5, tie_word_embeddings=True,
+            attention_dropout=0.0, attn_implementation="sdpa",
+        )
+        return LlamaForCausalLM(cfg)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=sh.vocab, n_positions=sh.seq, n_embd=sh.hidden, n_layer=sh.layers,
+        n_head=sh.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        attn_implementation="sdpa",
+    )
+    return GPT2LMHeadModel(cfg)
+
+
 def run_peer(impl, shape, warmup, iters):
     import torch
 
-    layers, hidden, heads, seq, mbs, vocab = SHAPES[shape]
+    sh = SHAPES[shape]
+    seq, mbs, vocab = sh.seq, sh.mbs, sh.vocab
     device = _device()
     torch.manual_seed(0)
     if impl == "hf":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        cfg = GPT2Config(
-            vocab_size=vocab,
-            n_positions=seq,
-            n_embd=hidden,
-            n_layer=layers,
-            n_head=heads,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            attn_implementation="sdpa",
-        )
-        model = GPT2LMHeadModel(cfg).to(device)
+        model = build_hf(sh).to(device)
         print(f"hf attention: {model.config._attn_implementation}", flush=True)
 
         def loss_fn(x, y):
             return model(input_ids=x, labels=y).loss
     else:
-        model = build_compact(layers, hidden, heads, seq, vocab).to(device)
+        if sh.llama:
+            model = build_compact_llama(sh).to(device)
+        else:
+            model = build_compact(sh.layers, sh.hidden, sh.heads, seq, vocab).to(device)
         fwd = torch.compile(model) if impl == "compact-compiled" else model
 
         def loss_fn(x, y):
@@ -354,7 +441,7 @@ def run_matmul():
 
 
 def child(impl, shape, warmup, iters, extra):
-    layers, hidden, heads, seq, mbs, vocab = SHAPES[shape]
+    sh = SHAPES[shape]
     if impl == "matmul":
         print("RESULT " + json.dumps({"impl": "matmul", "tflops": run_matmul()}), flush=True)
         return
@@ -364,8 +451,8 @@ def child(impl, shape, warmup, iters, extra):
         sec, params, batch, world = run_peer(impl, shape, warmup, iters)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    tokens = batch * seq / sec / world
-    tflops = model_flops(layers, hidden, seq, batch, vocab) / sec / world / 1e12
+    tokens = batch * sh.seq / sec / world
+    tflops = sh.flops(batch) / sec / world / 1e12
     result = {
         "impl": impl, "shape": shape, "flags": " ".join(extra), "gpus": world,
         "params_rank0": params, "global_batch": batch, "step_ms": sec * 1000,
