@@ -22,9 +22,13 @@ MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-4}
 GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-4}
 TRAIN_ITERS=${TRAIN_ITERS:-100}
 LOG_INTERVAL=${LOG_INTERVAL:-10}
-CHECKPOINT_PATH=${CHECKPOINT_PATH:-checkpoints/llama_1b}
+CHECKPOINT_PATH=${CHECKPOINT_PATH-checkpoints/llama_1b}  # set empty for no checkpoints
 PRECISION_ARGS=${PRECISION_ARGS:-"--bf16 --use-flash-attn"}
 
+SAVE_ARGS=""
+if [ -n "$CHECKPOINT_PATH" ]; then
+  SAVE_ARGS="--save-interval ${SAVE_INTERVAL:-1000} --save $CHECKPOINT_PATH"
+fi
 if [ -n "${DATA_PATH:-}" ]; then
   DATA_ARGS="--data-path $DATA_PATH --split 949,50,1 ${TOKENIZER_ARGS:?set TOKENIZER_ARGS}"
 else
@@ -54,5 +58,5 @@ python "$REPO_DIR/pretrain_gpt.py" \
        $PRECISION_ARGS \
        $DATA_ARGS \
        --log-interval $LOG_INTERVAL --eval-iters 0 \
-       --save-interval ${SAVE_INTERVAL:-1000} --save $CHECKPOINT_PATH \
+       $SAVE_ARGS \
        "$@"

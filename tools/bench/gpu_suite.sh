@@ -16,6 +16,10 @@
 # offload:  one H200: the largest GPT of a ladder (13B, then 6.7B, 2.7B) that trains with
 #           ZeRO-3 and DeepSpeed's CPU Adam (optimizer state in host memory), activation
 #           recompute, 4 micro-batches per step.
+# llama:    one H200, the LLaMA-3.2-1B shape (GQA 32/8 heads, SwiGLU 8192, vocab 128256, tied,
+#           seq 2048, micro-batch 4): this project's step against HF LlamaForCausalLM and a
+#           compact LLaMA eager and compiled; then examples/pretrain_llama_1b.sh itself
+#           (pretrain_gpt.py on --mock-data), its log lines in OUT/llama_1b_script.log.
 set -uo pipefail
 out=${1:?output folder}
 what=${2:-all}
@@ -25,6 +29,12 @@ b="python3 tools/bench/bench_gpt_gpu.py --json $out/bench.jsonl"
 if [ "$what" = single ] || [ "$what" = all ]; then
   $b --shape 1.3B --impls matmul,megatron,hf,compact,compact-compiled 2>&1 | tee "$out/single_1.3B.log"
   $b --shape 125M --impls megatron,hf,compact-compiled 2>&1 | tee "$out/single_125M.log"
+fi
+if [ "$what" = llama ]; then
+  $b --shape llama-1b --impls megatron,compact-compiled,hf,compact 2>&1 | tee "$out/llama_1b.log"
+  TRAIN_ITERS=40 LOG_INTERVAL=10 CHECKPOINT_PATH= \
+    bash examples/pretrain_llama_1b.sh > "$out/llama_1b_script.log" 2>&1
+  grep -E "iteration +[0-9]+/|rmsnorm|attention backend|Error" "$out/llama_1b_script.log" | cut -c1-400
 fi
 if [ "$what" = tp ]; then
   $b --shape 1.3B --impls megatron 2>&1 | tee "$out/tp_1gpu.log"
