@@ -9,21 +9,31 @@ Tensor parallelism (which keys are split, on which dim):
 
     column-parallel  Y = X A, A = [A_1 .. A_p] split by output rows (dim 0):
                      query_key_value.{weight,bias}, dense_h_to_4h.{weight,bias}.
-                     The fused QKV rows are laid out per head, [np, 3, hn], so a
-                     contiguous row split gives each rank whole heads with their q, k, v.
+                     The fused QKV rows are laid out per key/value group, G blocks of
+                     [q_1 .. q_r, k, v] (r = heads / G; G = heads is Megatron's per-head
+                     [np, 3, hn]), so a contiguous row split gives each rank whole groups
+                     when the TP size divides G.
+                     With --swiglu, dense_h_to_4h is [G; U] (2 ffn rows: gate, then up)
+                     split with partition stride 2: rank r holds [G_r; U_r], so a merge
+                     joins the gate halves and the up halves of the shards separately.
     row-parallel     Y = sum_i X_i A_i, A split by input columns (dim 1):
                      self_attention.dense.weight, dense_4h_to_h.weight.
-    vocab-parallel   word_embeddings.weight (and BERT's lm_head.bias) split on dim 0
-                     over the padded vocabulary.
-    replicated       layer norms, row-parallel biases, position and token-type
-                     embeddings, BERT's pooler / binary head / lm_head dense.
+    vocab-parallel   word_embeddings.weight, the untied output_layer.weight
+                     (--untie-embeddings-and-output-weights) and BERT's lm_head.bias,
+                     split on dim 0 over the padded vocabulary.
+    replicated       layer norms (RMSNorm: weight only), row-parallel biases, position
+                     and token-type embeddings, BERT's pooler / binary head / lm_head dense.
 
 Pipeline parallelism (non-interleaved): stage p holds global layers
 [p*L/pp, (p+1)*L/pp), numbered from 0 in its file. With v model chunks per stage
 (interleaved, keys model0..model{v-1}), chunk c of stage p holds n = L/(pp*v) layers
 starting at c*pp*n + p*n. The first stage holds the embeddings, the last stage the final
-layer norm, any heads and, when pp > 1, `word_embeddings_for_head`: the tied copy of the
-word embeddings used by the output layer.
+layer norm, any heads, the untied output layer and, when pp > 1 and the output layer is
+tied, `word_embeddings_for_head`: the copy of the word embeddings that it uses.
+
+The saved args say what the shapes alone cannot (ModelOptions): SwiGLU (checked against
+the shapes: its dense_h_to_4h has twice the rows of dense_4h_to_h's columns) and the
+head and key/value-head counts that a target TP size must divide.
 
 The canonical form is the TP = 1, PP = 1 model state, flattened to
 {path tuple: tensor} with global layer numbers; every reshape goes through it.
@@ -64,6 +74,7 @@ PARTITION_RULES: List[Tuple[re.Pattern, str, int | None]] = [
     (re.compile(r"(^|\.)dense_4h_to_h\.bias$"), "replicated", None),
     (re.compile(r"(^|\.)word_embeddings\.weight$"), "vocab", 0),
     (re.compile(r"^word_embeddings_for_head\.weight$"), "vocab", 0),
+    (re.compile(r"(^|\.)output_layer\.weight$"), "vocab", 0),
     (re.compile(r"(^|\.)lm_head\.bias$"), "vocab", 0),
     (re.compile(r"(^|\.)(position_embeddings|tokentype_embeddings)\.weight$"), "replicated", None),
     (re.compile(r"layernorm\.(weight|bias)$"), "replicated", None),
@@ -179,43 +190,148 @@ def repad_vocab(
 # ----------------------------------------------------------------------------------------
 
 
-def merge_tensor_parallel(shards: List[FlatState]) -> FlatState:
-    """TP shards of one pipeline stage -> the TP = 1 stage state (rules above)."""
+_SWIGLU_RE = re.compile(r"(^|\.)dense_h_to_4h\.(weight|bias)$")
+_MLP_IN = "dense_h_to_4h.weight"
+_MLP_OUT = "dense_4h_to_h.weight"
+
+
+def partition_stride(name: str, swiglu: bool) -> int:
+    """How many sub-matrices a split tensor holds, each split over the ranks on its own
+    (mpu/layers.py `_rank_slice`): 2 for SwiGLU's fused gate/up projection, else 1."""
+    return 2 if swiglu and _SWIGLU_RE.search(name) else 1
+
+
+def strided_cat(parts: List[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Shards -> the full tensor. With stride s each shard is s blocks [B_r; B_{r+p}; ..];
+    the full tensor is B_0 .. B_{sp-1} (s = 2, SwiGLU: [G_0..G_{p-1}; U_0..U_{p-1}])."""
+    if stride == 1:
+        return torch.cat(parts, dim=dim)
+    blocks = [torch.chunk(part, stride, dim=dim) for part in parts]
+    return torch.cat([b[j] for j in range(stride) for b in blocks], dim=dim)
+
+
+def strided_chunk(tensor: torch.Tensor, tp: int, dim: int, stride: int) -> List[torch.Tensor]:
+    """The inverse of strided_cat: rank r gets blocks r, r + tp, .. of tp * stride."""
+    blocks = torch.chunk(tensor, tp * stride, dim=dim)
+    return [torch.cat(blocks[r::tp], dim=dim) for r in range(tp)]
+
+
+def resolve_swiglu(state: FlatState, swiglu: bool | None) -> bool:
+    """Whether the MLPs of `state` (a full state or one TP shard) are SwiGLU: their
+    dense_h_to_4h has twice as many rows as dense_4h_to_h has columns (gate and up).
+    `swiglu` (the saved args' --swiglu) must agree with the shapes; None: they decide."""
+    kinds = {}
+    for path, tensor in state.items():
+        if not path[-1].endswith(_MLP_IN):
+            continue
+        partner = path[:-1] + (path[-1][: -len(_MLP_IN)] + _MLP_OUT,)
+        if partner not in state or tensor.dim() != 2:
+            continue
+        rows, cols = tensor.size(0), state[partner].size(1)
+        kind = True if rows == 2 * cols else False if rows == cols else None
+        if kind is None or (swiglu is not None and kind != swiglu):
+            shapes = {True: "a SwiGLU MLP's", False: "a GeLU MLP's", None: "no MLP's"}[kind]
+            said = {None: "", True: "--swiglu", False: "no --swiglu"}[swiglu]
+            raise ReshapeError(
+                f"{dotted(path)} has {rows} rows for the {cols} columns of {dotted(partner)}: "
+                f"{shapes} shapes" + (f", but the saved args say {said}" if said else "")
+            )
+        kinds[path] = kind
+    if len(set(kinds.values())) > 1:
+        raise ReshapeError("the checkpoint mixes SwiGLU and GeLU MLP shapes")
+    return next(iter(kinds.values()), bool(swiglu))
+
+
+def merge_tensor_parallel(shards: List[FlatState], swiglu: bool | None = None) -> FlatState:
+    """TP shards of one pipeline stage -> the TP = 1 stage state (rules above; `swiglu`:
+    see resolve_swiglu)."""
     keys = list(shards[0])
     for rank, shard in enumerate(shards[1:], start=1):
         if set(shard) != set(keys):
             diff = sorted(dotted(k) for k in set(shard) ^ set(keys))[:4]
             raise ReshapeError(f"tensor rank {rank} has different keys from rank 0: {diff}")
+    swiglu = resolve_swiglu(shards[0], swiglu)
     merged: FlatState = {}
     for path in keys:
-        kind, dim = partition_rule(dotted(path))
+        name = dotted(path)
+        kind, dim = partition_rule(name)
         shapes = [tuple(s[path].shape) for s in shards]
         if len(set(shapes)) != 1:
-            raise ReshapeError(f"{dotted(path)} has different shapes on the tensor ranks: {shapes}")
+            raise ReshapeError(f"{name} has different shapes on the tensor ranks: {shapes}")
         if dim is None:
             merged[path] = shards[0][path]
-        else:
-            merged[path] = torch.cat([s[path] for s in shards], dim=dim)
+            continue
+        stride = partition_stride(name, swiglu)
+        if stride > 1 and shapes[0][dim] % stride != 0:
+            raise ReshapeError(f"{name}: {shapes[0][dim]} rows do not split into gate and up")
+        merged[path] = strided_cat([s[path] for s in shards], dim, stride)
     return merged
 
 
-def split_tensor_parallel(state: FlatState, tp: int) -> List[FlatState]:
-    """The TP = 1 stage state -> tp shards; split dims must divide evenly."""
+def split_tensor_parallel(state: FlatState, tp: int, swiglu: bool | None = None) -> List[FlatState]:
+    """The TP = 1 stage state -> tp shards; split dims must divide evenly (SwiGLU's
+    dense_h_to_4h: each of its gate and up halves)."""
+    swiglu = resolve_swiglu(state, swiglu)
     shards: List[FlatState] = [{} for _ in range(tp)]
     for path, tensor in state.items():
-        kind, dim = partition_rule(dotted(path))
+        name = dotted(path)
+        kind, dim = partition_rule(name)
         if dim is None:
             for shard in shards:
                 shard[path] = tensor.clone()
             continue
-        if tensor.size(dim) % tp != 0:
+        stride = partition_stride(name, swiglu)
+        if tensor.size(dim) % (tp * stride) != 0:
+            what = "each SwiGLU half of " if stride > 1 else ""
             raise ReshapeError(
-                f"{dotted(path)}: size {tensor.size(dim)} on dim {dim} is not "
+                f"{what}{name}: size {tensor.size(dim) // stride} on dim {dim} is not "
                 f"divisible by the target tensor-parallel size {tp}"
             )
-        for rank, part in enumerate(torch.chunk(tensor, tp, dim=dim)):
+        for rank, part in enumerate(strided_chunk(tensor, tp, dim, stride)):
             shards[rank][path] = part.clone()
     return shards
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """What of a checkpoint's saved args decides how its tensors split (None: unknown)."""
+
+    swiglu: bool | None = None  # --swiglu: dense_h_to_4h is [gate; up], stride 2
+    num_attention_heads: int | None = None  # a TP size must divide it (whole heads)
+    num_key_value_heads: int | None = None  # ... and this (whole key/value groups)
+    ffn_hidden_size: int | None = None  # ... and this (the MLP's columns / rows)
+
+    @classmethod
+    def from_args(cls, args) -> ModelOptions:
+        if args is None:
+            return cls()
+        heads = _int_arg(args, "num_attention_heads")
+        return cls(
+            swiglu=bool(getattr(args, "swiglu", False)),
+            num_attention_heads=heads,
+            num_key_value_heads=_int_arg(args, "num_key_value_heads") or heads,
+            ffn_hidden_size=_int_arg(args, "ffn_hidden_size"),
+        )
+
+    def check_target(self, tp: int) -> None:
+        """A ReshapeError naming each count that tensor-parallel size `tp` does not divide."""
+        heads, kv, ffn = self.num_attention_heads, self.num_key_value_heads, self.ffn_hidden_size
+        checks = [
+            (heads, "--num-attention-heads", "whole attention heads"),
+            (kv if kv != heads else None, "--num-key-value-heads", "whole key/value groups"),
+            (
+                ffn,
+                "the SwiGLU --ffn-hidden-size" if self.swiglu else "--ffn-hidden-size",
+                "ffn/TP gate and up rows" if self.swiglu else "ffn/TP MLP rows",
+            ),
+        ]
+        wrong = [
+            f"{flag} ({n}) is not divisible by it (each rank must hold {what})"
+            for n, flag, what in checks
+            if n is not None and n % tp != 0
+        ]
+        if wrong:
+            raise ReshapeError(f"target tensor-parallel size {tp}: " + "; ".join(wrong))
 
 
 # ----------------------------------------------------------------------------------------
@@ -270,10 +386,16 @@ def _word_embeddings_path(full: FlatState) -> Path | None:
     return None
 
 
+def _is_untied(full: FlatState) -> bool:
+    """The model has an output layer of its own (--untie-embeddings-and-output-weights)."""
+    return any(dotted(path).endswith("output_layer.weight") for path in full)
+
+
 def split_pipeline(full: FlatState, pp: int) -> List[FlatState]:
     """The canonical full state -> pp stage states (layers renumbered from 0 per stage);
-    with pp > 1 the last stage gets `word_embeddings_for_head`, a copy of the first
-    stage's word embeddings."""
+    with pp > 1 and a tied output layer the last stage gets `word_embeddings_for_head`, a
+    copy of the first stage's word embeddings (an untied output_layer is the last
+    stage's own)."""
     num_layers = _count_layers(full)
     if num_layers % pp != 0:
         raise ReshapeError(
@@ -290,7 +412,7 @@ def split_pipeline(full: FlatState, pp: int) -> List[FlatState]:
             stages[0][path] = tensor
         else:
             stages[-1][path] = tensor
-    if pp > 1:
+    if pp > 1 and not _is_untied(full):
         word = _word_embeddings_path(full)
         if word is not None:
             stages[-1][(HEAD_COPY_KEY, "weight")] = full[word].clone()
@@ -314,8 +436,11 @@ def model_chunks(state: dict) -> List[dict]:
     return chunks
 
 
-def to_canonical(grid: Dict[Tuple[int, int], List[dict]]) -> FlatState:
+def to_canonical(
+    grid: Dict[Tuple[int, int], List[dict]], options: ModelOptions | None = None
+) -> FlatState:
     """{(tp rank, pp rank): [chunk model states]} -> the canonical full state."""
+    swiglu = (options or ModelOptions()).swiglu
     tp = 1 + max(t for t, _ in grid)
     pp = 1 + max(p for _, p in grid)
     missing = [(t, p) for t in range(tp) for p in range(pp) if (t, p) not in grid]
@@ -326,7 +451,7 @@ def to_canonical(grid: Dict[Tuple[int, int], List[dict]]) -> FlatState:
         v = len(grid[(0, p)])
         stages.append(
             [
-                merge_tensor_parallel([flatten_state(grid[(t, p)][c]) for t in range(tp)])
+                merge_tensor_parallel([flatten_state(grid[(t, p)][c]) for t in range(tp)], swiglu)
                 for c in range(v)
             ]
         )
@@ -339,9 +464,14 @@ def from_canonical(
     pp: int,
     padded_vocab: int | None = None,
     true_vocab_size: int | None = None,
+    options: ModelOptions | None = None,
 ) -> Dict[Tuple[int, int], dict]:
     """Canonical full state -> {(tp rank, pp rank): nested model state}, re-padding the
-    vocabulary-parallel tensors to `padded_vocab` rows first when given."""
+    vocabulary-parallel tensors (word embeddings, untied output layer) to `padded_vocab`
+    rows first when given. `options` (the saved args) are checked against tp first."""
+    options = options or ModelOptions()
+    options.check_target(tp)
+    swiglu = resolve_swiglu(full, options.swiglu)
     full = dict(full)
     if padded_vocab is not None:
         for path, tensor in full.items():
@@ -349,7 +479,7 @@ def from_canonical(
                 full[path] = repad_vocab(tensor, padded_vocab, true_vocab_size, dotted(path))
     grid = {}
     for p, stage in enumerate(split_pipeline(full, pp)):
-        for t, shard in enumerate(split_tensor_parallel(stage, tp)):
+        for t, shard in enumerate(split_tensor_parallel(stage, tp, swiglu)):
             grid[(t, p)] = unflatten_state(shard)
     return grid
 
@@ -537,23 +667,69 @@ def _full_shapes(args) -> List[Tuple[re.Pattern, Tuple[int, ...]]]:
     """(key pattern, TP = 1 shape) for the tensors whose shape the saved args fix."""
     h = _int_arg(args, "hidden_size")
     heads = _int_arg(args, "num_attention_heads")
-    kv = _int_arg(args, "kv_channels") or (h // heads if h and heads else None)
-    proj = _product(kv, heads)
+    kv_heads = _int_arg(args, "num_key_value_heads") or heads
+    hn = _int_arg(args, "kv_channels") or (h // heads if h and heads else None)
+    proj = _product(hn, heads)
+    qkv = None if heads is None or hn is None else (heads + 2 * kv_heads) * hn
     ffn = _int_arg(args, "ffn_hidden_size") or _product(4, h)
+    ffn_in = _product(2, ffn) if getattr(args, "swiglu", False) else ffn  # [gate; up]
+    vocab = _int_arg(args, "padded_vocab_size")
     layer = r"(^|\.)layers\.\d+\."
     table = [
-        (layer + r"self_attention\.query_key_value\.weight$", (_product(3, proj), h)),
-        (layer + r"self_attention\.query_key_value\.bias$", (_product(3, proj),)),
+        (layer + r"self_attention\.query_key_value\.weight$", (qkv, h)),
+        (layer + r"self_attention\.query_key_value\.bias$", (qkv,)),
         (layer + r"self_attention\.dense\.weight$", (h, proj)),
-        (layer + r"mlp\.dense_h_to_4h\.weight$", (ffn, h)),
-        (layer + r"mlp\.dense_h_to_4h\.bias$", (ffn,)),
+        (layer + r"mlp\.dense_h_to_4h\.weight$", (ffn_in, h)),
+        (layer + r"mlp\.dense_h_to_4h\.bias$", (ffn_in,)),
         (layer + r"mlp\.dense_4h_to_h\.weight$", (h, ffn)),
         (layer + r"(self_attention\.dense|mlp\.dense_4h_to_h)\.bias$", (h,)),
-        (r"layernorm\.(weight|bias)$", (h,)),
-        (r"(^|\.)word_embeddings(_for_head)?\.weight$", (_int_arg(args, "padded_vocab_size"), h)),
+        (r"layernorm\.(weight|bias)$", (h,)),  # RMSNorm: weight only
+        (r"(^|\.)(word_embeddings(_for_head)?|output_layer)\.weight$", (vocab, h)),
         (r"(^|\.)position_embeddings\.weight$", (_int_arg(args, "max_position_embeddings"), h)),
     ]
     return [(re.compile(p), shape) for p, shape in table if None not in shape]
+
+
+def _ruled_out(args) -> List[Tuple[re.Pattern, str]]:
+    """(key pattern, the saved flag) of tensors that the saved args say a model lacks."""
+    layer = r"(^|\.)layers\.\d+\."
+    table = [
+        (
+            getattr(args, "normalization", None) == "rmsnorm",
+            r"layernorm\.bias$",
+            "--normalization rmsnorm",
+        ),
+        (
+            getattr(args, "add_bias_linear", True) is False,
+            layer
+            + r"(self_attention\.(query_key_value|dense)|mlp\.dense_(h_to_4h|4h_to_h))\.bias$",
+            "--disable-bias-linear",
+        ),
+        (
+            getattr(args, "add_position_embedding", True) is False
+            or getattr(args, "use_rotary_position_embeddings", False),
+            r"(^|\.)position_embeddings\.weight$",
+            "--no-position-embedding or RoPE",
+        ),
+        (
+            getattr(args, "untie_embeddings_and_output_weights", False),
+            r"^word_embeddings_for_head\.weight$",
+            "--untie-embeddings-and-output-weights",
+        ),
+    ]
+    return [(re.compile(p), flag) for on, p, flag in table if on]
+
+
+def _key_problems(path: str, chunks: List[dict], args) -> List[str]:
+    """One line for the first tensor of a rank file that the saved args rule out."""
+    table = _ruled_out(args)
+    for chunk in chunks:
+        for key in flatten_state(chunk):
+            name = dotted(key)
+            flag = next((f for pattern, f in table if pattern.search(name)), None)
+            if flag is not None:
+                return [f"{path}: holds {name}, which a model saved with {flag} does not have"]
+    return []
 
 
 def _shard_shape(full: Tuple[int, ...], dim: int | None, tp: int) -> Tuple[int, ...] | None:
@@ -627,8 +803,10 @@ def _file_problems(path: str, state: dict, source: SourceCheckpoint) -> List[str
     own = saved_layout(state.get("args"))
     if own is not None and own != (source.tp, source.pp, source.vp):
         return [f"{path} records TP, PP, virtual PP = {own}, unlike {source.describe()}"]
-    return _layer_count_problems(path, chunks, source.args, source.pp, source.vp) + (
-        _shape_problems(path, chunks, source.args, source.tp)
+    return (
+        _layer_count_problems(path, chunks, source.args, source.pp, source.vp)
+        + _key_problems(path, chunks, source.args)
+        + _shape_problems(path, chunks, source.args, source.tp)
     )
 
 
@@ -675,7 +853,8 @@ def _true_vocab_from_args(args) -> int | None:
     if args is None or getattr(args, "tokenizer_type", None) is None:
         return None
     files = [getattr(args, n, None) for n in ("vocab_file", "merge_file", "tokenizer_model")]
-    if not any(f is not None and os.path.isfile(f) for f in files):
+    null = args.tokenizer_type == "NullTokenizer" and getattr(args, "vocab_size", None)
+    if not null and not any(f is not None and os.path.isfile(f) for f in files):
         return None
     from .tokenizer.tokenizer import build_tokenizer
 
@@ -707,7 +886,10 @@ def reshape_checkpoint(
         )
     source = source or load_source(load_dir)
     args = source.args
-    full = to_canonical({k: model_chunks(v) for k, v in source.grid.items()})
+    options = ModelOptions.from_args(args)
+    options.check_target(target_tp)
+    full = to_canonical({k: model_chunks(v) for k, v in source.grid.items()}, options)
+    _check_output_layer(load_dir, full, args)
     num_layers = _count_layers(full)
     if args is not None and getattr(args, "num_layers", num_layers) != num_layers:
         raise ReshapeError(
@@ -719,7 +901,7 @@ def reshape_checkpoint(
     if divisible_by is None:
         divisible_by = getattr(args, "make_vocab_size_divisible_by", 128) if args else 128
     target_padded = _target_padded_vocab(full, true_vocab_size, divisible_by, target_tp)
-    out = from_canonical(full, target_tp, target_pp, target_padded, true_vocab_size)
+    out = from_canonical(full, target_tp, target_pp, target_padded, true_vocab_size, options)
     files = _output_files(out, source, target_tp, target_pp, target_padded)
     _write_files(save_dir, files, "release" if source.release else str(source.iteration))
     return {
@@ -730,6 +912,19 @@ def reshape_checkpoint(
         "source_pp": source.pp,
         "source_vp": source.vp,
     }
+
+
+def _check_output_layer(load_dir: str, full: FlatState, args) -> None:
+    """An untied model (saved args) has its output layer; a tied one has none."""
+    untied = getattr(args, "untie_embeddings_and_output_weights", None)
+    if untied is not None and bool(untied) != _is_untied(full):
+        raise ReshapeError(
+            f"{load_dir}: the saved args say "
+            + ("" if untied else "no ")
+            + "--untie-embeddings-and-output-weights but the files hold "
+            + ("no " if untied else "a ")
+            + "language_model.output_layer.weight"
+        )
 
 
 def _target_padded_vocab(
@@ -854,6 +1049,11 @@ __all__ = [
     "PARTITION_RULES",
     "ReshapeError",
     "partition_rule",
+    "partition_stride",
+    "strided_cat",
+    "strided_chunk",
+    "resolve_swiglu",
+    "ModelOptions",
     "flatten_state",
     "unflatten_state",
     "padded_vocab_size",

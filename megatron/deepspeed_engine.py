@@ -629,35 +629,77 @@ def loss_scale(model_list) -> float:
 # ----------------------------------------------------------------------------------------
 
 
-def universal_checkpoint_info(param_names: List[str], tp: int) -> dict:
-    """How ds_to_universal merges tensor-parallel shards of Megatron's parameters: layer
-    norms, row-parallel biases and position embeddings are replicated; row-parallel
-    weights are split on dim 1; the word embeddings over the padded vocabulary (the rest,
-    column-parallel, on dim 0). Only patterns that match a parameter are listed (the tool
-    rejects unused ones); with one tensor-parallel rank there is nothing to merge."""
+def _run_model_options() -> tuple:
+    """(--swiglu, the padded vocabulary size) of this run; (False, None) before args."""
+    try:
+        args = get_args()
+    except RuntimeError:  # not initialised: a bare call
+        return False, None
+    return bool(getattr(args, "swiglu", False)), getattr(args, "padded_vocab_size", None)
+
+
+def universal_checkpoint_info(
+    param_names: List[str],
+    tp: int,
+    swiglu: bool | None = None,
+    padded_vocab_size: int | None = None,
+) -> dict:
+    """How ds_to_universal merges the tensor-parallel shards of Megatron's parameters.
+
+    ds_to_universal matches each pattern from the start of a parameter name (re.match),
+    so every pattern begins with `.*`:
+        replicated      layer norms and RMSNorm weights, row-parallel biases, position and
+                        token-type embeddings, MoE gates
+        row-parallel    attention.dense and dense_4h_to_h weights: joined on dim 1
+        2 sub-params    --swiglu's dense_h_to_4h (weight, bias): each shard is [G_r; U_r]
+                        (partition stride 2), so the gate halves and the up halves are
+                        joined separately to [G; U], and split the same way on load
+        vocabulary      word_embeddings and the untied output_layer: joined on dim 0
+                        with all padded_vocab_size rows (original_vocab_size): the padding
+                        rows are trained logits that the softmax sees, so a resume with
+                        the same padded vocabulary is exact; the loading engine zero-pads
+                        them for a larger one (DeepSpeed refuses a smaller one: give that
+                        run a --make-vocab-size-divisible-by that pads at least as far)
+        the rest        column-parallel, joined on dim 0 (query_key_value: its rows are
+                        whole key/value groups, so a plain join is right for GQA too)
+    Only patterns that match a parameter are listed (the tool rejects unused ones). The
+    tables do not depend on `tp`: with one rank nothing is joined, but the loading engine
+    still needs them to split for its own TP size. `swiglu` and `padded_vocab_size`
+    default to this run's args."""
     from deepspeed.checkpoint import constants as c
 
-    info = {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
-    if tp == 1:
-        return info
+    del tp  # the same tables for every TP size
+    run_swiglu, run_vocab = _run_model_options()
+    swiglu = run_swiglu if swiglu is None else swiglu
+    padded_vocab_size = run_vocab if padded_vocab_size is None else padded_vocab_size
     tables = {
         c.TP_REPLICATED_PARAMETER_PATTERNS: [
-            r"position_embeddings\.weight",
-            r"tokentype_embeddings\.weight",
-            r"layernorm\.(weight|bias)",
-            r"attention\.dense\.bias",
-            r"dense_4h_to_h\.bias",
-            r"deepspeed_moe\.gate\.wg\.weight",
-            r"coefficient\.(weight|bias)",
+            r".*position_embeddings\.weight$",
+            r".*tokentype_embeddings\.weight$",
+            r".*layernorm\.(weight|bias)$",
+            r".*attention\.dense\.bias$",
+            r".*dense_4h_to_h\.bias$",
+            r".*deepspeed_moe\.gate\.wg\.weight$",
+            r".*coefficient\.(weight|bias)$",
         ],
         c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [
-            r"attention\.dense\.weight",
-            r"dense_4h_to_h\.weight",
+            r".*attention\.dense\.weight$",
+            r".*dense_4h_to_h\.weight$",
         ],
-        c.VOCABULARY_PARAMETER_PATTERNS: [r"word_embeddings\.weight"],
+        c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: (
+            [r".*dense_h_to_4h\.(weight|bias)$"] if swiglu else []
+        ),
+        c.VOCABULARY_PARAMETER_PATTERNS: (
+            [r".*(word_embeddings|output_layer)\.weight$"] if padded_vocab_size else []
+        ),
     }
+    info = {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
     for key, patterns in tables.items():
-        info[key] = [p for p in patterns if any(re.search(p, n) for n in param_names)]
+        used = [p for p in patterns if any(re.match(p, n) for n in param_names)]
+        if used:
+            info[key] = used
+    if c.VOCABULARY_PARAMETER_PATTERNS in info:
+        info[c.ORIGINAL_VOCAB_SIZE] = padded_vocab_size
     return info
 
 

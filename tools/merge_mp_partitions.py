@@ -9,8 +9,10 @@ pipeline stages (the seed README's command):
         --max-position-embeddings 512 --load checkpoints/bert_345m \
         --save checkpoints/bert_345m/merged
 
-The model flags are Megatron's own and are checked against the checkpoint, whose layout
-is the one its saved args record: a missing, unreadable or unexpected rank file, or a
+The model flags are Megatron's own and are checked against the checkpoint (the shape
+flags of megatron/checkpointing.py, LLaMA-family options included: --swiglu,
+--num-key-value-heads, --normalization, --untie-embeddings-and-output-weights, ...), whose
+layout is the one its saved args record: a missing, unreadable or unexpected rank file, or a
 shard whose shape the saved args contradict, stops the merge before anything is written
 (one line on stderr naming the file(s), exit status 1). The vocabulary is re-padded for
 TP = 1 from the tokenizer named by the flags. Only the model weights (with args,
@@ -75,10 +77,13 @@ def _check_model_flags(source, args) -> None:
             f"({source.describe()}) but the flags say --tensor-model-parallel-size "
             f"{flags[0]} --pipeline-model-parallel-size {flags[1]}"
         )
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
+    from megatron.checkpointing import MODEL_ARGS_TO_CHECK
+
+    for name, flag in MODEL_ARGS_TO_CHECK:
         theirs = getattr(source.args, name, None)
-        if theirs is not None and theirs != getattr(args, name):
-            flag = "--" + name.replace("_", "-")
+        if name == "padded_vocab_size" or theirs is None:
+            continue  # the padded vocab follows the source TP; the merge re-pads it
+        if theirs != getattr(args, name, None):
             raise ReshapeError(
                 f"{flag}: checkpoint {args.load} has {theirs}, the flags say {getattr(args, name)}"
             )
