@@ -12,6 +12,14 @@ the sampled one. With the key/value cache (the default) the first step runs the 
 prompt through the model and every later step feeds one new token with the cached keys
 and values of the earlier positions (`layer_past` / `get_key_value`); with
 `recompute=True` every step runs the whole sequence so far. Both compute the same logits.
+Positions are the token indices 0 .. s - 1: learned position embeddings read them, and
+with RoPE the attention rotates the fed queries and keys from the cached length on.
+
+Each generated token also gets its log-probability under the model's distribution over
+the real vocabulary (GenerationOutput.log_probs). A continuation's text is
+detokenize(prompt + generated) less the prompt's text (continuation_text), so tokenizers
+whose decoding depends on what came before (SentencePiece's word-boundary spaces) give
+text that reads on from the prompt.
 
 Tensor parallelism: the model gathers the vocabulary-split logits (parallel output off),
 every rank samples, and the token of global rank 0 is broadcast so that all ranks feed
@@ -87,6 +95,15 @@ class SamplingParams:
             raise ValueError(f"--top_p must be in [0, 1], got {self.top_p}")
 
 
+def real_vocab_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """logits [b, v_padded] in fp32 with the padding ids >= vocab_size set to -inf."""
+    logits = logits.float()
+    if vocab_size is not None and vocab_size < logits.size(-1):
+        logits = logits.clone()
+        logits[:, vocab_size:] = -float("inf")
+    return logits
+
+
 def sample_next_token(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -97,10 +114,7 @@ def sample_next_token(
 
     Entries at ids >= vocab_size (the padding of the embedding table) are never chosen.
     """
-    logits = logits.float()
-    if vocab_size is not None and vocab_size < logits.size(-1):
-        logits = logits.clone()
-        logits[:, vocab_size:] = -float("inf")
+    logits = real_vocab_logits(logits, vocab_size)
     if params.greedy:
         return torch.argmax(logits, dim=-1)
     logits = top_k_logits(logits / params.temperature, params.top_k, params.top_p)
@@ -177,6 +191,10 @@ class GenerationOutput:
     tokens: torch.Tensor  # [b, s]: prompt, generated tokens, eod fill, caller's padding
     lengths: torch.Tensor  # [b]: tokens[i, :lengths[i]] is prompt + generated (no final eod)
     finished: torch.Tensor  # [b] bool: the row ended with an eod token (not at a limit)
+    # [b, s] fp32: at each generated position (and a final eod) log p(token | the tokens
+    # before it) under the model's own distribution over the real vocabulary (temperature
+    # 1, no top-k / top-p filtering); 0 at prompt and fill positions.
+    log_probs: torch.Tensor
 
 
 def generate_tokens(
@@ -204,6 +222,7 @@ def generate_tokens(
     lengths = limits.clone()
     done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
     finished = torch.zeros_like(done)
+    log_probs = torch.zeros((b, max_length), dtype=torch.float32, device=tokens.device)
     model.eval()
     layer_past, fed = None, 0
     with torch.no_grad():
@@ -223,9 +242,13 @@ def generate_tokens(
                     get_key_value=True,
                 )
                 fed = pos
-            new = sample_next_token(logits[:, -1, :], params, vocab_size)  # [b]
+            last = logits[:, -1, :]  # [b, v] (the full vocabulary on every rank)
+            new = sample_next_token(last, params, vocab_size)  # [b]
             new = _agree_across_ranks(new.to(tokens.dtype).contiguous())
             generating = (context_lengths <= pos) & ~done
+            scores = F.log_softmax(real_vocab_logits(last, vocab_size), dim=-1)  # [b, v]
+            chosen = scores.gather(1, new.view(b, 1)).view(b)
+            log_probs[:, pos] = torch.where(generating, chosen, torch.zeros_like(chosen))
             tokens[:, pos] = torch.where(
                 generating, new, torch.where(done, torch.full_like(new, eod), tokens[:, pos])
             )
@@ -235,7 +258,7 @@ def generate_tokens(
             done |= ended | (generating & (pos + 1 >= limits))
             if bool(done.all()):
                 break
-    return GenerationOutput(tokens=tokens, lengths=lengths, finished=finished)
+    return GenerationOutput(tokens=tokens, lengths=lengths, finished=finished, log_probs=log_probs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,6 +276,7 @@ class GenerationSettings:
     params: SamplingParams
     recompute: bool = False  # --recompute: no key/value cache
     log_interval: int = 100  # progress line every this many samples
+    log_probs: bool = False  # --log-probs: each sample also has 'tokens' and 'log_probs'
 
 
 def _batched(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -260,8 +284,26 @@ def _batched(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
+def continuation_text(tokenizer, prompt: Sequence[int], generated: Sequence[int]) -> str:
+    """The text that `generated` adds after `prompt`: detokenize(prompt + generated) less
+    its leading detokenize(prompt) (detokenize(generated) if that is not its prefix).
+
+    Detokenizing the continuation alone loses what depends on the tokens before it: a
+    SentencePiece model drops the word-boundary space of a text's first piece ('▁the'
+    alone decodes to 'the'), so 'Hello' continued by '▁world' would read 'Helloworld'.
+    """
+    if not generated:
+        return ""
+    whole = tokenizer.detokenize(list(prompt) + list(generated))
+    head = tokenizer.detokenize(list(prompt))
+    if whole.startswith(head):
+        return whole[len(head) :]
+    return tokenizer.detokenize(list(generated))
+
+
 def _generate_batch(model, prompts: List[List[int]], tokenizer, settings, device) -> List[dict]:
-    """Generate for one batch of tokenized prompts -> [{'text', 'length', 'finished'}]."""
+    """Generate for one batch of tokenized prompts -> [{'text', 'length', 'finished'}]
+    (and 'tokens', 'log_probs' of the generated tokens with settings.log_probs)."""
     longest = max(len(p) for p in prompts)
     length = min(settings.max_length, longest + settings.out_seq_length)
     context, context_lengths = pad_batch(prompts, tokenizer.eod, length, device)
@@ -277,14 +319,17 @@ def _generate_batch(model, prompts: List[List[int]], tokenizer, settings, device
     )
     results = []
     for row, start in enumerate(context_lengths.tolist()):
-        generated = out.tokens[row, start : int(out.lengths[row])].tolist()
-        results.append(
-            {
-                "text": tokenizer.detokenize(generated),
-                "length": len(generated),
-                "finished": bool(out.finished[row]),
-            }
-        )
+        end = int(out.lengths[row])
+        generated = out.tokens[row, start:end].tolist()
+        sample = {
+            "text": continuation_text(tokenizer, prompts[row], generated),
+            "length": len(generated),
+            "finished": bool(out.finished[row]),
+        }
+        if settings.log_probs:
+            sample["tokens"] = generated
+            sample["log_probs"] = out.log_probs[row, start:end].tolist()
+        results.append(sample)
     return results
 
 

@@ -15,6 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
+import torch  # noqa: E402
+
 from megatron import get_args  # noqa: E402
 from megatron.initialize import initialize_megatron  # noqa: E402
 
@@ -104,6 +106,10 @@ def main() -> None:
             "schedule) is not supported for downstream tasks"
         )
     (run_task or task_main(args.task))()
+    # Leave the process group here: a gloo group left to interpreter shutdown can abort a
+    # rank after its work is done ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

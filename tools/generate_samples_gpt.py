@@ -7,7 +7,13 @@ Conditional (--sample-input-file FILE): one prompt per line; continuations go to
 "finished"} when its name ends in .json or .jsonl, else Megatron's
 "Context: ... / Megatron-LM: ..." text blocks.
 
-Takes the GPT model flags used for pretraining plus --load. Sampling: --temperature,
+With --log-probs every JSON line also has "tokens" (the generated ids) and "log_probs"
+(the log-probability of each under the model, before temperature, top-k or top-p).
+
+Takes the GPT model flags used for pretraining plus --load (the LLaMA-family flags and
+tokenizers included: --use-rotary-position-embeddings, --num-key-value-heads, ...,
+--tokenizer-type GPTSentencePieceTokenizer --tokenizer-model FILE, whose eos id ends a
+sample). Sampling: --temperature,
 --top_k, --top_p, --greedy; --recompute runs the whole sequence every step instead of
 using the key/value cache. Works under tensor parallelism (torchrun); pipeline
 parallelism is not supported.
@@ -89,6 +95,12 @@ def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.Argument
         help="Output file of the unconditional samples (JSON lines).",
     )
     group.add_argument(
+        "--log-probs",
+        action="store_true",
+        help='Also write the generated token ids ("tokens") and their log-probabilities '
+        '("log_probs", under the model before temperature/top-k/top-p) into the JSON lines.',
+    )
+    group.add_argument(
         "--recompute",
         action="store_true",
         help="Run the whole sequence every step instead of caching keys/values.",
@@ -105,6 +117,11 @@ def check_generation_args(args: argparse.Namespace) -> None:
         problem = "--num-samples needs --genfile FILE for the samples"
     elif args.out_seq_length < 1:
         problem = f"--out-seq-length must be >= 1, got {args.out_seq_length}"
+    elif args.log_probs and not writes_json_lines(args):
+        problem = (
+            f"--log-probs needs JSON lines output: a --sample-output-file ending in .json "
+            f"or .jsonl (got {output_path(args)})"
+        )
     else:
         problem = inference_checkpoint_problem(args, "generation")
     if problem is None:
@@ -114,6 +131,18 @@ def check_generation_args(args: argparse.Namespace) -> None:
             problem = str(e)
     if problem is not None:
         sys.exit(f"{SCRIPT}: error: {problem}")
+
+
+def output_path(args: argparse.Namespace) -> str:
+    """Where the samples go: --genfile, or --sample-output-file (default FILE.out)."""
+    if args.sample_input_file is None:
+        return args.genfile
+    return args.sample_output_file or args.sample_input_file + ".out"
+
+
+def writes_json_lines(args: argparse.Namespace) -> bool:
+    """Unconditional samples and .json/.jsonl outputs are JSON lines, the rest text blocks."""
+    return args.sample_input_file is None or output_path(args).endswith((".json", ".jsonl"))
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -184,6 +213,7 @@ def main() -> None:
         params=sampling_params(args),
         recompute=args.recompute,
         log_interval=args.log_interval,
+        log_probs=args.log_probs,
     )
     if args.out_seq_length >= args.seq_length:
         print_rank_0(
@@ -193,18 +223,14 @@ def main() -> None:
     device = torch.device(current_device())
     writes = torch.distributed.get_rank() == 0  # every rank generates, rank 0 writes
 
+    out_path = output_path(args)
+    writer = write_json_lines if writes_json_lines(args) else write_context_blocks
     if prompts is not None:
-        out_path = args.sample_output_file or args.sample_input_file + ".out"
         samples = generate_samples_conditional(model, tokenizer, prompts, settings, device)
-        writer = (
-            write_json_lines if out_path.endswith((".json", ".jsonl")) else write_context_blocks
-        )
     else:
-        out_path = args.genfile
         samples = generate_samples_unconditional(
             model, tokenizer, args.num_samples, settings, device
         )
-        writer = write_json_lines
     if writes:
         with _open_output(out_path) as out:
             count = writer(samples, out)
@@ -213,6 +239,9 @@ def main() -> None:
         for _ in samples:  # the same forward passes as rank 0, which writes
             pass
     torch.distributed.barrier()
+    # Leave the process group here: a gloo group left to interpreter shutdown can abort a
+    # rank after its work is done ("terminate called without an active exception").
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

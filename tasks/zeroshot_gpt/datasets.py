@@ -120,16 +120,27 @@ def build_wikitext103_dataset(
 def lambada_tokens(text: str, tokenizer, strict: bool) -> tuple[list[int], list[int]]:
     """(context tokens, target tokens) of one LAMBADA passage.
 
-    strict: the target is the last whitespace word, tokenised with its leading space
-    (" word"), the context the text before it, stripped. Otherwise the whole passage is
-    tokenised and the target is its last BPE token only.
+    strict: the target is the last whitespace word, the context the text before it,
+    stripped. The target tokens are those that `context + " " + word` has after the
+    context's own tokens, i.e. the word as the model reads it in the passage. For GPT-2's
+    BPE that is tokenize(" " + word), as Megatron computes it; a SentencePiece model
+    would read " word" alone as an extra word-boundary piece followed by '▁word', so
+    its target comes from the whole passage. Where the passage's tokens do not start
+    with the context's (a merge across the boundary, or an end token the tokenizer
+    appends), tokenize(" " + word) is the target.
+
+    Otherwise the whole passage is tokenised and the target is its last token only.
     """
     if not strict:
         tokens = tokenizer.tokenize(text)
         return tokens[:-1], tokens[-1:]
     last_word = text.split()[-1]
-    start = text.rfind(last_word)
-    return tokenizer.tokenize(text[:start].strip()), tokenizer.tokenize(" " + last_word)
+    context_text = text[: text.rfind(last_word)].strip()
+    context = tokenizer.tokenize(context_text)
+    whole = tokenizer.tokenize(context_text + " " + last_word)
+    if len(whole) > len(context) and whole[: len(context)] == context:
+        return context, whole[len(context) :]
+    return context, tokenizer.tokenize(" " + last_word)
 
 
 class LambadaDataset:
