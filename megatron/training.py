@@ -216,8 +216,10 @@ def setup_model_and_optimizer(model_provider_func):
     if args.deepspeed:
         from .deepspeed_engine import setup_deepspeed_model_and_optimizer
 
-        return setup_deepspeed_model_and_optimizer(model_provider_func, get_model,
-                                                   get_learning_rate_scheduler)
+        model, optimizer, lr_scheduler = setup_deepspeed_model_and_optimizer(
+            model_provider_func, get_model, get_learning_rate_scheduler)
+        _sum_sequence_parallel_grads_in_backward(model)
+        return model, optimizer, lr_scheduler
     from .optimizer import get_megatron_optimizer
 
     model = get_model(model_provider_func)
@@ -271,6 +273,27 @@ def _allreduce_sequence_parallel_grads(model) -> None:
     torch.distributed.all_reduce(flat, group=mpu.get_tensor_model_parallel_group())
     for buf, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         buf.copy_(synced)
+
+
+def _sum_sequence_parallel_grads_in_backward(model) -> None:
+    """The DeepSpeed engine reduces gradients itself (ZeRO-2 inside backward), so the
+    partial sums of `_allreduce_sequence_parallel_grads` are made where each gradient
+    arrives: a hook on every `sequence_parallel` parameter adds its gradient up across
+    the tensor group before the engine accumulates it (linear, so per micro-batch is
+    the same as once per step)."""
+    if not get_args().sequence_parallel or mpu.get_tensor_model_parallel_world_size() == 1:
+        return
+    group = mpu.get_tensor_model_parallel_group()
+
+    def summed(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=group)
+        return grad
+
+    for chunk in model:
+        for param in unwrap_model(chunk).parameters():
+            if param.requires_grad and getattr(param, "sequence_parallel", False):
+                param.register_hook(summed)
 
 
 def _loss_is_finite(losses_reduced) -> bool:

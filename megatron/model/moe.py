@@ -1,7 +1,8 @@
 """Mixture-of-Experts MLPs through DeepSpeed's MoE layer (--num-experts > 1).
 
 A MoE transformer layer replaces its ParallelMLP by `MoEMLP`, a deepspeed.moe.layer.MoE
-whose experts are ParallelMLPs (tensor-parallel like the dense MLP). For tokens x:
+whose experts are ParallelMLPs (tensor-parallel like the dense MLP; SwiGLU experts
+with --swiglu, bias-free ones with --disable-bias-linear). For tokens x:
 
     gate:    p = softmax(x W_g),  expert e(x) = top-k of p (k = --topk), each expert
              taking at most C = max(min_capacity, capacity_factor * tokens / experts)
@@ -26,6 +27,14 @@ DeepSpeed deep-copies the expert module per local expert, and a deep copy of a
 parameter loses its `tensor_model_parallel` / `partition_dim` / `partition_stride`
 attributes; `_copy_tensor_parallel_attributes` puts them back, or the gradient norm (and
 so clipping) would count the split expert weights of TP rank 0 only.
+With --sequence-parallel each TP rank holds other tokens ([s/t, b, h]), but the
+expert tensor parallelism above needs the same tokens on every TP rank: `MoEMLP`
+all-gathers the sequence first (its backward keeps this rank's chunk: the gradient on
+the gathered tokens is complete on every rank, not a partial sum) and returns this
+rank's chunk of the output (backward: all-gather). The gate then routes the whole
+sequence on every rank, as without sequence parallelism, so its weight gradient needs
+no sum over the TP group (it is not marked `sequence_parallel`), and the experts are
+built without sequence parallelism (their GEMMs see the gathered tokens).
 On gloo, DeepSpeed's token all-gather (a [e, c/t, m] input into a flat buffer) is refused
 by torch; `_use_gloo_token_gather` gives DeepSpeed an all-gather over a list of
 [e, c/t, m] tensors instead (same result, NCCL keeps DeepSpeed's own).
@@ -35,6 +44,7 @@ Checkpoint keys are Megatron-DeepSpeed's: `mlp.deepspeed_moe.gate.wg.weight`,
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, List, Tuple
 
 import torch
@@ -61,8 +71,9 @@ def num_experts_for_layer(config: TransformerConfig, layer_number: int) -> int:
 
 
 class ExpertMLP(ParallelMLP):
-    """A ParallelMLP returning one tensor, gelu(X A + a) B + b, as DeepSpeed's experts
-    must (the bias is added here, not dropped)."""
+    """A ParallelMLP returning one tensor, gelu(X A + a) B + b, or with config.swiglu
+    (silu(X G) * (X U)) B with G and U one fused GEMM split with stride 2 (ParallelMLP),
+    as DeepSpeed's experts must (the bias, if any, is added here, not dropped)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         output, bias = super().forward(hidden_states)
@@ -72,10 +83,19 @@ class ExpertMLP(ParallelMLP):
 class MoEMLP(MoE):
     """deepspeed.moe.layer.MoE used where a ParallelMLP is: forward(h [s, b, h]) ->
     (output [s, b, h], zero bias [h]); the layer's aux loss is kept in `l_aux` for
-    moe_aux_loss()."""
+    moe_aux_loss(). With `sequence_parallel` the input and output are [s/t, b, h] and
+    the experts run on the gathered [s, b, h] (see the module docstring)."""
+
+    sequence_parallel = False
 
     def forward(self, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.sequence_parallel:  # [s/t, b, h] -> [s, b, h], the same on every TP rank
+            hidden_states = mpu.gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False
+            )
         output, l_aux, _ = super().forward(hidden_states)
+        if self.sequence_parallel:
+            output = mpu.scatter_to_sequence_parallel_region(output)  # [s/t, b, h]
         self.l_aux = l_aux
         return output, self.zero_bias
 
@@ -135,9 +155,12 @@ def build_moe_mlp(
     output_layer_init_method: Callable,
     num_experts: int,
 ) -> MoEMLP:
-    """The MoE MLP of one layer: a MoEMLP over `num_experts` ExpertMLPs."""
-    expert = ExpertMLP(config, init_method, output_layer_init_method)
+    """The MoE MLP of one layer: a MoEMLP over `num_experts` ExpertMLPs (SwiGLU ones
+    with config.swiglu, without biases with config.add_bias_linear False)."""
     tp = mpu.get_tensor_model_parallel_world_size()
+    sequence_parallel = config.sequence_parallel and tp > 1
+    expert_config = dataclasses.replace(config, sequence_parallel=False)
+    expert = ExpertMLP(expert_config, init_method, output_layer_init_method)
     layer = MoEMLP(
         config.hidden_size,
         expert,
@@ -151,6 +174,7 @@ def build_moe_mlp(
         drop_tokens=config.moe_token_dropping,
         enable_expert_tensor_parallelism=tp > 1,
     )
+    layer.sequence_parallel = sequence_parallel
     _copy_tensor_parallel_attributes(expert, layer)
     if tp > 1:
         layer.deepspeed_moe.gate.register_forward_hook(_capacity_multiple_of(tp))
