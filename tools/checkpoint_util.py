@@ -10,6 +10,12 @@ the target layout, re-padding the vocabulary for the target TP. Model weights, a
 iteration and consumed samples are written; optimizer and RNG states are not, so resume
 with --no-load-optim --no-load-rng. No process group is needed.
 
+LLaMA-family checkpoints reshape the same way: the saved args say that SwiGLU's fused
+gate/up weight splits in two halves (each rank holds its gate rows, then its up rows),
+the untied output layer splits over the vocabulary like the word embeddings, and a
+target TP size that does not divide the attention heads, the key/value heads
+(--num-key-value-heads) or the FFN width is refused before anything is written.
+
 The source layout is the one the checkpoint's saved args record (the rank folders' when
 there are no args). A missing, unreadable or unexpected rank file, or a shard whose shape
 the saved args contradict, stops the conversion before anything is written: one line on
