@@ -196,11 +196,42 @@ def parse_args(
     else:
         args = parser.parse_args(argv)
     try:
+        if args.use_checkpoint_args:
+            _apply_checkpoint_args(args, given_dests(parser, argv))
         validate_args(args, defaults)
     except ArgumentError as exc:
         parser.error(str(exc))
     print_args(args)
     return args
+
+
+def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The dests that argv (None: sys.argv[1:]) sets by a flag, as opposed to a default
+    (the parser's, or one of an entry script's `defaults`)."""
+    actions = [(action, action.default) for action in parser._actions]
+    defaults = dict(parser._defaults)
+    try:
+        parser._defaults.clear()
+        for action, _ in actions:
+            action.default = argparse.SUPPRESS
+        namespace, _ = parser.parse_known_args(argv)
+    finally:
+        parser._defaults.update(defaults)
+        for action, default in actions:
+            action.default = default
+    return set(vars(namespace))
+
+
+def _apply_checkpoint_args(args: argparse.Namespace, given: set[str]) -> None:
+    """--use-checkpoint-args: the model flags of the --load checkpoint, before validation."""
+    from .checkpointing import CheckpointError, load_args_from_checkpoint
+
+    if args.load is None:
+        raise ArgumentError("--use-checkpoint-args needs --load (the checkpoint folder)")
+    try:
+        load_args_from_checkpoint(args, given=given)
+    except CheckpointError as exc:
+        raise ArgumentError(f"--use-checkpoint-args: {exc}") from None
 
 
 def build_parser(
@@ -423,6 +454,10 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
     add("--load-tag", type=str,
         help="Checkpoint to load instead of the tracker's: an iteration (4), its folder "
         "name (iter_0000004) or release; for DeepSpeed checkpoints the tag (global_step4).")
+    add("--use-checkpoint-args", action=_TRUE,
+        help="Take the model flags (sizes, LLaMA options, tokenizer, parallel layout) from "
+        "the saved args of the --load checkpoint; model-size flags given as well must agree "
+        "with it, other flags given win.")
     add("--keep-last-checkpoints", type=int,
         help="Keep only the newest K iter_* checkpoints under --save (default: keep all).")
 
@@ -468,6 +503,13 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
         action=_FALSE,
         dest="use_contiguous_buffers_in_local_ddp",
         help="Local DDP without one contiguous gradient buffer.",
+    )
+    add(
+        "--no-gradient-accumulation-fusion",
+        action=_FALSE,
+        dest="gradient_accumulation_fusion",
+        help="Linear layers return their weight gradient instead of adding it into the "
+        "local DDP's main_grad buffer in the GEMM.",
     )
     add(
         "--scatter-gather-tensors-in-pipeline",

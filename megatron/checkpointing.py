@@ -392,6 +392,158 @@ def check_checkpoint_args(checkpoint_args, args=None) -> None:
 
 
 # ----------------------------------------------------------------------------------------
+# --use-checkpoint-args
+# ----------------------------------------------------------------------------------------
+
+# (dest, flag) that fix the shapes of the weights: given on the command line as well, they
+# must agree with the checkpoint.
+CHECKPOINT_SHAPE_ARGS = (
+    ("num_layers", "--num-layers"),
+    ("hidden_size", "--hidden-size"),
+    ("ffn_hidden_size", "--ffn-hidden-size"),
+    ("num_attention_heads", "--num-attention-heads"),
+    ("num_key_value_heads", "--num-key-value-heads"),
+    ("kv_channels", "--kv-channels"),
+    ("max_position_embeddings", "--max-position-embeddings"),
+    ("swiglu", "--swiglu"),
+    ("normalization", "--normalization"),
+    ("use_rotary_position_embeddings", "--use-rotary-position-embeddings"),
+    ("add_position_embedding", "--no-position-embedding"),
+    ("untie_embeddings_and_output_weights", "--untie-embeddings-and-output-weights"),
+    ("add_bias_linear", "--disable-bias-linear"),
+    ("num_experts", "--num-experts"),
+    ("expert_interval", "--expert-interval"),
+    ("mlp_type", "--mlp-type"),
+)
+# Further dests taken from the checkpoint unless given on the command line (which wins):
+# the model's numerics, its tokenizer and the parallel layout it was saved in.
+CHECKPOINT_RUN_ARGS = (
+    "seq_length", "decoder_seq_length", "rope_theta", "rotary_percent", "layernorm_epsilon",
+    "apply_residual_connection_post_layernorm", "openai_gelu", "onnx_safe", "bias_gelu_fusion",
+    "topk", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size",
+    "vocab_extra_ids", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
+    "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+)  # fmt: skip
+# The dests above whose flag has no default: without a record of the command line, one of
+# them that holds a value was given (Megatron's rule); every other dest is taken.
+_NO_DEFAULT = {
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+    "num_key_value_heads", "kv_channels", "max_position_embeddings", "seq_length",
+    "decoder_seq_length", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",
+    "vocab_size", "num_layers_per_virtual_pipeline_stage",
+}  # fmt: skip
+
+
+def _deepspeed_rank0_file(load_dir: str, tag: str | None, universal: bool) -> str:
+    """The first model-states file of a DeepSpeed checkpoint: it holds the client state."""
+    if tag is None:
+        latest = os.path.join(load_dir, "latest_universal" if universal else "latest")
+        if not os.path.isfile(latest):
+            raise CheckpointError(f"no checkpoint in --load {load_dir} ({latest} not found)")
+        with open(latest) as f:
+            tag = f.read().strip()
+    folder = os.path.join(load_dir, tag)
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    states = [n for n in names if n.endswith("mp_rank_00_model_states.pt")]
+    if not states:
+        raise CheckpointError(f"DeepSpeed checkpoint {folder} holds no mp_rank_00 model states "
+                              f"file (found: {list_names(names)})")
+    return os.path.join(folder, "mp_rank_00_model_states.pt"
+                        if "mp_rank_00_model_states.pt" in states else states[0])
+
+
+def checkpoint_rank0_file(args, load_arg: str = "load") -> str:
+    """The file with the saved args of the checkpoint a run with `args` loads: the
+    --load-tag's, else the tracker's; tensor and pipeline rank 0 (DeepSpeed: the first
+    model-states file). A folder without a checkpoint is a CheckpointError."""
+    load_dir = getattr(args, load_arg)
+    load_tag = getattr(args, "load_tag", None) if load_arg == "load" else None
+    if getattr(args, "deepspeed", False):
+        from .deepspeed_engine import _load_tag
+
+        universal = bool(getattr(args, "universal_checkpoint", False))
+        return _deepspeed_rank0_file(load_dir, _load_tag(load_dir, universal, load_tag),
+                                     universal)
+    resolved = resolve_checkpoint(load_dir, load_tag)
+    if resolved is None:
+        raise CheckpointError(f"no checkpoint in --load {load_dir} "
+                              f"({get_checkpoint_tracker_filename(load_dir)} not found)")
+    folder = os.path.join(load_dir, _folder_name(*resolved))
+    for pipeline_parallel in (False, True):
+        path = get_checkpoint_name(load_dir, resolved[0], resolved[1], 0, 0, pipeline_parallel)
+        if os.path.isfile(path):
+            return path
+    names = sorted(os.listdir(folder))
+    raise CheckpointError(f"checkpoint {folder} has no rank-0 file (mp_rank_00 or "
+                          f"mp_rank_00_000 with {_RANK_FILE}; found: {list_names(names)})")
+
+
+def _read_saved_args(path: str):
+    """(saved args, checkpoint version) of a checkpoint file; its tensors are mapped, not
+    read (every rank of a large run reads this file)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # not the zip format: no mmap
+        state = _read_state(path)
+    except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
+        raise CheckpointError(f"could not read checkpoint file {path}: {e}") from e
+    saved = state.get("args") if isinstance(state, dict) else None
+    if saved is None:
+        raise CheckpointError(f"checkpoint file {path} holds no saved args to take the model "
+                              "flags from; give them on the command line")
+    return saved, state.get("checkpoint_version", 0)
+
+
+def _saved_value(saved, dest: str, version):
+    """One saved arg, with the spellings of older checkpoints."""
+    if dest == "add_bias_linear" and hasattr(saved, "disable_bias_linear"):
+        return not saved.disable_bias_linear
+    if dest == "tensor_model_parallel_size" and version < 3.0:
+        return getattr(saved, "model_parallel_size", None)
+    return getattr(saved, dest, None)
+
+
+def load_args_from_checkpoint(args, load_arg: str = "load", given: Iterable[str] | None = None):
+    """Take the model flags of `args` from the saved args of the checkpoint it loads
+    (--use-checkpoint-args), before the args are validated and the model is built.
+
+    Every dest of CHECKPOINT_SHAPE_ARGS and CHECKPOINT_RUN_ARGS that the checkpoint records
+    and that is not in `given` (the dests set on the command line) is set from it. A shape
+    flag given with another value than the checkpoint's is a CheckpointError naming the flag
+    and both values; other given flags win. With given None, Megatron's rule: a dest without
+    a flag default counts as given when it holds a value, every other dest is taken.
+    Returns (args, the checkpoint's args)."""
+    load_dir = getattr(args, load_arg, None)
+    if load_dir is None:
+        raise CheckpointError(f"--use-checkpoint-args needs --{load_arg.replace('_', '-')}")
+    path = checkpoint_rank0_file(args, load_arg)
+    saved, version = _read_saved_args(path)
+    dests = [dest for dest, _ in CHECKPOINT_SHAPE_ARGS] + list(CHECKPOINT_RUN_ARGS)
+    if given is None:
+        given = {d for d in _NO_DEFAULT if getattr(args, d, None) is not None}
+    given = set(given)
+    conflicts = []
+    for dest, flag in CHECKPOINT_SHAPE_ARGS:
+        theirs = _saved_value(saved, dest, version)
+        if dest in given and theirs is not None and getattr(args, dest, None) != theirs:
+            conflicts.append(f"{flag} ({dest}) is {getattr(args, dest, None)} on the command "
+                             f"line but {theirs} in the checkpoint")
+    if conflicts:
+        raise CheckpointError(f"{path}: " + "; ".join(conflicts)
+                              + " (drop the flag to take the checkpoint's)")
+    taken = []
+    for dest in dests:
+        value = _saved_value(saved, dest, version)
+        if dest not in given and value is not None:
+            setattr(args, dest, value)
+            taken.append(f"{dest}={value}")
+    if int(os.getenv("RANK", "0")) == 0:
+        print(f"> --use-checkpoint-args: from {path}: {', '.join(taken) or 'nothing'}",
+              flush=True)
+    return args, saved
+
+
+# ----------------------------------------------------------------------------------------
 # Writing files
 # ----------------------------------------------------------------------------------------
 

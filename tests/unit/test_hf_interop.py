@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from megatron import mpu
-from megatron.arguments import build_parser, validate_args
+from megatron.arguments import build_parser, parse_args, validate_args
 from megatron.checkpoint_reshape import flatten_state, unflatten_state
+from megatron.checkpointing import CHECKPOINT_RUN_ARGS, CHECKPOINT_SHAPE_ARGS
 from megatron.hf_interop import (
     HFInteropError,
     TokenizerInfo,
@@ -290,6 +291,19 @@ def test_train_command_flags_are_arguments_dests(tmp_path, tok_json):
     shapes = {k: tuple(v.shape) for k, v in flatten_state(
         model.state_dict_for_save_checkpoint()).items()}  # fmt: skip
     assert shapes == {k: tuple(v.shape) for k, v in imp.state.items()}
+    # a checkpoint of the import records args that --use-checkpoint-args reads back
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "release" / "mp_rank_00").mkdir(parents=True)
+    torch.save({"args": imp.checkpoint_args(), "checkpoint_version": 3.0, "iteration": 0},
+               ckpt / "release" / "mp_rank_00" / "model_optim_rng.pt")  # fmt: skip
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("release")
+    args = parse_args(args_list=["--use-checkpoint-args", "--load", str(ckpt),
+                                 "--micro-batch-size", "1"])  # fmt: skip
+    carried = [d for d, _ in CHECKPOINT_SHAPE_ARGS] + list(CHECKPOINT_RUN_ARGS)
+    for dest in carried:
+        if dest in imp.args:
+            assert getattr(args, dest) == imp.args[dest], dest
+    assert args.tokenizer_model == imp.tokenizer.tokenizer_model
 
 
 def test_vocabulary_padding_for_tensor_parallel(tmp_path, sp_model):
