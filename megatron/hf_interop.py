@@ -263,6 +263,7 @@ def find_tokenizer(folder: str, prefer: str = "auto") -> TokenizerInfo | None:
     (GPTSentencePieceTokenizer), else vocab.json + merges.txt (GPT2BPETokenizer); `prefer`
     (one of those type names) picks one when several are there. None when none is."""
     found = {}
+    folder = os.path.abspath(folder)
     path = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(path):
         found["HFTokenizer"] = TokenizerInfo("HFTokenizer", tokenizer_model=path)
@@ -571,7 +572,7 @@ class HFImport:
             "--pipeline-model-parallel-size", str(pp),
         ]  # fmt: skip
         args = validate_args(build_parser().parse_args(argv), world_size=tp * pp, rank=1)
-        args.padded_vocab_size = padded
+        args.rank, args.padded_vocab_size = 0, padded
         return args
 
     def train_command(self, load_dir: str, **kwargs) -> List[str]:
