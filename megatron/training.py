@@ -176,7 +176,8 @@ def get_model(model_provider_func):
         from .model.distributed import DistributedDataParallel as LocalDDP
 
         model = [LocalDDP(chunk, args.accumulate_allreduce_grads_in_fp32,
-                          args.use_contiguous_buffers_in_local_ddp) for chunk in model]
+                          args.use_contiguous_buffers_in_local_ddp,
+                          args.gradient_accumulation_fusion) for chunk in model]
     else:
         raise ValueError(f"unknown --DDP-impl {args.DDP_impl!r}: choose local or torch")
     return model

@@ -9,7 +9,10 @@ a view into one flat buffer per gradient dtype (fp32 with
 ``accumulate_allreduce_grads_in_fp32``, else the param dtype). A hook run after autograd
 accumulates ``param.grad`` adds it into ``main_grad`` and frees ``param.grad``, so gradient
 accumulation over micro-batches happens in the buffer and the all-reduce is one call per
-buffer. Without contiguous buffers the grads are flattened per dtype at reduction time.
+buffer. With gradient-accumulation fusion (the default; ``--no-gradient-accumulation-fusion``
+turns it off) the linear layers' backward adds their weight gradient into ``main_grad``
+itself (mpu.layers.weight_grad), so those weights get no ``param.grad`` at all. Without
+contiguous buffers the grads are flattened per dtype at reduction time.
 
 Expert params (``allreduce=False``, Mixture-of-Experts) differ between expert-parallel ranks,
 so they are averaged over their expert-data-parallel group (DeepSpeed's group named by
@@ -122,10 +125,12 @@ class DistributedDataParallel(DistributedDataParallelBase):
         module: torch.nn.Module,
         accumulate_allreduce_grads_in_fp32: bool,
         use_contiguous_buffers: bool,
+        gradient_accumulation_fusion: bool = True,
     ):
         super().__init__(module)
         self.accumulate_allreduce_grads_in_fp32 = accumulate_allreduce_grads_in_fp32
         self.use_contiguous_buffers = use_contiguous_buffers
+        self.gradient_accumulation_fusion = gradient_accumulation_fusion and use_contiguous_buffers
         if self.accumulate_allreduce_grads_in_fp32 and not self.use_contiguous_buffers:
             raise ValueError(
                 "distributed.py: --accumulate-allreduce-grads-in-fp32 needs contiguous "
@@ -159,6 +164,8 @@ class DistributedDataParallel(DistributedDataParallelBase):
             key = self._buffer_key(param)
             sizes[key] -= param.data.nelement()
             param.main_grad = self._grad_buffers[key].get(param.data.shape, sizes[key])
+            # linear layers add their weight gradient into main_grad themselves
+            param.fuse_wgrad_accumulation = self.gradient_accumulation_fusion
             self._hook_handles.append(
                 param.register_post_accumulate_grad_hook(self._accumulate_into_main_grad)
             )
@@ -185,8 +192,9 @@ class DistributedDataParallel(DistributedDataParallelBase):
         if self._grad_buffers is not None:
             for (_, group_name), buffer in self._grad_buffers.items():
                 group, size = _reduction_group(group_name)
-                buffer.data /= size
-                torch.distributed.all_reduce(buffer.data, group=group)
+                if size > 1:  # one rank: nothing to average (a pass over every gradient)
+                    buffer.data /= size
+                    torch.distributed.all_reduce(buffer.data, group=group)
             return
         buckets: Dict[BufferKey, List[torch.Tensor]] = {}
         for param in self.module.parameters():

@@ -153,6 +153,27 @@ def _start_input_grad_reduction(grad_input: torch.Tensor, sequence_parallel: boo
     return grad_input, dist.all_reduce(grad_input, group=group, async_op=True)
 
 
+def weight_grad(weight: torch.Tensor, grad_output_2d: torch.Tensor, input_2d: torch.Tensor):
+    """dW = dY^T X for a linear layer's backward, or, with gradient-accumulation fusion
+    (the local DDP marks its params `fuse_wgrad_accumulation` and gives them `main_grad`),
+    dW added straight into `weight.main_grad` and None returned, so autograd makes no
+    separate gradient tensor and the DDP hook has nothing to add. On the GPU the bf16/fp16
+    GEMM accumulates into the fp32 buffer itself (one GEMM with beta = 1, out_dtype fp32);
+    elsewhere dW is computed and added, the same arithmetic as without the fusion."""
+    main_grad = getattr(weight, "main_grad", None)
+    if main_grad is None or not getattr(weight, "fuse_wgrad_accumulation", False):
+        return grad_output_2d.t().matmul(input_2d)
+    if main_grad.is_cuda and main_grad.dtype != grad_output_2d.dtype:
+        torch.addmm(
+            main_grad, grad_output_2d.t(), input_2d, out_dtype=main_grad.dtype, out=main_grad
+        )
+    elif main_grad.is_cuda:
+        main_grad.addmm_(grad_output_2d.t(), input_2d)
+    else:
+        main_grad.add_(grad_output_2d.t().matmul(input_2d))
+    return None
+
+
 class _LinearWithAsyncCommunication(torch.autograd.Function):
     """Y = X W^T + b for a column-parallel GEMM, with its tensor-parallel communication.
 
@@ -192,7 +213,9 @@ class _LinearWithAsyncCommunication(torch.autograd.Function):
         grad_output_2d = grad_output.reshape(-1, grad_output.size(-1))  # [s*b, out/p]
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
-            grad_weight = grad_output_2d.t().matmul(total_input.reshape(-1, total_input.size(-1)))
+            grad_weight = weight_grad(
+                weight, grad_output_2d, total_input.reshape(-1, total_input.size(-1))
+            )
         if ctx.use_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_output_2d.sum(dim=0)
         if handle is not None:
@@ -231,10 +254,35 @@ class _RowParallelLinearChunkedAllReduce(torch.autograd.Function):
         grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = grad_output.reshape(-1, grad_output.size(-1)).t().matmul(
-                input_.reshape(-1, input_.size(-1))
+            grad_weight = weight_grad(
+                weight,
+                grad_output.reshape(-1, grad_output.size(-1)),
+                input_.reshape(-1, input_.size(-1)),
             )
         return grad_input, grad_weight, None
+
+
+class _LinearAccumulatingWeightGrad(torch.autograd.Function):
+    """Y = X W^T (no bias, no communication) whose backward hands dW to `weight_grad`: the
+    row-parallel GEMM's own path when gradient-accumulation fusion is on."""
+
+    @staticmethod
+    def forward(ctx, input_, weight):
+        ctx.save_for_backward(input_, weight)
+        return F.linear(input_, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input_, weight = ctx.saved_tensors
+        grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = weight_grad(
+                weight,
+                grad_output.reshape(-1, grad_output.size(-1)),
+                input_.reshape(-1, input_.size(-1)),
+            )
+        return grad_input, grad_weight
 
 
 def _overlap_sequence_parallel(sequence_parallel: bool) -> bool:
@@ -521,7 +569,10 @@ class RowParallelLinear(torch.nn.Module):
         ):
             output_ = _RowParallelLinearChunkedAllReduce.apply(input_parallel, self.weight, chunks)
         else:
-            output_parallel = F.linear(input_parallel, self.weight)  # [s, b, out], partial sums
+            if getattr(self.weight, "fuse_wgrad_accumulation", False):
+                output_parallel = _LinearAccumulatingWeightGrad.apply(input_parallel, self.weight)
+            else:
+                output_parallel = F.linear(input_parallel, self.weight)  # [s, b, out] partial
             if self.sequence_parallel:
                 output_ = reduce_scatter_to_sequence_parallel_region(output_parallel)  # [s/p,b,o]
             else:

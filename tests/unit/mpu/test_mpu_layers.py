@@ -330,6 +330,41 @@ def _check_broadcast_data(tp, r):
     assert out["empty"].shape == (3, 0)
 
 
+def _check_grad_accumulation_fusion(tp, r):
+    """With the local DDP's main_grad buffers marked for fusion, the column- and row-parallel
+    GEMMs (plain and chunked) add dW into main_grad over two micro-batches and give the
+    weights no .grad; main_grad equals the unfused layers' accumulated .grad exactly."""
+
+    def mlp(fused: bool):
+        torch.manual_seed(SEED)
+        layers = [
+            mpu.ColumnParallelLinear(8, 12, gather_output=False),
+            mpu.RowParallelLinear(12, 8, input_is_parallel=True),
+            mpu.RowParallelLinear(8, 6, tp_comm_overlap_chunks=2 if tp > 1 else 1),
+        ]
+        if fused:
+            for layer in layers:
+                layer.weight.main_grad = torch.zeros_like(layer.weight)
+                layer.weight.fuse_wgrad_accumulation = True
+        return layers
+
+    def backward(layers):
+        for micro in range(2):
+            h = _data(5, 3, 8, seed=20 + micro)
+            h, _ = layers[0](h)
+            h, _ = layers[1](torch.tanh(h))
+            y, _ = layers[2](h)
+            (y * _data(5, 3, 6, seed=30 + micro)).sum().backward()
+
+    plain, fused = mlp(False), mlp(True)
+    backward(plain)
+    backward(fused)
+    for i, (a, b) in enumerate(zip(plain, fused)):
+        assert b.weight.grad is None, f"layer {i}: fused weight got a .grad"
+        assert torch.equal(b.weight.main_grad, a.weight.grad), f"layer {i}: main_grad != grad"
+        assert torch.equal(b.bias.grad, a.bias.grad), f"layer {i}: bias grad"
+
+
 def _run_tp_checks(rank, world_size, tp, pp):
     mpu.initialize_model_parallel(tp, pp)
     r = mpu.get_tensor_model_parallel_rank()
@@ -345,6 +380,7 @@ def _run_tp_checks(rank, world_size, tp, pp):
         _check_last_dim_mappings,
         _check_sequence_mappings,
         _check_broadcast_data,
+        _check_grad_accumulation_fusion,
     ):
         check(tp, r)
     mpu.destroy_model_parallel()
@@ -386,3 +422,4 @@ def test_single_process_layers_are_serial():
         F.cross_entropy(logits, target, reduction="none"),
         "TP=1 cross entropy",
     )
+    _check_grad_accumulation_fusion(1, 0)
