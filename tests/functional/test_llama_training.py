@@ -4,7 +4,10 @@ layer into its checkpoint, and under every parallel layout gives the losses of t
 one-process run (CPU gloo ranks, fp32, no dropout, 4 layers so that PP=2 holds 2 virtual
 stages of 1 layer):
 
-  4 ranks (torchrun): TP=2 x PP=2 with --sequence-parallel;
+  4 ranks, one spawned world: TP=2 x PP=2 with --sequence-parallel, under Megatron's
+    1F1B and under DeepSpeed's pipeline engine (given "pipe_partitioned": false and
+    "grad_partitioned": false: DeepSpeed splits each pipeline message over the TP ranks
+    by default, which assumes the same activations on every TP rank);
   2 ranks, one spawned world: interleaved PP=2 (2 virtual stages, 4 micro-batches),
     TP=2 with --sequence-parallel and --tp-comm-overlap, DeepSpeed ZeRO-2 at DP=2,
     DeepSpeed ZeRO-1 at TP=2 with --sequence-parallel, DeepSpeed's pipeline engine
@@ -19,12 +22,12 @@ printed digits; measured: every layout 9.5e-7, 1 in the last digit). The tighter
 matters for TP=2 with --sequence-parallel under DeepSpeed: without the sum of the
 RMSNorm gradients over the tensor group (megatron/training.py) that run differs by
 9.6e-6 at iteration 10, Adam's normalised steps hiding most of the half-sized gradients
-from the loss. Padded
-vocabulary: 50304 for every TP (--make-vocab-size-divisible-by 128 / TP). The curriculum
-changes the losses, so its runs must train: finite losses that fall, no skipped
-iteration, the logged sequence lengths. Megatron's PP=2 and TP=2 with these options are
-also checked layer by layer in tests/unit/model/test_llama_layers.py; MoE with SwiGLU
-experts in tests/functional/test_llama_moe.py.
+from the loss. Padded vocabulary: 50304 for every TP (--make-vocab-size-divisible-by
+128 / TP). The curriculum changes the losses, so its runs must train: finite losses
+that fall, no skipped iteration, the logged sequence lengths. Megatron's PP=2 and TP=2
+with these options are also checked layer by layer in
+tests/unit/model/test_llama_layers.py; MoE with SwiGLU experts in
+tests/functional/test_llama_moe.py.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ import torch
 
 from ..dist_utils import run_distributed
 from .gpt_runs import (
-    launch,
     parse_log,
     preprocess,
     pretrain_in_process,
@@ -47,7 +49,7 @@ from .gpt_runs import (
     tiny_gpt_args,
 )
 
-# a 20-iteration run, a 4-rank launch and a 2-rank world of 7 runs
+# a 20-iteration run, a 4-rank world of 2 runs and a 2-rank world of 7 runs
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ITERS = 20
@@ -125,80 +127,107 @@ def test_llama_loss_falls_and_checkpoint_holds_the_output_layer(serial_run):
     assert model["output_layer"]["weight"].shape == embedding.shape
 
 
-# name: (TP, flags); Megatron's own loop first, then the DeepSpeed engines
-TWO_RANK_RUNS = {
-    "interleaved PP=2": (1, ["--pipeline-model-parallel-size", "2",
-                             "--num-layers-per-virtual-pipeline-stage", "1",
-                             "--micro-batch-size", "2"]),
-    "TP=2 sequence parallel + tp-comm-overlap": (2, ["--sequence-parallel", "--tp-comm-overlap"]),
-    "DeepSpeed ZeRO-2 DP=2": (1, ["--deepspeed", "--zero-stage", "2"]),
-    "DeepSpeed ZeRO-1 TP=2 sequence parallel": (2, ["--deepspeed", "--zero-stage", "1",
-                                                    "--sequence-parallel"]),
-    "DeepSpeed pipeline PP=2": (1, ["--deepspeed", "--zero-stage", "1",
-                                    "--pipeline-model-parallel-size", "2"]),
-    "curriculum DP=2": (1, ["--deepspeed", "--zero-stage", "1", "--curriculum-learning"]),
-    "curriculum DeepSpeed pipeline PP=2": (1, ["--deepspeed", "--zero-stage", "1",
-                                               "--curriculum-learning",
-                                               "--pipeline-model-parallel-size", "2"]),
+# {ranks: {name: (TP, flags)}}; in each world Megatron's own loop first, then DeepSpeed.
+# "{curriculum}" and "{pipe_not_partitioned}" stand for DeepSpeed config files.
+RUNS = {
+    2: {
+        "interleaved PP=2": (1, ["--pipeline-model-parallel-size", "2",
+                                 "--num-layers-per-virtual-pipeline-stage", "1",
+                                 "--micro-batch-size", "2"]),
+        "TP=2 sequence parallel + tp-comm-overlap": (2, ["--sequence-parallel",
+                                                         "--tp-comm-overlap"]),
+        "DeepSpeed ZeRO-2 DP=2": (1, ["--deepspeed", "--zero-stage", "2"]),
+        "DeepSpeed ZeRO-1 TP=2 sequence parallel": (2, ["--deepspeed", "--zero-stage", "1",
+                                                        "--sequence-parallel"]),
+        "DeepSpeed pipeline PP=2": (1, ["--deepspeed", "--zero-stage", "1",
+                                        "--pipeline-model-parallel-size", "2"]),
+        "curriculum DP=2": (1, ["--deepspeed", "--zero-stage", "1", "--curriculum-learning",
+                                "--deepspeed_config", "{curriculum}"]),
+        "curriculum DeepSpeed pipeline PP=2": (1, ["--deepspeed", "--zero-stage", "1",
+                                                   "--curriculum-learning",
+                                                   "--deepspeed_config", "{curriculum}",
+                                                   "--pipeline-model-parallel-size", "2"]),
+    },
+    4: {
+        "TP=2 x PP=2 sequence parallel": (2, ["--pipeline-model-parallel-size", "2",
+                                              "--sequence-parallel"]),
+        # see the module docstring for the pipeline block
+        "DeepSpeed pipeline TP=2 x PP=2 sequence parallel": (2, [
+            "--deepspeed", "--zero-stage", "1", "--pipeline-model-parallel-size", "2",
+            "--sequence-parallel", "--deepspeed_config", "{pipe_not_partitioned}"]),
+    },
 }  # fmt: skip
+DEEPSPEED_CONFIGS = {
+    "curriculum": {"curriculum_learning": CURRICULUM},
+    "pipe_not_partitioned": {"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}},
+}
 
 
-def _two_rank_world(rank: int, world_size: int, tmp: str, data_path: str, vocab_dir: str):
-    """Every two-rank run of TWO_RANK_RUNS in one world; {name: this rank's stdout}."""
-    config = os.path.join(tmp, "ds_config_curriculum.json")
+def _world(rank: int, world_size: int, tmp: str, data_path: str, vocab_dir: str):
+    """Every run of RUNS[world_size] in one world; {name: this rank's stdout}."""
+    configs = {name: os.path.join(tmp, f"ds_config_{name}.json") for name in DEEPSPEED_CONFIGS}
     if rank == 0:
-        with open(config, "w") as f:
-            json.dump({"curriculum_learning": CURRICULUM}, f)
+        for name, path in configs.items():
+            with open(path, "w") as f:
+                json.dump(DEEPSPEED_CONFIGS[name], f)
     torch.distributed.barrier()
     logs = {}
-    for name, (tp, extra) in TWO_RANK_RUNS.items():
-        if "--curriculum-learning" in extra:
-            extra = extra + ["--deepspeed_config", config]
+    for name, (tp, extra) in RUNS[world_size].items():
+        extra = [flag.format(**configs) for flag in extra]
         args = _llama_args(data_path, vocab_dir, PARALLEL_ITERS, tp, extra)
         logs[name] = pretrain_in_process(args, "GPT2BPETokenizer")
         torch.distributed.barrier()
     return logs
 
 
+def _runs(tmp_path_factory, data_path, vocab_dir, ranks):
+    tmp = str(tmp_path_factory.mktemp(f"llama_{ranks}ranks"))
+    # [rank 0's logs, ..., the last rank's]: log lines come from the last rank, setup
+    # messages from rank 0
+    return run_distributed(_world, ranks, args=(tmp, data_path, vocab_dir), timeout=600)
+
+
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory, data_path, vocab_dir):
-    tmp = str(tmp_path_factory.mktemp("llama_2rank"))
-    # log lines come from the last rank, setup messages from rank 0
-    return run_distributed(_two_rank_world, 2, args=(tmp, data_path, vocab_dir), timeout=600)
+    return _runs(tmp_path_factory, data_path, vocab_dir, 2)
 
 
-@pytest.mark.parametrize("name", [n for n in TWO_RANK_RUNS if not n.startswith("curriculum")])
-def test_llama_two_rank_layouts_equal_serial(serial_run, two_rank_runs, name):
-    losses, _ = serial_run
-    stdout = two_rank_runs[1][name]
+@pytest.fixture(scope="module")
+def four_rank_runs(tmp_path_factory, data_path, vocab_dir):
+    return _runs(tmp_path_factory, data_path, vocab_dir, 4)
+
+
+def _assert_layout_equals_serial(name: str, logs: list, serial: list[float]) -> None:
+    stdout = logs[-1][name]
     if "tp-comm-overlap" in name:  # gloo: the GEMMs run their collectives unfused
         message = "> tp-comm-overlap: no CUDA device; each sequence-parallel GEMM"
-        assert message in two_rank_runs[0][name], two_rank_runs[0][name][-3000:]
+        assert message in logs[0][name], logs[0][name][-3000:]
     tol = DEEPSPEED_REL_TOL if name.startswith("DeepSpeed") else REL_TOL
-    _assert_close(name, _losses(stdout, PARALLEL_ITERS), losses[:PARALLEL_ITERS], tol)
+    _assert_close(name, _losses(stdout, PARALLEL_ITERS), serial[:PARALLEL_ITERS], tol)
 
 
-@pytest.mark.parametrize("name", [n for n in TWO_RANK_RUNS if n.startswith("curriculum")])
+@pytest.mark.parametrize("name", [n for n in RUNS[2] if not n.startswith("curriculum")])
+def test_llama_two_rank_layouts_equal_serial(serial_run, two_rank_runs, name):
+    _assert_layout_equals_serial(name, two_rank_runs, serial_run[0])
+
+
+@pytest.mark.parametrize("name", list(RUNS[4]))
+def test_llama_four_rank_layouts_equal_serial(serial_run, four_rank_runs, name):
+    """TP=2 x PP=2 with --sequence-parallel: pipeline messages [s/2, b, h], the rotary
+    tables applied after the sequence all-gather; under Megatron's 1F1B and under
+    DeepSpeed's pipeline engine (GPTModelPipe)."""
+    _assert_layout_equals_serial(name, four_rank_runs, serial_run[0])
+
+
+@pytest.mark.parametrize("name", [n for n in RUNS[2] if n.startswith("curriculum")])
 def test_llama_curriculum_trains_on_shorter_sequences(two_rank_runs, name):
     """RoPE on 8, 16, 24 then 32 tokens: no shape error, the logged lengths follow
     fixed_linear, finite losses that fall, nothing skipped."""
-    stdout = two_rank_runs[1][name]
+    stdout = two_rank_runs[-1][name]
     seqlens = {int(m.group(1)): int(m.group(2)) for m in SEQLEN_RE.finditer(stdout)}
-    assert [seqlens.get(i) for i in range(1, PARALLEL_ITERS + 1)] == CURRICULUM_SEQLENS, stdout[
-        -3000:
-    ]
+    got = [seqlens.get(i) for i in range(1, PARALLEL_ITERS + 1)]
+    assert got == CURRICULUM_SEQLENS, stdout[-3000:]
     losses = _losses(stdout, PARALLEL_ITERS)
     assert all(math.isfinite(x) for x in losses), losses
     assert losses[-1] < losses[0] - 0.2 and min(losses[-3:]) < min(losses[:3]), losses
     assert all(row["skipped"] == 0 and row["nan"] == 0 for row in parse_log(stdout).values())
-
-
-def test_llama_tp2_pp2_sequence_parallel_equals_serial(serial_run, data_path, vocab_dir):
-    """4 ranks started by torchrun: TP=2 x PP=2 with --sequence-parallel (pipeline
-    messages [s/2, b, h], the rotary tables applied after the sequence all-gather)."""
-    losses, _ = serial_run
-    flags = _llama_args(data_path, vocab_dir, PARALLEL_ITERS, tp=2, extra=[
-        "--pipeline-model-parallel-size", "2", "--sequence-parallel"])  # fmt: skip
-    stdout = launch(4, flags, timeout=300)
-    _assert_close("TP=2 x PP=2 sequence parallel", _losses(stdout, PARALLEL_ITERS),
-                  losses[:PARALLEL_ITERS], REL_TOL)  # fmt: skip
