@@ -488,7 +488,7 @@ def main():
                         "--nproc_per_node", str(a.nproc)]
         cmd = launcher + [__file__, "--child", impl, "--shape", a.shape, "--warmup",
                           str(a.warmup), "--iters", str(a.iters),
-                          "--megatron-flags", a.megatron_flags]
+                          f"--megatron-flags={a.megatron_flags}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
