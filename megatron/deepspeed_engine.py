@@ -283,12 +283,33 @@ def reconcile_deepspeed_config(config: dict, args, source: str = "ds_config.json
     _take_optimizer(config, args, source)
     _refuse_scheduler(config, source)
     _fill_activation_checkpointing(config, args)
+    _fill_pipeline_partitioning(config, args, source)
     args.ds_curriculum = _take_curriculum(config, args, source)
     if getattr(args, "universal_checkpoint", False):
         config.setdefault("checkpoint", {})["load_universal"] = True
     config.setdefault("steps_per_print", 2**31 - 1)  # Megatron prints its own log line
     config.setdefault("wall_clock_breakdown", False)
     return config
+
+
+def _fill_pipeline_partitioning(config: dict, args, source: str) -> None:
+    """DeepSpeed's pipeline engine by default sends 1/TP of each activation and gradient
+    per tensor-parallel rank and gathers the rest, which assumes the TP ranks hold the same
+    tensor. Under --sequence-parallel they hold different parts of the sequence, so with
+    TP > 1 both kinds of partitioning are switched off; a config that turns them on is
+    refused."""
+    if not (getattr(args, "sequence_parallel", False) and args.tensor_model_parallel_size > 1):
+        return
+    pipeline = config.setdefault("pipeline", {})
+    for key in ("pipe_partitioned", "grad_partitioned"):
+        if pipeline.get(key, False):
+            raise DeepSpeedConfigError(
+                f'{source}: "pipeline": {{"{key}": true}} cannot be used with '
+                f"--sequence-parallel at --tensor-model-parallel-size "
+                f"{args.tensor_model_parallel_size} (the tensor-parallel ranks hold different "
+                "parts of the sequence); set it to false or leave it out"
+            )
+        pipeline[key] = False
 
 
 def build_deepspeed_config(args) -> dict:

@@ -5,9 +5,10 @@ one-process run (CPU gloo ranks, fp32, no dropout, 4 layers so that PP=2 holds 2
 stages of 1 layer):
 
   4 ranks, one spawned world: TP=2 x PP=2 with --sequence-parallel, under Megatron's
-    1F1B and under DeepSpeed's pipeline engine (given "pipe_partitioned": false and
-    "grad_partitioned": false: DeepSpeed splits each pipeline message over the TP ranks
-    by default, which assumes the same activations on every TP rank);
+    1F1B and under DeepSpeed's pipeline engine (whose config then gets
+    "pipe_partitioned": false and "grad_partitioned": false: DeepSpeed splits each
+    pipeline message over the TP ranks by default, which assumes the same activations on
+    every TP rank);
   2 ranks, one spawned world: interleaved PP=2 (2 virtual stages, 4 micro-batches),
     TP=2 with --sequence-parallel and --tp-comm-overlap, DeepSpeed ZeRO-2 at DP=2,
     DeepSpeed ZeRO-1 at TP=2 with --sequence-parallel, DeepSpeed's pipeline engine
@@ -128,7 +129,7 @@ def test_llama_loss_falls_and_checkpoint_holds_the_output_layer(serial_run):
 
 
 # {ranks: {name: (TP, flags)}}; in each world Megatron's own loop first, then DeepSpeed.
-# "{curriculum}" and "{pipe_not_partitioned}" stand for DeepSpeed config files.
+# "{curriculum}" stands for a DeepSpeed config file.
 RUNS = {
     2: {
         "interleaved PP=2": (1, ["--pipeline-model-parallel-size", "2",
@@ -151,15 +152,13 @@ RUNS = {
     4: {
         "TP=2 x PP=2 sequence parallel": (2, ["--pipeline-model-parallel-size", "2",
                                               "--sequence-parallel"]),
-        # see the module docstring for the pipeline block
         "DeepSpeed pipeline TP=2 x PP=2 sequence parallel": (2, [
             "--deepspeed", "--zero-stage", "1", "--pipeline-model-parallel-size", "2",
-            "--sequence-parallel", "--deepspeed_config", "{pipe_not_partitioned}"]),
+            "--sequence-parallel"]),
     },
 }  # fmt: skip
 DEEPSPEED_CONFIGS = {
     "curriculum": {"curriculum_learning": CURRICULUM},
-    "pipe_not_partitioned": {"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}},
 }
 
 

@@ -254,3 +254,19 @@ def test_scheduler_block_is_refused():
     config = {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}
     with pytest.raises(DeepSpeedConfigError, match='scheduler block \\("WarmupLR"\\) in ds.json'):
         reconcile_deepspeed_config(config, _optimizer_args(), "ds.json")
+
+
+def test_sequence_parallel_turns_off_pipeline_message_partitioning():
+    """DeepSpeed's pipeline engine splits its messages over the TP ranks unless told not
+    to; under --sequence-parallel the TP ranks hold different tokens."""
+    args = _args(sequence_parallel=True, tensor_model_parallel_size=2)
+    config = reconcile_deepspeed_config({"pipeline": {"activation_checkpoint_interval": 0}}, args)
+    assert config["pipeline"] == {
+        "activation_checkpoint_interval": 0, "pipe_partitioned": False, "grad_partitioned": False
+    }
+    with pytest.raises(DeepSpeedConfigError, match=r'"pipe_partitioned": true.*--sequence-parallel'):
+        reconcile_deepspeed_config({"pipeline": {"pipe_partitioned": True}}, args, "ds.json")
+    # without sequence parallelism (or at TP=1) DeepSpeed's defaults stay
+    for other in (_args(sequence_parallel=False, tensor_model_parallel_size=2),
+                  _args(sequence_parallel=True, tensor_model_parallel_size=1)):
+        assert "pipeline" not in reconcile_deepspeed_config({}, other)
