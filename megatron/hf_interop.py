@@ -665,6 +665,7 @@ _VALUE_FLAGS = {
     "vocab_file": "--vocab-file",
     "merge_file": "--merge-file",
     "tokenizer_model": "--tokenizer-model",
+    "vocab_size": "--vocab-size",
 }
 # dest -> (flag, the value the flag sets)
 _SWITCHES = {
