@@ -375,7 +375,9 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     add("--checkpoint-num-layers", type=int, default=1, help="Layers per checkpointed chunk.")
     add("--train-iters", type=int, help="Iterations to train for.")
     add("--train-samples", type=int, help="Samples to train for.")
-    add("--train-tokens", type=int, help="Tokens to train for.")
+    add("--train-tokens", type=int,
+        help="Stop once this many tokens were consumed (samples x sequence length, the "
+        "curriculum length where one is used); --train-iters/--train-samples still apply.")
     add("--log-interval", type=int, default=100, help="Iterations between log lines.")
     add("--exit-interval", type=int, help="Exit at an iteration divisible by this.")
     add("--exit-duration-in-mins", type=int, help="Exit after this many minutes.")
@@ -407,7 +409,8 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         choices=[0, 1, 2],
-        help="Empty the device cache: 0 never, 1 after each step, 2 also after eval.",
+        help="Empty the accelerator's cache to reduce fragmentation: 0 never, 1 after each "
+        "forward-backward (training and evaluation), 2 also after each optimizer step.",
     )
 
 
@@ -415,7 +418,8 @@ def _add_initialization_args(parser: argparse.ArgumentParser) -> None:
     add = _group(parser, "initialization")
     add("--seed", type=int, default=1234, help="Random seed.")
     add("--init-method-std", type=float, default=0.02, help="Std of the normal init.")
-    add("--init-method-xavier-uniform", action=_TRUE, help="Xavier uniform init.")
+    add("--init-method-xavier-uniform", action=_TRUE,
+        help="Xavier uniform init of the linear layers (instead of the normal init).")
 
 
 def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
@@ -429,11 +433,12 @@ def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
     )
     add("--lr-decay-iters", type=int, help="Iterations to decay over.")
     add("--lr-decay-samples", type=int, help="Samples to decay over.")
-    add("--lr-decay-tokens", type=int, help="Tokens to decay over.")
+    add("--lr-decay-tokens", type=int,
+        help="Tokens to decay over; the decay then follows consumed tokens, not steps.")
     add("--lr-warmup-fraction", type=float, help="Warm-up as a fraction of the decay span.")
     add("--lr-warmup-iters", type=int, default=0, help="Warm-up iterations.")
     add("--lr-warmup-samples", type=int, default=0, help="Warm-up samples.")
-    add("--lr-warmup-tokens", type=int, help="Warm-up tokens.")
+    add("--lr-warmup-tokens", type=int, help="Warm-up tokens (with --lr-decay-tokens).")
     add("--warmup", type=float, help="Deprecated: use --lr-warmup-fraction.")
     add("--min-lr", type=float, default=0.0, help="Floor of the decayed learning rate.")
     add("--override-lr-scheduler", action=_TRUE, help="Schedule from flags, not checkpoint.")
@@ -630,7 +635,8 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     add("--log-num-zeros-in-grad", action=_TRUE, help="Log the zeros in the gradient.")
     add("--tensorboard-log-interval", type=int, default=1, help="Steps between TB writes.")
     add("--tensorboard-queue-size", type=int, default=1000, help="TB events before a flush.")
-    add("--log-timers-to-tensorboard", action=_TRUE, help="Timers to TensorBoard.")
+    add("--log-timers-to-tensorboard", action=_TRUE,
+        help="Step timers and iteration time to TensorBoard.")
     add("--log-batch-size-to-tensorboard", action=_TRUE, help="Batch size to TensorBoard.")
     add(
         "--no-log-learnig-rate-to-tensorboard",
@@ -715,6 +721,7 @@ def validate_args(
         args.local_rank = int(os.getenv("LOCAL_RANK", "0"))
     _apply_defaults(args, defaults or {})
     _fold_deprecated(args)
+    _refuse_unsupported(args)
     for dest, flag in _REQUIRED:
         if getattr(args, dest, None) is None:
             raise ArgumentError(f"{flag} is required")
@@ -725,9 +732,11 @@ def validate_args(
     _set_batch_sizes(args)
     _set_precision(args)
     _check_training_schedule(args)
+    _check_token_schedule(args)
     _check_moe(args)
     _check_activation_checkpointing(args)
     args.consumed_train_samples = 0
+    args.consumed_train_tokens = 0
     args.consumed_valid_samples = 0
     if args.dataloader_type is None:
         args.dataloader_type = "single"
@@ -799,6 +808,8 @@ _POSITIVE = (
     ("decoder_seq_length", "--decoder-seq-length"),
     ("train_iters", "--train-iters"),
     ("train_samples", "--train-samples"),
+    ("train_tokens", "--train-tokens"),
+    ("lr_decay_tokens", "--lr-decay-tokens"),
     ("log_interval", "--log-interval"),
     ("eval_interval", "--eval-interval"),
     ("save_interval", "--save-interval"),
@@ -812,6 +823,7 @@ _NON_NEGATIVE = (
     ("eval_iters", "--eval-iters"),
     ("lr_warmup_iters", "--lr-warmup-iters"),
     ("lr_warmup_samples", "--lr-warmup-samples"),
+    ("lr_warmup_tokens", "--lr-warmup-tokens"),
     ("max_consecutive_skipped_iterations", "--max-consecutive-skipped-iterations"),
 )
 
@@ -1038,6 +1050,56 @@ def _check_warmup_span(args: argparse.Namespace) -> None:
     if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction < 1:
         raise ArgumentError(
             f"--lr-warmup-fraction ({args.lr_warmup_fraction}) must be in [0, 1)")
+
+
+def _check_token_schedule(args: argparse.Namespace) -> None:
+    """--train-tokens stops a run that --train-iters/--train-samples bounds as well; the
+    token warm-up is part of a token decay."""
+    if args.train_tokens is not None and args.train_iters is None and args.train_samples is None:
+        raise ArgumentError(
+            "--train-tokens needs --train-iters or --train-samples as well (they size the "
+            "datasets; the run stops at whichever limit comes first)")
+    if args.lr_warmup_tokens is not None:
+        if args.lr_decay_tokens is None:
+            raise ArgumentError(
+                f"--lr-warmup-tokens ({args.lr_warmup_tokens}) needs --lr-decay-tokens")
+        if args.lr_warmup_fraction is not None:
+            raise ArgumentError(
+                f"--lr-warmup-tokens ({args.lr_warmup_tokens}) and --lr-warmup-fraction "
+                f"({args.lr_warmup_fraction}) both given; give one")
+        if args.lr_warmup_tokens >= args.lr_decay_tokens:
+            raise ArgumentError(
+                f"--lr-warmup-tokens ({args.lr_warmup_tokens}) must be smaller than "
+                f"--lr-decay-tokens ({args.lr_decay_tokens})")
+
+
+# Flags Megatron-DeepSpeed accepts whose feature this implementation does not have: giving
+# one (with a value other than its inert default) is an error rather than a silent no-op.
+UNSUPPORTED_FLAGS = (
+    ("adlr_autoresume", "--adlr-autoresume", False,
+     "ADLR's cluster auto-resume (userlib); use --exit-signal-handler or "
+     "--exit-duration-in-mins"),
+    ("adlr_autoresume_interval", "--adlr-autoresume-interval", 1000,
+     "ADLR's cluster auto-resume (userlib)"),
+    ("cpu_torch_adam", "--cpu_torch_adam", False,
+     "torch's Adam on CPU; use --cpu-optimizer or DeepSpeed's offload config"),
+    ("lazy_mpu_init", "--lazy-mpu-init", None, "deferred process-group creation"),
+    ("memory_centric_tiled_linear", "--memory-centric-tiled-linear", False,
+     "DeepSpeed TiledLinear"),
+    ("tile_factor", "--tile-factor", 1, "DeepSpeed TiledLinear"),
+    ("scattered_embeddings", "--scattered-embeddings", False, "ZeRO-3 scattered embeddings"),
+    ("split_transformers", "--split-transformers", False, "ZeRO-3 split transformer layers"),
+    ("profile_backward", "--profile-backward", False, "profiling the recomputation"),
+    ("retriever_seq_length", "--retriever-seq-length", 256, "the ICT/REALM retriever"),
+    ("sample_rate", "--sample-rate", 1.0, "data sub-sampling"),
+)
+
+
+def _refuse_unsupported(args: argparse.Namespace) -> None:
+    for dest, flag, inert, feature in UNSUPPORTED_FLAGS:
+        value = getattr(args, dest, inert)
+        if value is not None and value != inert:
+            raise ArgumentError(f"{flag}: {feature} is not supported here")
 
 
 def _check_moe(args: argparse.Namespace) -> None:

@@ -866,6 +866,7 @@ def checkpoint_header(args, iteration: int) -> dict:
         "iteration": iteration,
         "consumed_train_samples": args.consumed_train_samples,
         "consumed_valid_samples": args.consumed_valid_samples,
+        "consumed_train_tokens": getattr(args, "consumed_train_tokens", 0),
     }
 
 
@@ -927,6 +928,8 @@ def _restore_counters(args, state: dict) -> None:
         "consumed_train_samples", getattr(state["args"], "consumed_train_samples", 0))
     args.consumed_valid_samples = state.get(
         "consumed_valid_samples", getattr(state["args"], "consumed_valid_samples", 0))
+    args.consumed_train_tokens = state.get(
+        "consumed_train_tokens", getattr(state["args"], "consumed_train_tokens", 0))
     from .global_vars import update_num_microbatches
 
     update_num_microbatches(args.consumed_train_samples, consistency_check=False)

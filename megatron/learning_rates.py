@@ -5,6 +5,13 @@ passes to ``step(increment=...)``: the global batch size when training is measur
 samples (``--train-samples``, ``--lr-warmup-samples``, ``--lr-decay-samples``), or 1 when it
 is measured in iterations (``--train-iters``, ``--lr-warmup-iters``, ``--lr-decay-iters``).
 ``warmup_steps`` and ``decay_steps`` must be in the same unit.
+
+With ``decay_tokens`` (``--lr-decay-tokens``) the schedule follows consumed *tokens*
+instead: every step adds ``increment x tokens_per_sample`` tokens (the sequence length, or
+the curriculum length the loop sets with ``set_tokens_per_sample``), so a token schedule
+of W x B x s warm-up tokens and D x B x s decay tokens gives the same learning rates as
+W warm-up and D decay iterations of global batch B and sequence length s. Skipped steps
+(fp16 overflow) count neither samples nor tokens here.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ class AnnealingLR:
       linear: lr = min + (max - min) * (1 - r)
       cosine: lr = min + (max - min) * 0.5 * (cos(pi * r) + 1)
 
+    With ``decay_tokens`` D_t, the decay counts consumed tokens t: t > D_t gives min and
+    r = (t - W_t) / (D_t - W_t), where W_t is ``warmup_tokens`` (then the warm-up is
+    lr = max * t / W_t), or, for a warm-up in steps, the tokens consumed when it ended.
+
     A param group carrying ``'lr_mult'`` gets ``lr * lr_mult`` (the default multiplier is 1).
 
     On ``load_state_dict`` the checkpoint's schedule is compared with this one field by field:
@@ -46,6 +57,9 @@ class AnnealingLR:
         decay_style: str,
         use_checkpoint_lr_scheduler: bool = True,
         override_lr_scheduler: bool = False,
+        warmup_tokens: int | None = None,
+        decay_tokens: int | None = None,
+        tokens_per_sample: int = 1,
     ) -> None:
         self.optimizer = optimizer
         self.max_lr = float(max_lr)
@@ -73,6 +87,21 @@ class AnnealingLR:
             )
         self.decay_style = decay_style
         self.num_steps = 0
+        self.warmup_tokens = None if warmup_tokens is None else int(warmup_tokens)
+        self.decay_tokens = None if decay_tokens is None else int(decay_tokens)
+        if self.warmup_tokens is not None and self.decay_tokens is None:
+            raise ValueError("learning_rates.py: --lr-warmup-tokens needs --lr-decay-tokens")
+        if self.decay_tokens is not None and self.decay_tokens <= 0:
+            raise ValueError(
+                f"learning_rates.py: --lr-decay-tokens must be > 0, got {decay_tokens}")
+        if self.warmup_tokens is not None and self.warmup_tokens >= self.decay_tokens:
+            raise ValueError(
+                f"learning_rates.py: --lr-warmup-tokens ({warmup_tokens}) must be smaller "
+                f"than --lr-decay-tokens ({decay_tokens})")
+        self.num_tokens = 0
+        self.tokens_per_sample = int(tokens_per_sample)
+        # Tokens consumed when a warm-up counted in steps ended (token decay starts there).
+        self.warmup_end_tokens: int | None = None
         self.override_lr_scheduler = override_lr_scheduler
         self.use_checkpoint_lr_scheduler = use_checkpoint_lr_scheduler
         if self.override_lr_scheduler and self.use_checkpoint_lr_scheduler:
@@ -86,14 +115,23 @@ class AnnealingLR:
 
     def get_lr(self) -> float:
         """The learning rate at the current step count (see the class docstring)."""
-        n = self.num_steps
-        if self.warmup_steps > 0 and n <= self.warmup_steps:
+        n, t = self.num_steps, self.num_tokens
+        if self.warmup_tokens is not None:
+            if self.warmup_tokens > 0 and t <= self.warmup_tokens:
+                return self.max_lr * float(t) / float(self.warmup_tokens)
+        elif self.warmup_steps > 0 and n <= self.warmup_steps:
             return self.max_lr * float(n) / float(self.warmup_steps)
         if self.decay_style == "constant":
             return self.max_lr
-        if n > self.decay_steps:
-            return self.min_lr
-        ratio = float(n - self.warmup_steps) / float(self.decay_steps - self.warmup_steps)
+        if self.decay_tokens is None:
+            if n > self.decay_steps:
+                return self.min_lr
+            ratio = float(n - self.warmup_steps) / float(self.decay_steps - self.warmup_steps)
+        else:
+            start = self._token_decay_start()
+            if t > self.decay_tokens or start >= self.decay_tokens:
+                return self.min_lr
+            ratio = float(t - start) / float(self.decay_tokens - start)
         delta = self.max_lr - self.min_lr
         if self.decay_style == "linear":
             coeff = 1.0 - ratio
@@ -101,16 +139,31 @@ class AnnealingLR:
             coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
         return self.min_lr + coeff * delta
 
+    def _token_decay_start(self) -> int:
+        if self.warmup_tokens is not None:
+            return self.warmup_tokens
+        return self.warmup_end_tokens if self.warmup_end_tokens is not None else self.num_tokens
+
+    def set_tokens_per_sample(self, tokens: int) -> None:
+        """Tokens each sample of the next steps holds (the curriculum sequence length)."""
+        self.tokens_per_sample = int(tokens)
+
     def step(self, increment: int = 1) -> float:
-        """Advance by ``increment`` steps (samples or iterations) and set every group's lr."""
+        """Advance by ``increment`` steps (samples or iterations), and by increment x
+        tokens_per_sample tokens, and set every group's lr."""
         self.num_steps += increment
+        self.num_tokens += increment * self.tokens_per_sample
+        if (self.decay_tokens is not None and self.warmup_tokens is None
+                and self.warmup_end_tokens is None and self.num_steps >= self.warmup_steps):
+            self.warmup_end_tokens = self.num_tokens
         new_lr = self.get_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = new_lr * group.get("lr_mult", 1.0)
         return new_lr
 
     def state_dict(self) -> dict:
-        return {
+        """Megatron's keys; a token schedule adds its own (Megatron-DeepSpeed's names)."""
+        sd = {
             "max_lr": self.max_lr,
             "warmup_steps": self.warmup_steps,
             "num_steps": self.num_steps,
@@ -118,6 +171,14 @@ class AnnealingLR:
             "decay_steps": self.decay_steps,
             "min_lr": self.min_lr,
         }
+        if self.decay_tokens is not None:
+            sd.update({
+                "lr_warmup_tokens": self.warmup_tokens,
+                "lr_decay_tokens": self.decay_tokens,
+                "num_tokens": self.num_tokens,
+                "warmup_end_tokens": self.warmup_end_tokens,
+            })
+        return sd
 
     def _check_and_set(self, cls_value: Any, sd_value: Any, name: str) -> Any:
         """Pick the class or checkpoint value of one field, or fail if they disagree."""
@@ -145,6 +206,14 @@ class AnnealingLR:
             self.decay_steps, decay_, "total number of iterations"
         )
         self.decay_style = self._check_and_set(self.decay_style, sd["decay_style"], "decay style")
+        # A checkpoint without token keys was saved by a schedule without tokens.
+        if self.decay_tokens is not None or "lr_decay_tokens" in sd:
+            self.warmup_tokens = self._check_and_set(
+                self.warmup_tokens, sd.get("lr_warmup_tokens"), "warmup tokens")
+            self.decay_tokens = self._check_and_set(
+                self.decay_tokens, sd.get("lr_decay_tokens"), "decay tokens")
         num_steps = sd["num_iters"] if "num_iters" in sd else sd["num_steps"]
-        self.num_steps = 0
-        self.step(increment=num_steps)
+        self.num_steps = num_steps
+        self.num_tokens = int(sd.get("num_tokens", 0))
+        self.warmup_end_tokens = sd.get("warmup_end_tokens")
+        self.step(increment=0)

@@ -208,6 +208,9 @@ def get_learning_rate_scheduler(optimizer):
         decay_steps=decay_steps, decay_style=args.lr_decay_style,
         use_checkpoint_lr_scheduler=args.use_checkpoint_lr_scheduler,
         override_lr_scheduler=args.override_lr_scheduler,
+        # --lr-decay-tokens / --lr-warmup-tokens: the schedule in consumed tokens
+        warmup_tokens=args.lr_warmup_tokens, decay_tokens=args.lr_decay_tokens,
+        tokens_per_sample=args.seq_length,
     )
 
 
@@ -314,7 +317,9 @@ def train_step(forward_step_func, data_iterator, model, optimizer, lr_scheduler)
     if args.deepspeed:
         from .deepspeed_engine import deepspeed_train_step
 
-        return deepspeed_train_step(forward_step_func, data_iterator, model, lr_scheduler)
+        result = deepspeed_train_step(forward_step_func, data_iterator, model, lr_scheduler)
+        _empty_unused_memory(args, 1)  # the engine ran forward, backward and step
+        return result
 
     if args.DDP_impl == "local" and args.use_contiguous_buffers_in_local_ddp:
         for chunk in model:
@@ -322,8 +327,11 @@ def train_step(forward_step_func, data_iterator, model, optimizer, lr_scheduler)
     optimizer.zero_grad()
 
     forward_backward_func = get_forward_backward_func()
+    timers("forward-backward").start()
     losses_reduced = forward_backward_func(forward_step_func, data_iterator, model, optimizer,
                                            timers, forward_only=False)
+    timers("forward-backward").stop()
+    _empty_unused_memory(args, 1)
     if not _loss_is_finite(losses_reduced):
         if args.fp16 and args.loss_scale is None:
             # an fp16 forward that overflowed: skip the step like a gradient overflow,
@@ -355,6 +363,7 @@ def train_step(forward_step_func, data_iterator, model, optimizer, lr_scheduler)
         skipped_iter = 0
     else:
         skipped_iter = 1
+    _empty_unused_memory(args, 2)
 
     if mpu.is_pipeline_last_stage(ignore_virtual=True):
         loss_reduced = {}
@@ -363,6 +372,16 @@ def train_step(forward_step_func, data_iterator, model, optimizer, lr_scheduler)
             loss_reduced[key] = sum(values) / len(values)
         return loss_reduced, skipped_iter, grad_norm, num_zeros_in_grad, False
     return {}, skipped_iter, grad_norm, num_zeros_in_grad, False
+
+
+def _empty_unused_memory(args, level: int) -> None:
+    """--empty-unused-memory-level: give the accelerator's cached, unused blocks back
+    (level 1 after each forward-backward, in training and evaluation; level 2 also after
+    each optimizer step) to reduce fragmentation."""
+    if args.empty_unused_memory_level >= level:
+        from .accelerator import get_accelerator
+
+        get_accelerator().empty_cache()
 
 
 def _format_log_line(args, iteration, elapsed_ms, lr, batch_size, avg_losses, loss_scale,
@@ -374,6 +393,7 @@ def _format_log_line(args, iteration, elapsed_ms, lr, batch_size, avg_losses, lo
     tflops = flops / (elapsed_ms / 1000.0) / args.world_size / 1e12
     s = f" iteration {iteration:8d}/{args.train_iters:8d} |"
     s += f" consumed samples: {args.consumed_train_samples:12d} |"
+    s += f" consumed tokens: {args.consumed_train_tokens:12d} |"
     s += f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
     s += f" learning rate: {lr:.3E} |"
     s += f" global batch size: {batch_size:5d} |"
@@ -401,6 +421,7 @@ class _LogState:
 
     def __init__(self):
         self.reset()
+        self.tb_iters = 0  # iterations since the last TensorBoard write
 
     def reset(self):
         self.losses: dict[str, float] = {}
@@ -409,9 +430,93 @@ class _LogState:
         self.nan = 0
 
 
+# The step timers --log-timers-to-tensorboard writes (as "<name>-time", seconds per iteration).
+_TIMERS_TO_LOG = ("forward-backward", "backward-params-all-reduce",
+                  "backward-embedding-all-reduce", "optimizer")
+
+
+def _write_timers(args, timers, writer, iteration, log_state) -> None:
+    """--log-timers-to-tensorboard: the step timers, averaged over the iterations since
+    the last write (the timers restart at each write)."""
+    if not args.log_timers_to_tensorboard or writer is None:
+        return
+    timers.write(_TIMERS_TO_LOG, writer, iteration,
+                 normalizer=max(1, log_state.tb_iters), reset=True)
+
+
+def _write_memory(writer, iteration) -> None:
+    """--log-memory-to-tensorboard: the accelerator's allocator counters, in bytes."""
+    from .accelerator import get_accelerator
+
+    acc = get_accelerator()
+    writer.add_scalar("mem-reserved-bytes", acc.memory_reserved(), iteration)
+    writer.add_scalar("mem-allocated-bytes", acc.memory_allocated(), iteration)
+    count = acc.memory_stats().get("allocation.all.current")
+    if count is not None:
+        writer.add_scalar("mem-allocated-count", count, iteration)
+
+
+def optimizer_state_stats(optimizer) -> dict[str, float] | None:
+    """L2 and L1 norms and the largest magnitude of Adam's second moment (variance), its
+    square root, the first moment (momentum) and the weights, over the whole model: this
+    rank's shards, summed (max for the largest) over the model-parallel group and, under
+    ZeRO (where each data-parallel rank holds a partition), the data-parallel group.
+    Parameters replicated across tensor-parallel ranks count once. None without Adam
+    state (SGD, or before the first step)."""
+    from .mpu.layers import param_is_not_tensor_parallel_duplicate
+
+    sums = torch.zeros(8, dtype=torch.float64)
+    maxes = torch.zeros(4, dtype=torch.float64)
+    found = False
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "exp_avg_sq" not in state:
+                continue
+            found = True
+            if not param_is_not_tensor_parallel_duplicate(param):
+                continue
+            tensors = (state["exp_avg_sq"], state["exp_avg_sq"].sqrt(), state["exp_avg"], param)
+            for i, t in enumerate(tensors):
+                t = t.detach().double()
+                sums[i] += t.norm().item() ** 2
+                sums[4 + i] += t.norm(p=1).item()
+                maxes[i] = max(maxes[i].item(), t.abs().max().item())
+    flag = torch.tensor([1.0 if found else 0.0])
+    groups = [mpu.get_model_parallel_group()]
+    if getattr(get_args(), "deepspeed", False) and (get_args().zero_stage or 0) > 0:
+        groups.append(mpu.get_data_parallel_group())
+    device = current_device()
+    sums, maxes, flag = sums.to(device), maxes.to(device), flag.to(device)
+    for group in groups:
+        torch.distributed.all_reduce(sums, group=group)
+        torch.distributed.all_reduce(maxes, op=torch.distributed.ReduceOp.MAX, group=group)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    if flag.item() == 0.0:
+        return None
+    names = ("variance", "variance_sqrt", "momentum", "weight")
+    stats = {}
+    for i, name in enumerate(names):
+        stats[f"optimizer/{name}_l2"] = sums[i].item() ** 0.5
+        stats[f"optimizer/{name}_l1"] = sums[4 + i].item()
+        stats[f"optimizer/{name}_abs_max"] = maxes[i].item()
+    return stats
+
+
+def _write_optimizer_states(args, optimizer, writer, iteration) -> None:
+    """--log-optimizer-states-to-tensorboard (every rank joins the reductions)."""
+    if not args.log_optimizer_states_to_tensorboard or optimizer is None:
+        return
+    stats = optimizer_state_stats(optimizer)
+    if writer is not None and stats is not None:
+        for key, value in stats.items():
+            writer.add_scalar(key, value, iteration)
+            writer.add_scalar(key + " vs tokens", value, args.consumed_train_tokens)
+
+
 def training_log(loss_dict, log_state, learning_rate, iteration, loss_scale, report_memory_flag,
                  skipped_iter, got_nan, grad_norm, params_norm, num_zeros_in_grad,
-                 extra_columns=None):
+                 extra_columns=None, optimizer=None):
     """Accumulate this iteration and print the log line every --log-interval iterations."""
     args = get_args()
     timers = get_timers()
@@ -419,6 +524,12 @@ def training_log(loss_dict, log_state, learning_rate, iteration, loss_scale, rep
     log_state.skipped += skipped_iter
     log_state.nan += int(got_nan)
     log_state.iters += 1
+    log_state.tb_iters += 1
+    if iteration % args.tensorboard_log_interval == 0:
+        # collectives (optimizer states) and timer resets: on every rank, writer or not
+        _write_timers(args, timers, writer, iteration, log_state)
+        _write_optimizer_states(args, optimizer, writer, iteration)
+        log_state.tb_iters = 0
     if not skipped_iter:
         for key, value in loss_dict.items():
             log_state.losses[key] = log_state.losses.get(key, 0.0) + float(value)
@@ -440,6 +551,11 @@ def training_log(loss_dict, log_state, learning_rate, iteration, loss_scale, rep
             writer.add_scalar("grad-norm", grad_norm, iteration)
         if params_norm is not None:
             writer.add_scalar("params-norm", params_norm, iteration)
+        if args.lr_decay_tokens is not None or args.train_tokens is not None:
+            writer.add_scalar("learning-rate vs tokens", learning_rate,
+                              args.consumed_train_tokens)
+        if args.log_memory_to_tensorboard:
+            _write_memory(writer, iteration)
 
     if iteration % args.log_interval == 0:
         elapsed = timers("interval-time").elapsed()
@@ -527,16 +643,21 @@ def train(forward_step_func, model, optimizer, lr_scheduler, train_data_iterator
     report_memory_flag = True
     overflow_guard = _OverflowGuard(args)
     loss_scale = _loss_scale(args, model, optimizer)
-    while iteration < args.train_iters:
+    while iteration < args.train_iters and not _train_tokens_reached(args):
         update_num_microbatches(args.consumed_train_samples)
         args.curriculum_seqlen = _curriculum_seqlen(args, iteration, model)
+        seq_len = args.curriculum_seqlen or args.seq_length
+        if hasattr(lr_scheduler, "set_tokens_per_sample"):
+            lr_scheduler.set_tokens_per_sample(seq_len)
         mark(f"iteration {iteration + 1}: train step")
         loss_dict, skipped_iter, grad_norm, num_zeros, got_nan = train_step(
             forward_step_func, train_data_iterator, model, optimizer, lr_scheduler)
         iteration += 1
         args.iteration = iteration
-        args.consumed_train_samples += (mpu.get_data_parallel_world_size()
-                                        * args.micro_batch_size * get_num_microbatches())
+        new_samples = (mpu.get_data_parallel_world_size() * args.micro_batch_size
+                       * get_num_microbatches())
+        args.consumed_train_samples += new_samples
+        args.consumed_train_tokens += new_samples * seq_len
         overflow_guard.after_step(iteration, skipped_iter, loss_scale, model)
         loss_scale = _loss_scale(args, model, optimizer)
         params_norm = None
@@ -545,7 +666,7 @@ def train(forward_step_func, model, optimizer, lr_scheduler, train_data_iterator
         report_memory_flag = training_log(
             loss_dict, log_state, _current_lr(model, optimizer), iteration, loss_scale,
             report_memory_flag, skipped_iter, got_nan, grad_norm, params_norm, num_zeros,
-            _extra_log_columns(args))
+            _extra_log_columns(args), optimizer=_optimizer_for_logging(model, optimizer))
         if params_norm is not None and not math.isfinite(params_norm):
             raise NonFiniteLossError(
                 f"iteration {iteration}: the parameter norm is {params_norm}; the run "
@@ -561,6 +682,11 @@ def train(forward_step_func, model, optimizer, lr_scheduler, train_data_iterator
         if _should_exit(args, iteration, model, optimizer, lr_scheduler):
             sys.exit(0)
     return iteration
+
+
+def _train_tokens_reached(args) -> bool:
+    """--train-tokens: the run ends once the consumed tokens reach it."""
+    return args.train_tokens is not None and args.consumed_train_tokens >= args.train_tokens
 
 
 class _OverflowGuard:
@@ -630,6 +756,13 @@ def _loss_scale(args, model, optimizer) -> float:
     return float(optimizer.get_loss_scale())
 
 
+def _optimizer_for_logging(model, optimizer):
+    """The optimizer holding the Adam state: Megatron's, or the DeepSpeed engine's."""
+    if optimizer is not None:
+        return optimizer
+    return getattr(model[0], "optimizer", None)
+
+
 def _current_lr(model, optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"]) if optimizer is not None else float(
         model[0].optimizer.param_groups[0]["lr"])
@@ -653,6 +786,7 @@ def evaluate(forward_step_func, data_iterator, model, verbose=False):
             else:
                 losses = forward_backward_func(forward_step_func, data_iterator, model, None,
                                                None, forward_only=True)
+            _empty_unused_memory(args, 1)
             if mpu.is_pipeline_last_stage(ignore_virtual=True):
                 for d in losses:
                     for key, value in d.items():

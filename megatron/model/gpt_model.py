@@ -27,7 +27,7 @@ from .config import TransformerConfig
 from .enums import AttnMaskType
 from .language_model import get_language_model, load_model_state_dict, parallel_lm_logits
 from .module import MegatronModule
-from .utils import init_method_normal, scaled_init_method_normal
+from .utils import init_methods
 
 
 def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -96,13 +96,14 @@ class GPTModel(MegatronModule):
         self.post_process = post_process
         self.fp16_lm_cross_entropy = config.fp16_lm_cross_entropy
         self.sequence_parallel = config.sequence_parallel
+        init_method, scaled_init_method = init_methods(config)
         self.language_model, self._language_model_key = get_language_model(
             config,
             num_tokentypes=num_tokentypes,
             add_pooler=False,
             encoder_attn_mask_type=AttnMaskType.causal,
-            init_method=init_method_normal(config.init_method_std),
-            scaled_init_method=scaled_init_method_normal(config.init_method_std, config.num_layers),
+            init_method=init_method,
+            scaled_init_method=scaled_init_method,
             pre_process=self.pre_process,
             post_process=self.post_process,
         )

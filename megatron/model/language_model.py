@@ -35,9 +35,8 @@ from .utils import (
     INIT_SALT_POOLER,
     get_linear_layer,
     init_full_parameter,
-    init_method_normal,
+    init_methods,
     init_rng,
-    scaled_init_method_normal,
 )
 
 
@@ -393,12 +392,13 @@ def get_language_model(
     post_process: bool = True,
 ) -> Tuple[TransformerLanguageModel, str]:
     """Build a TransformerLanguageModel; returns (model, its checkpoint key
-    'language_model'). Initialisers default to N(0, std^2) and, for the output
-    projections, N(0, std^2 / (2 L))."""
+    'language_model'). Initialisers default to `init_methods(config)`: N(0, std^2) and,
+    for the output projections, N(0, std^2 / (2 L)), or Xavier uniform."""
+    default_init, default_scaled_init = init_methods(config)
     if init_method is None:
-        init_method = init_method_normal(config.init_method_std)
+        init_method = default_init
     if scaled_init_method is None:
-        scaled_init_method = scaled_init_method_normal(config.init_method_std, config.num_layers)
+        scaled_init_method = default_scaled_init
     language_model = TransformerLanguageModel(
         config,
         init_method,

@@ -101,6 +101,23 @@ def scaled_init_method_normal(sigma: float, num_layers: int) -> InitMethod:
     return init_
 
 
+def xavier_uniform_init(tensor: torch.Tensor) -> torch.Tensor:
+    """torch's xavier_uniform_: U(-a, a), a = sqrt(6 / (fan_in + fan_out)) of the full
+    (unsplit) weight, which the parallel layers initialise before taking their slice."""
+    return torch.nn.init.xavier_uniform_(tensor)
+
+
+def init_methods(config) -> tuple[InitMethod, InitMethod]:
+    """(init_method, output-projection init_method) of a model built from `config`.
+
+    N(0, std^2) and N(0, std^2 / (2 L)) by default; with `init_method_xavier_uniform`
+    (--init-method-xavier-uniform) Xavier uniform for both, as Megatron-DeepSpeed does."""
+    if getattr(config, "init_method_xavier_uniform", False):
+        return xavier_uniform_init, xavier_uniform_init
+    return (init_method_normal(config.init_method_std),
+            scaled_init_method_normal(config.init_method_std, config.num_layers))
+
+
 def attention_mask_func(attention_scores: torch.Tensor, attention_mask: torch.Tensor):
     """Set the scores where `attention_mask` is True (masked out) to -10000, in place."""
     attention_scores.masked_fill_(attention_mask, -10000.0)
