@@ -764,7 +764,8 @@ def _apply_defaults(args: argparse.Namespace, defaults: dict) -> None:
 
 
 def _fold_deprecated(args: argparse.Namespace) -> None:
-    """--model-parallel-size, --batch-size and --warmup become their new flags."""
+    """--model-parallel-size, --batch-size, --warmup, --deepscale and --deepscale_config
+    become their new flags."""
     if getattr(args, "model_parallel_size", None) is not None:
         if args.tensor_model_parallel_size not in (1, args.model_parallel_size):
             raise ArgumentError(
@@ -790,6 +791,17 @@ def _fold_deprecated(args: argparse.Namespace) -> None:
             )
         args.lr_warmup_fraction = args.warmup
         _warn(args, "--warmup is deprecated, use --lr-warmup-fraction")
+    # DeepSpeed's own deprecated spellings, which its config reading here does not look at.
+    if getattr(args, "deepscale", False):
+        args.deepspeed = True
+        _warn(args, "--deepscale is deprecated, use --deepspeed")
+    if getattr(args, "deepscale_config", None) is not None:
+        if getattr(args, "deepspeed_config", None) not in (None, args.deepscale_config):
+            raise ArgumentError(
+                f"--deepscale_config ({args.deepscale_config}) and --deepspeed_config "
+                f"({args.deepspeed_config}) disagree; give only --deepspeed_config")
+        args.deepspeed_config = args.deepscale_config
+        _warn(args, "--deepscale_config is deprecated, use --deepspeed_config")
     for name in ("model_parallel_size", "batch_size", "warmup"):
         if hasattr(args, name):
             delattr(args, name)
@@ -1063,10 +1075,13 @@ def _check_token_schedule(args: argparse.Namespace) -> None:
         if args.lr_decay_tokens is None:
             raise ArgumentError(
                 f"--lr-warmup-tokens ({args.lr_warmup_tokens}) needs --lr-decay-tokens")
-        if args.lr_warmup_fraction is not None:
-            raise ArgumentError(
-                f"--lr-warmup-tokens ({args.lr_warmup_tokens}) and --lr-warmup-fraction "
-                f"({args.lr_warmup_fraction}) both given; give one")
+        for flag, value in (("--lr-warmup-fraction", args.lr_warmup_fraction),
+                            ("--lr-warmup-iters", args.lr_warmup_iters or None),
+                            ("--lr-warmup-samples", args.lr_warmup_samples or None)):
+            if value is not None:
+                raise ArgumentError(
+                    f"--lr-warmup-tokens ({args.lr_warmup_tokens}) and {flag} ({value}) "
+                    "both given; give one")
         if args.lr_warmup_tokens >= args.lr_decay_tokens:
             raise ArgumentError(
                 f"--lr-warmup-tokens ({args.lr_warmup_tokens}) must be smaller than "
