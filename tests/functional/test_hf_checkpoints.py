@@ -10,11 +10,12 @@ load_checkpoint, stage outputs passed by send/recv):
 
 * computes the logits of every imported checkpoint: they equal HF's (fp32, one thread,
   atol = rtol = 1e-4);
-* trains a tiny LLaMA 20 iterations with pretrain_gpt.py's pretrain() at TP=2 (x DP=2)
-  and a tiny GPT 20 iterations under DeepSpeed ZeRO-2 (DP=4), and computes their logits
-  (the DeepSpeed checkpoint read through tools/convert_checkpoint).
+* trains a tiny LLaMA 20 iterations with pretrain_gpt.py's pretrain() at TP=2 (x DP=2),
+  a tiny GPT 20 iterations under DeepSpeed ZeRO-2 (DP=4) and the LLaMA under DeepSpeed's
+  pipeline engine at TP=2 x PP=2, and computes their logits (the DeepSpeed checkpoints
+  read through tools/convert_checkpoint).
 
-Exported with the CLI (the TP=2 Megatron checkpoint and the DeepSpeed save folder), the
+Exported with the CLI (the TP=2 Megatron checkpoint and the DeepSpeed save folders), the
 trained models give those logits in transformers, and tools/generate_samples_gpt.py's
 greedy continuations of the LLaMA equal model.generate(do_sample=False) token for token.
 HF -> Megatron (TP=2 x PP=2) -> HF gives bit-identical tensors and the same config.
@@ -58,6 +59,7 @@ TOL = 1e-4  # fp32 logits, ours vs transformers (differences of ~1e-6 seen)
 SEQ = 16
 ITERS = 20
 OUT_LEN = 10
+SEQ_LENGTH = 32  # of the trained LLaMA (tests/functional/test_llama_generate.py's ARCH)
 PROMPTS = ["Hello world", "The history of the Python programming language began in", "Data"]
 GPT2_VOCAB = 50257
 SP_VOCAB = 800
@@ -174,8 +176,8 @@ def _world(rank, world_size, plan):
         sys.path.insert(0, ROOT)
         from tools.convert_checkpoint.deepspeed_to_megatron import convert
 
-        src, dst = plan["deepspeed_convert"]
-        convert(src, dst, target_tp=1, target_pp=1)
+        for src, dst in plan["deepspeed_convert"]:
+            convert(src, dst, target_tp=1, target_pp=1)
     dist.barrier()
     for name, load_dir, tokens in plan["trained"]:
         results[name] = _our_logits(load_dir, tokens)
@@ -251,13 +253,16 @@ def trained(work, sp_model, vocab_dir):
                "--micro-batch-size": "4", "--global-batch-size": "8"}  # fmt: skip
     for flag, value in changes.items():
         llama[llama.index(flag) + 1] = value
-    llama += ["--tensor-model-parallel-size", "2", "--save", str(work / "trained_llama"),
-              "--save-interval", str(ITERS)]  # fmt: skip
+    llama += ["--tensor-model-parallel-size", "2", "--save-interval", str(ITERS)]
+    # the same model under DeepSpeed's pipeline engine (layer files, untied head) at TP=2
+    llama_pipe = llama + ["--deepspeed", "--zero-stage", "1", "--pipeline-model-parallel-size",
+                          "2", "--save", str(work / "trained_llama_pipe")]  # fmt: skip
+    llama += ["--save", str(work / "trained_llama")]
     gpt = tiny_gpt_args(preprocess(str(work), vocab_dir), vocab_dir, ITERS)
     gpt[gpt.index("--micro-batch-size") + 1] = "2"
     gpt += ["--deepspeed", "--zero-stage", "2", "--save", str(work / "trained_gpt_ds"),
             "--save-interval", str(ITERS)]  # fmt: skip
-    return {"llama": llama, "gpt": gpt}
+    return {"llama": llama, "gpt": gpt, "llama_pipe": llama_pipe}
 
 
 @pytest.fixture(scope="module")
@@ -270,9 +275,14 @@ def world(work, hf_models, trained):
     plan = {
         "imported": imported,
         "train": [("llama", trained["llama"], "GPTSentencePieceTokenizer"),
-                  ("gpt", trained["gpt"], "GPT2BPETokenizer")],  # fmt: skip
-        "deepspeed_convert": (str(work / "trained_gpt_ds"), str(work / "trained_gpt_megatron")),
+                  ("gpt", trained["gpt"], "GPT2BPETokenizer"),
+                  ("llama_pipe", trained["llama_pipe"], "GPTSentencePieceTokenizer")],
+        "deepspeed_convert": [
+            (str(work / "trained_gpt_ds"), str(work / "trained_gpt_megatron")),
+            (str(work / "trained_llama_pipe"), str(work / "trained_llama_pipe_megatron")),
+        ],
         "trained": [
+            ("trained_llama_pipe", str(work / "trained_llama_pipe_megatron"), _tokens(SP_VOCAB)),
             ("trained_llama", str(work / "trained_llama"), _tokens(SP_VOCAB)),
             ("trained_gpt", str(work / "trained_gpt_megatron"), _tokens(GPT2_VOCAB)),
         ],
@@ -289,7 +299,9 @@ def world(work, hf_models, trained):
 def exported(work, world):
     """The trained models exported with the CLI: {name: HF folder}."""
     out = {}
-    for name, src in (("llama", "trained_llama"), ("gpt", "trained_gpt_ds")):
+    pairs = (("llama", "trained_llama"), ("gpt", "trained_gpt_ds"),
+             ("llama_pipe", "trained_llama_pipe"))  # fmt: skip
+    for name, src in pairs:
         out[name] = str(work / f"exported_{name}")
         assert _convert("--loader", "megatron", "--saver", "hf", "--load-dir", str(work / src),
                         "--save-dir", out[name]) == 0  # fmt: skip
@@ -367,21 +379,24 @@ def test_round_trip_is_bit_identical(work, hf_models, name):
 
 
 def test_training_ran(world):
-    for name in ("llama", "gpt"):
+    for name in ("llama", "gpt", "llama_pipe"):
         rows = world[f"{name}_log"]
         assert sorted(rows) == list(range(1, ITERS + 1)), name
         assert float(rows[ITERS]["loss"]) < float(rows[1]["loss"]), name
 
 
-@pytest.mark.parametrize("name,vocab", [("llama", SP_VOCAB), ("gpt", GPT2_VOCAB)])
+@pytest.mark.parametrize(
+    "name,vocab", [("llama", SP_VOCAB), ("gpt", GPT2_VOCAB), ("llama_pipe", SP_VOCAB)]
+)
 def test_trained_model_exported_logits_equal_ours(world, exported, name, vocab):
-    """The TP=2 LLaMA and the ZeRO-2 GPT, exported, give in transformers the logits our
-    model gives from their checkpoints."""
+    """The TP=2 LLaMA, the ZeRO-2 GPT and the LLaMA of DeepSpeed's pipeline engine (TP=2 x
+    PP=2), exported, give in transformers the logits our model gives from their
+    checkpoints (the DeepSpeed ones read through tools/convert_checkpoint)."""
     ours, layout = world[f"trained_{name}"]
     assert layout == ((2, 1) if name == "llama" else (1, 1))
     config = json.load(open(os.path.join(exported[name], "config.json")))
-    assert config["architectures"] == (["LlamaForCausalLM"] if name == "llama"
-                                       else ["GPT2LMHeadModel"])  # fmt: skip
+    assert config["architectures"] == (["GPT2LMHeadModel"] if name == "gpt"
+                                       else ["LlamaForCausalLM"])  # fmt: skip
     assert config["vocab_size"] == vocab  # the padding rows are cut off
     theirs = _hf_logits(exported[name], _tokens(vocab))
     torch.testing.assert_close(ours[..., :vocab], theirs, atol=TOL, rtol=TOL)
@@ -406,14 +421,15 @@ def test_greedy_generation_equals_transformers(work, world, exported, sp_model):
     assert model.config.eos_token_id == tok.eod
     for row, prompt in zip(rows, PROMPTS):
         ids = torch.tensor([tok.tokenize(prompt)])
+        room = min(OUT_LEN, SEQ_LENGTH - ids.size(1))  # ours stops at --seq-length tokens
         with torch.no_grad():
             full = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=OUT_LEN, pad_token_id=tok.eod)  # fmt: skip
+                                  max_new_tokens=room, pad_token_id=tok.eod)  # fmt: skip
         theirs = full[0, ids.size(1) :].tolist()
         if row["finished"]:  # ours stops before the eod that HF emits
             assert theirs == row["tokens"] + [tok.eod], prompt
         else:
-            assert len(row["tokens"]) == OUT_LEN and theirs == row["tokens"], prompt
+            assert len(row["tokens"]) == room and theirs == row["tokens"], prompt
 
 
 # ----------------------------------------------------------------------------------------

@@ -9,10 +9,14 @@ Files of one checkpoint folder (global_stepN/):
                                           ('args', 'iteration', consumed samples, ...)
     layer_II-model_TT-model_states.pt     GPTModelPipe: layer II of TP rank TT
                                           (00 embedding, 01..L transformer layers,
-                                          L+1 final layer norm)
+                                          L+1 final layer norm, L+2 the head:
+                                          output_layer.weight when untied)
     zero_pp_rank_D_mp_rank_TT_optim_states.pt   ZeRO partitions; under ZeRO-3 the
                                           'module' tensors are empty and the fp32
-                                          weights are gathered from these files
+                                          weights are gathered from these files, as
+                                          they are for ZeRO-1/2 in fp16 / bf16 at TP=1
+                                          (at TP > 1 the half-precision module
+                                          weights are read)
 """
 
 from __future__ import annotations
@@ -89,6 +93,9 @@ def _engine_shards(folder: str, files: Dict[int, str]) -> List[FlatState]:
         _check_dense(module, files[tp])
         if any(torch.is_tensor(v) and v.numel() == 0 for v in module.values()):
             module = _zero3_weights(folder, len(files))
+        elif len(files) == 1 and _half(module) and _optimizer_files(folder):
+            # ZeRO-1/2 in fp16 / bf16: the fp32 master weights of the optimizer partitions
+            module = _fp32_weights(folder)
         shard = {}
         for key, value in module.items():
             path = module_key_to_path(key)
@@ -98,6 +105,35 @@ def _engine_shards(folder: str, files: Dict[int, str]) -> List[FlatState]:
     return shards
 
 
+def _half(module: dict) -> bool:
+    return any(
+        torch.is_tensor(v) and v.dtype in (torch.float16, torch.bfloat16) for v in module.values()
+    )
+
+
+def _optimizer_files(folder: str) -> List[str]:
+    return sorted(glob.glob(os.path.join(folder, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+
+def _fp32_weights(folder: str) -> dict:
+    """The fp32 weights consolidated from the ZeRO optimizer partitions (DeepSpeed's
+    zero_to_fp32), named as the module's."""
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    parent, tag = os.path.split(os.path.normpath(folder))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+    except Exception as e:  # noqa: BLE001 - name the folder whatever went wrong
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ReshapeError(
+            f"could not consolidate the ZeRO fp32 states of {folder}: {reason}"
+        ) from None
+
+
 def _zero3_weights(folder: str, tp: int) -> dict:
     """ZeRO-3: the fp32 weights gathered from the optimizer partitions."""
     if tp != 1:
@@ -105,10 +141,7 @@ def _zero3_weights(folder: str, tp: int) -> dict:
             f"{folder}: ZeRO-3 checkpoints with tensor parallelism {tp} are "
             "not supported; convert a ZeRO-1/2 checkpoint"
         )
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    parent, tag = os.path.split(os.path.normpath(folder))
-    return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+    return _fp32_weights(folder)
 
 
 def _pipe_shards(layer_files: Dict[Tuple[int, int], str], num_layers: int) -> List[FlatState]:
@@ -118,11 +151,16 @@ def _pipe_shards(layer_files: Dict[Tuple[int, int], str], num_layers: int) -> Li
     for tp in tps:
         shard: FlatState = {}
         for (idx, t), path in sorted(layer_files.items()):
-            if t != tp or idx > num_layers + 1:
-                continue  # idx L+2: the tied head, a second copy of the embedding
+            if t != tp or idx > num_layers + 2:
+                continue
             state = _load(path)
             for key, value in state.items():
-                if idx == 0:
+                if idx == num_layers + 2:
+                    # the head: OutputLayerPipe's own weight when untied (a second copy
+                    # of the word embeddings when tied, not kept)
+                    if key.startswith("output_layer."):
+                        shard[(_LM,) + tuple(key.split("."))] = value
+                elif idx == 0:
                     shard[(_LM, "embedding") + tuple(key.split("."))] = value
                 elif idx <= num_layers:
                     shard[(_LM, "transformer", f"layers.{idx - 1}.{key}")] = value

@@ -27,6 +27,7 @@ from megatron.checkpoint_reshape import (  # noqa: E402
     CHECKPOINT_VERSION,
     TRACKER_FILENAME,
     ReshapeError,
+    _true_vocab_from_args,
     from_canonical,
     padded_vocab_size,
 )
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--true_vocab_size",
         type=int,
         default=None,
-        help="Unpadded vocabulary size, needed when the padding must change.",
+        help="Unpadded vocabulary size, needed when the padding must change (else the "
+        "tokenizer's, when the files the checkpoint's args name exist).",
     )
     return parser
 
@@ -115,6 +117,8 @@ def convert(
         raise ReshapeError(
             f"--num-layers {args.num_layers} is not divisible by --target_pp {target_pp}"
         )
+    if true_vocab_size is None:  # the tokenizer's, when the files its args name exist
+        true_vocab_size = _true_vocab_from_args(args)
     padded = _target_padded_vocab(full, args, target_tp, true_vocab_size)
     grid = from_canonical(full, target_tp, target_pp, padded, true_vocab_size)
     iteration = 0 if for_release else int(client.get("iteration", 0))
