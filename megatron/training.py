@@ -465,8 +465,9 @@ def optimizer_state_stats(optimizer) -> dict[str, float] | None:
     state (SGD, or before the first step)."""
     from .mpu.layers import param_is_not_tensor_parallel_duplicate
 
-    sums = torch.zeros(8, dtype=torch.float64)
-    maxes = torch.zeros(4, dtype=torch.float64)
+    device = current_device()
+    sums = torch.zeros(8, dtype=torch.float64, device=device)  # l2^2 x 4, then l1 x 4
+    maxes = torch.zeros(4, dtype=torch.float64, device=device)
     found = False
     for group in optimizer.param_groups:
         for param in group["params"]:
@@ -474,20 +475,21 @@ def optimizer_state_stats(optimizer) -> dict[str, float] | None:
             if "exp_avg_sq" not in state:
                 continue
             found = True
-            if not param_is_not_tensor_parallel_duplicate(param):
+            # a duplicate: the tied embedding of the last pipeline stage, or a TP replica
+            if getattr(param, "shared", False) or not param_is_not_tensor_parallel_duplicate(
+                    param):
                 continue
-            tensors = (state["exp_avg_sq"], state["exp_avg_sq"].sqrt(), state["exp_avg"], param)
+            variance = state["exp_avg_sq"].detach().double()
+            tensors = (variance, variance.sqrt(), state["exp_avg"].detach().double(),
+                       param.detach().double())
             for i, t in enumerate(tensors):
-                t = t.detach().double()
-                sums[i] += t.norm().item() ** 2
-                sums[4 + i] += t.norm(p=1).item()
-                maxes[i] = max(maxes[i].item(), t.abs().max().item())
-    flag = torch.tensor([1.0 if found else 0.0])
+                sums[i] += t.square().sum()
+                sums[4 + i] += t.abs().sum()
+                maxes[i] = torch.maximum(maxes[i], t.abs().max())
+    flag = torch.tensor([1.0 if found else 0.0], device=device)
     groups = [mpu.get_model_parallel_group()]
     if getattr(get_args(), "deepspeed", False) and (get_args().zero_stage or 0) > 0:
         groups.append(mpu.get_data_parallel_group())
-    device = current_device()
-    sums, maxes, flag = sums.to(device), maxes.to(device), flag.to(device)
     for group in groups:
         torch.distributed.all_reduce(sums, group=group)
         torch.distributed.all_reduce(maxes, op=torch.distributed.ReduceOp.MAX, group=group)
@@ -636,6 +638,9 @@ def train(forward_step_func, model, optimizer, lr_scheduler, train_data_iterator
     for chunk in model:
         chunk.train()
     iteration = args.iteration
+    if iteration > 0 and args.consumed_train_tokens == 0:
+        # a checkpoint without the token count (saved before it was kept): samples x length
+        args.consumed_train_tokens = args.consumed_train_samples * args.seq_length
     args.last_saved_iteration = iteration if args.load else None
     log_state = _LogState()
     timers("interval-time").start()
