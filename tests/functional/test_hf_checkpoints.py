@@ -36,9 +36,18 @@ import pytest
 import torch
 
 from ..unit.tokenizer.test_gpt_sentencepiece import corpus_texts, train_sentencepiece
-from .gpt_runs import ROOT, launch, parse_log, preprocess, pretrain_in_process, tiny_gpt_args
+from .gpt_runs import (
+    ROOT,
+    launch,
+    parse_log,
+    preprocess,
+    pretrain_in_process,
+    small_vocab_dataset,
+    tiny_gpt_args,
+)
 from .test_llama_generate import _preprocess as preprocess_sentencepiece
 from .test_llama_generate import _train_args as llama_train_args
+from .test_llama_training import LLAMA_FLAGS
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
@@ -63,6 +72,8 @@ SEQ_LENGTH = 32  # of the trained LLaMA (tests/functional/test_llama_generate.py
 PROMPTS = ["Hello world", "The history of the Python programming language began in", "Data"]
 GPT2_VOCAB = 50257
 SP_VOCAB = 800
+NULL_VOCAB = 101  # NullTokenizer --vocab-size 100: ids 0..99 and eod 100
+BF16_ITERS = 6
 
 
 def _tool():
@@ -262,7 +273,17 @@ def trained(work, sp_model, vocab_dir):
     gpt[gpt.index("--micro-batch-size") + 1] = "2"
     gpt += ["--deepspeed", "--zero-stage", "2", "--save", str(work / "trained_gpt_ds"),
             "--save-interval", str(ITERS)]  # fmt: skip
-    return {"llama": llama, "gpt": gpt, "llama_pipe": llama_pipe}
+    # an untied LLaMA in bf16 under ZeRO-2 (DP=4): exported from its fp32 partitions
+    bf16 = tiny_gpt_args(small_vocab_dataset(str(work)), vocab_dir, BF16_ITERS)
+    for flag in ("--vocab-file", "--merge-file", "--tokenizer-type", "--hidden-dropout",
+                 "--attention-dropout", "--eval-iters", "--micro-batch-size"):  # fmt: skip
+        del bf16[bf16.index(flag) : bf16.index(flag) + 2]
+    bf16 += LLAMA_FLAGS + [
+        "--micro-batch-size", "2", "--tokenizer-type", "NullTokenizer", "--vocab-size",
+        str(NULL_VOCAB - 1), "--bf16", "--deepspeed", "--zero-stage", "2", "--save",
+        str(work / "trained_llama_bf16"), "--save-interval", str(BF16_ITERS),
+    ]  # fmt: skip
+    return {"llama": llama, "gpt": gpt, "llama_pipe": llama_pipe, "llama_bf16": bf16}
 
 
 @pytest.fixture(scope="module")
@@ -276,13 +297,17 @@ def world(work, hf_models, trained):
         "imported": imported,
         "train": [("llama", trained["llama"], "GPTSentencePieceTokenizer"),
                   ("gpt", trained["gpt"], "GPT2BPETokenizer"),
-                  ("llama_pipe", trained["llama_pipe"], "GPTSentencePieceTokenizer")],
+                  ("llama_pipe", trained["llama_pipe"], "GPTSentencePieceTokenizer"),
+                  ("llama_bf16", trained["llama_bf16"], "NullTokenizer")],
         "deepspeed_convert": [
             (str(work / "trained_gpt_ds"), str(work / "trained_gpt_megatron")),
             (str(work / "trained_llama_pipe"), str(work / "trained_llama_pipe_megatron")),
+            (str(work / "trained_llama_bf16"), str(work / "trained_llama_bf16_megatron")),
         ],
         "trained": [
             ("trained_llama_pipe", str(work / "trained_llama_pipe_megatron"), _tokens(SP_VOCAB)),
+            ("trained_llama_bf16", str(work / "trained_llama_bf16_megatron"),
+             _tokens(NULL_VOCAB)),
             ("trained_llama", str(work / "trained_llama"), _tokens(SP_VOCAB)),
             ("trained_gpt", str(work / "trained_gpt_megatron"), _tokens(GPT2_VOCAB)),
         ],
@@ -300,7 +325,7 @@ def exported(work, world):
     """The trained models exported with the CLI: {name: HF folder}."""
     out = {}
     pairs = (("llama", "trained_llama"), ("gpt", "trained_gpt_ds"),
-             ("llama_pipe", "trained_llama_pipe"))  # fmt: skip
+             ("llama_pipe", "trained_llama_pipe"), ("llama_bf16", "trained_llama_bf16"))  # fmt: skip
     for name, src in pairs:
         out[name] = str(work / f"exported_{name}")
         assert _convert("--loader", "megatron", "--saver", "hf", "--load-dir", str(work / src),
@@ -379,15 +404,18 @@ def test_round_trip_is_bit_identical(work, hf_models, name):
 
 
 def test_training_ran(world):
-    for name in ("llama", "gpt", "llama_pipe"):
+    for name, iters in (("llama", ITERS), ("gpt", ITERS), ("llama_pipe", ITERS),
+                        ("llama_bf16", BF16_ITERS)):  # fmt: skip
         rows = world[f"{name}_log"]
-        assert sorted(rows) == list(range(1, ITERS + 1)), name
-        assert float(rows[ITERS]["loss"]) < float(rows[1]["loss"]), name
+        assert sorted(rows) == list(range(1, iters + 1)), name
+        assert float(rows[iters]["loss"]) < float(rows[1]["loss"]), name
 
 
 @pytest.mark.parametrize(
-    "name,vocab", [("llama", SP_VOCAB), ("gpt", GPT2_VOCAB), ("llama_pipe", SP_VOCAB)]
-)
+    "name,vocab",
+    [("llama", SP_VOCAB), ("gpt", GPT2_VOCAB), ("llama_pipe", SP_VOCAB),
+     ("llama_bf16", NULL_VOCAB)],
+)  # fmt: skip
 def test_trained_model_exported_logits_equal_ours(world, exported, name, vocab):
     """The TP=2 LLaMA, the ZeRO-2 GPT and the LLaMA of DeepSpeed's pipeline engine (TP=2 x
     PP=2), exported, give in transformers the logits our model gives from their
@@ -400,6 +428,27 @@ def test_trained_model_exported_logits_equal_ours(world, exported, name, vocab):
     assert config["vocab_size"] == vocab  # the padding rows are cut off
     theirs = _hf_logits(exported[name], _tokens(vocab))
     torch.testing.assert_close(ours[..., :vocab], theirs, atol=TOL, rtol=TOL)
+
+
+def test_half_precision_zero_exports_fp32_master_weights(work, exported):
+    """bf16 under ZeRO-2: the exported weights are the fp32 ones of the optimizer partitions
+    (DeepSpeed's zero_to_fp32), which round to the bf16 module weights; no tokenizer files
+    for NullTokenizer, and the vocabulary is its 101 ids."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = work / "trained_llama_bf16"
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=f"global_step{BF16_ITERS}")
+    module = torch.load(folder / f"global_step{BF16_ITERS}" / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]  # fmt: skip
+    hf = _hf_state(exported["llama_bf16"])
+    pairs = (("model.embed_tokens.weight", "language_model.embedding.word_embeddings.weight"),
+             ("lm_head.weight", "language_model.output_layer.weight"))  # fmt: skip
+    for ours, theirs in pairs:
+        assert hf[ours].dtype == torch.float32 and module[theirs].dtype == torch.bfloat16
+        assert torch.equal(hf[ours], fp32[theirs][:NULL_VOCAB])
+        assert torch.equal(hf[ours].bfloat16(), module[theirs][:NULL_VOCAB])
+    assert not torch.equal(hf["lm_head.weight"], module[pairs[1][1]][:NULL_VOCAB].float())
+    assert sorted(os.listdir(exported["llama_bf16"])) == ["config.json", "model.safetensors"]
 
 
 def test_greedy_generation_equals_transformers(work, world, exported, sp_model):

@@ -69,6 +69,8 @@ def module_key_to_path(key: str) -> Tuple[str, ...] | None:
         prefix = f"{_LM}.{stack}."
         if key.startswith(prefix):
             return (_LM, "transformer", key[len(prefix) :])
+    if key.startswith(f"{_LM}.output_layer."):  # --untie-embeddings-and-output-weights
+        return (_LM, "output_layer") + tuple(key[len(f"{_LM}.output_layer.") :].split("."))
     if key.startswith("word_embeddings."):
         return None
     raise ReshapeError(f"unexpected GPT parameter {key!r} in the DeepSpeed checkpoint")
@@ -125,7 +127,7 @@ def _fp32_weights(folder: str) -> dict:
 
     parent, tag = os.path.split(os.path.normpath(folder))
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
     except Exception as e:  # noqa: BLE001 - name the folder whatever went wrong
         reason = " ".join(str(e).split())[:200] or type(e).__name__
