@@ -419,7 +419,8 @@ def _add_initialization_args(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=1234, help="Random seed.")
     add("--init-method-std", type=float, default=0.02, help="Std of the normal init.")
     add("--init-method-xavier-uniform", action=_TRUE,
-        help="Xavier uniform init of the linear layers (instead of the normal init).")
+        help="Xavier uniform init of the weights the normal init would draw (linear layers "
+        "and embeddings), as Megatron-DeepSpeed does.")
 
 
 def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
