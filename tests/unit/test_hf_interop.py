@@ -584,3 +584,49 @@ def test_refused_hf_weights(tmp_path):
         f.write(b"not a safetensors file")
     with pytest.raises(HFInteropError, match="could not read weights file .*model.safetensors"):
         read_hf_model(src)
+
+
+def _checkpoint_util():
+    import importlib.util
+
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    spec = importlib.util.spec_from_file_location(
+        "checkpoint_util_unit_hf", os.path.join(root, "tools", "checkpoint_util.py")
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_cli_model_without_tokenizer_files(tmp_path, capsys):
+    """An HF folder without tokenizer files imports with NullTokenizer (its ids plus eod:
+    --vocab-size = vocab - 1), printed in the training command; exported back, the
+    vocabulary is the model's again, with no tokenizer files and identical tensors."""
+    from safetensors.torch import load_file
+
+    tool = _checkpoint_util()
+    src, ckpt, back = (str(tmp_path / n) for n in ("hf", "megatron", "back"))
+    _llama(2, False, vocab=100).save_pretrained(src)
+    assert tool.main(["--loader", "hf", "--saver", "megatron", "--load-dir", src, "--save-dir",
+                      ckpt, "--make-vocab-size-divisible-by", "64"]) == 0  # fmt: skip
+    command = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "--tokenizer-type NullTokenizer --vocab-size 99 " in command
+    assert command.endswith(f"--load {ckpt} --finetune")
+    state = torch.load(os.path.join(ckpt, "release", "mp_rank_00", "model_optim_rng.pt"),
+                       weights_only=False)  # fmt: skip
+    assert state["args"].tokenizer_type == "NullTokenizer" and state["args"].vocab_size == 99
+    assert state["args"].padded_vocab_size == 128
+    assert tool.main(["--loader", "megatron", "--saver", "hf", "--load-dir", ckpt,
+                      "--save-dir", back]) == 0  # fmt: skip
+    assert sorted(os.listdir(back)) == ["config.json", "model.safetensors"]
+    want = load_file(os.path.join(src, "model.safetensors"))
+    got = load_file(os.path.join(back, "model.safetensors"))
+    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
+    assert json.load(open(os.path.join(back, "config.json")))["vocab_size"] == 100
+    # a second export into the same folder is refused, the folder kept as it is
+    assert tool.main(["--loader", "megatron", "--saver", "hf", "--load-dir", ckpt,
+                      "--save-dir", back]) == 1  # fmt: skip
+    assert "already holds a model" in capsys.readouterr().err
+    assert sorted(os.listdir(back)) == ["config.json", "model.safetensors"]
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    assert not tool.is_deepspeed_checkpoint(ckpt) and not tool.is_deepspeed_checkpoint(src)
