@@ -39,7 +39,8 @@ An exported model is written to a temporary folder beside --save-dir and moved i
 complete. A DeepSpeed checkpoint (a `latest` file naming global_stepN/ with
 mp_rank_XX_model_states.pt, or that folder itself) is read with
 tools/convert_checkpoint/deepspeed_checkpoint.py: ZeRO 1-3 engine states (ZeRO-3 from its
-fp32 partitions) and pipeline-engine layer files.
+fp32 partitions) and pipeline-engine layer files; with --saver megatron it is converted
+to a Megatron checkpoint at the target layout (tools/convert_checkpoint/deepspeed_to_megatron.py).
 """
 
 from __future__ import annotations
@@ -350,6 +351,24 @@ def main(argv: list[str] | None = None) -> int:
             result = hf_to_megatron(args)
         elif args.saver == "hf":
             result = megatron_to_hf(args)
+        elif is_deepspeed_checkpoint(args.load_dir):
+            from tools.convert_checkpoint.deepspeed_to_megatron import convert
+
+            summary = convert(
+                args.load_dir,
+                args.save_dir,
+                args.target_tensor_parallel_size,
+                args.target_pipeline_parallel_size,
+                true_vocab_size=true_vocab_size(args),
+            )
+            print(
+                f"converted DeepSpeed checkpoint {args.load_dir} (iteration "
+                f"{summary['iteration']}) to {args.save_dir} "
+                f"(TP={args.target_tensor_parallel_size}, "
+                f"PP={args.target_pipeline_parallel_size})",
+                flush=True,
+            )
+            return 0
         else:
             result = reshape_checkpoint(
                 args.load_dir,

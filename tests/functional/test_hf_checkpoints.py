@@ -12,8 +12,8 @@ load_checkpoint, stage outputs passed by send/recv):
   atol = rtol = 1e-4);
 * trains a tiny LLaMA 20 iterations with pretrain_gpt.py's pretrain() at TP=2 (x DP=2),
   a tiny GPT 20 iterations under DeepSpeed ZeRO-2 (DP=4) and the LLaMA under DeepSpeed's
-  pipeline engine at TP=2 x PP=2, and computes their logits (the DeepSpeed checkpoints
-  read through tools/convert_checkpoint).
+  pipeline engine at TP=2 x PP=2, and a bf16 LLaMA under ZeRO-2, and computes their
+  logits (the DeepSpeed checkpoints converted to Megatron ones by the CLI).
 
 Exported with the CLI (the TP=2 Megatron checkpoint and the DeepSpeed save folders), the
 trained models give those logits in transformers, and tools/generate_samples_gpt.py's
@@ -183,12 +183,9 @@ def _world(rank, world_size, plan):
         if mpu.model_parallel_is_initialized():
             mpu.destroy_model_parallel()
         results[f"{name}_log"] = parse_log(pretrain_in_process(argv, tokenizer_type))
-    if rank == 0:
-        sys.path.insert(0, ROOT)
-        from tools.convert_checkpoint.deepspeed_to_megatron import convert
-
+    if rank == 0:  # DeepSpeed -> Megatron TP=1 with the CLI
         for src, dst in plan["deepspeed_convert"]:
-            convert(src, dst, target_tp=1, target_pp=1)
+            assert _convert("--load-dir", src, "--save-dir", dst) == 0
     dist.barrier()
     for name, load_dir, tokens in plan["trained"]:
         results[name] = _our_logits(load_dir, tokens)

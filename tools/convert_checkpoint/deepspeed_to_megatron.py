@@ -25,9 +25,10 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 from megatron.checkpoint_reshape import (  # noqa: E402
     CHECKPOINT_VERSION,
-    TRACKER_FILENAME,
+    ModelOptions,
     ReshapeError,
     _true_vocab_from_args,
+    _write_files,
     from_canonical,
     padded_vocab_size,
 )
@@ -87,14 +88,6 @@ def _target_args(args, tp: int, pp: int, padded_vocab: int):
     return args
 
 
-def _save(obj, path: str) -> None:
-    import torch
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def convert(
     input_folder: str,
     output_folder: str,
@@ -120,11 +113,13 @@ def convert(
     if true_vocab_size is None:  # the tokenizer's, when the files its args name exist
         true_vocab_size = _true_vocab_from_args(args)
     padded = _target_padded_vocab(full, args, target_tp, true_vocab_size)
-    grid = from_canonical(full, target_tp, target_pp, padded, true_vocab_size)
+    grid = from_canonical(
+        full, target_tp, target_pp, padded, true_vocab_size, ModelOptions.from_args(args)
+    )
     iteration = 0 if for_release else int(client.get("iteration", 0))
     folder = os.path.join(output_folder, "release" if for_release else f"iter_{iteration:07d}")
     out_args = _target_args(args, target_tp, target_pp, padded)
-    files = []
+    files = {}
     for (t, p), model in sorted(grid.items()):
         sub = f"mp_rank_{t:02d}_{p:03d}" if target_pp > 1 else f"mp_rank_{t:02d}"
         state = {
@@ -136,13 +131,10 @@ def convert(
         if not for_release:
             for key in ("consumed_train_samples", "consumed_valid_samples"):
                 state[key] = client.get(key, 0)
-        path = os.path.join(folder, sub, "model_optim_rng.pt")
-        _save(state, path)
-        files.append(path)
-    tracker = os.path.join(output_folder, TRACKER_FILENAME)
-    with open(tracker + ".tmp", "w") as f:
-        f.write("release" if for_release else str(iteration))
-    os.replace(tracker + ".tmp", tracker)
+        files[os.path.join(os.path.basename(folder), sub, "model_optim_rng.pt")] = state
+    # every file under a temporary name first; on a failure what was created is removed
+    _write_files(output_folder, files, "release" if for_release else str(iteration))
+    files = [os.path.join(output_folder, rel) for rel in files]
     return {"iteration": iteration, "files": files}
 
 
