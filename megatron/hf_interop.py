@@ -808,6 +808,7 @@ def _hf_config(c, arch: _Arch, vocab: int, dtype: torch.dtype, special: dict) ->
         architectures=[arch.hf_class], model_type=arch.name, vocab_size=vocab,
         initializer_range=c.init_method_std, tie_word_embeddings=not
         c.untie_embeddings_and_output_weights, torch_dtype=_DTYPE_NAMES.get(dtype, "float32"),
+        dtype=_DTYPE_NAMES.get(dtype, "float32"),  # transformers >= 4.56 spells it so
         bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
         pad_token_id=special.get("pad"), use_cache=True,
     )  # fmt: skip
