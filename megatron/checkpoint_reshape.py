@@ -973,7 +973,7 @@ def _output_files(
             "iteration": source.iteration,
             "model": model,
         }
-        for key in ("consumed_train_samples", "consumed_valid_samples"):
+        for key in ("consumed_train_samples", "consumed_valid_samples", "consumed_train_tokens"):
             if key in template:
                 state[key] = template[key]
         files[os.path.join(folder, rank_folder_name(t, p, pp > 1), RANK_FILENAME)] = state

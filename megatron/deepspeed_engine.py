@@ -897,6 +897,9 @@ def load_deepspeed_checkpoint(
     if not args.finetune:
         args.consumed_train_samples = state.get("consumed_train_samples", 0)
         args.consumed_valid_samples = state.get("consumed_valid_samples", 0)
+        args.consumed_train_tokens = state.get(
+            "consumed_train_tokens", args.consumed_train_samples * args.seq_length
+        )
         from .global_vars import update_num_microbatches
 
         update_num_microbatches(args.consumed_train_samples, consistency_check=False)

@@ -30,10 +30,9 @@ from .utils import (
     INIT_SALT_HEAD,
     erf_gelu,
     get_linear_layer,
-    init_method_normal,
+    init_methods,
     init_rng,
     openai_gelu,
-    scaled_init_method_normal,
 )
 
 
@@ -161,8 +160,7 @@ class BertModel(MegatronModule):
         self.parallel_output = parallel_output
         self.pre_process = pre_process
         self.post_process = post_process
-        init_method = init_method_normal(config.init_method_std)
-        scaled_init_method = scaled_init_method_normal(config.init_method_std, config.num_layers)
+        init_method, scaled_init_method = init_methods(config)
         self.language_model, self._language_model_key = get_language_model(
             config,
             num_tokentypes=num_tokentypes,

@@ -48,6 +48,8 @@ class TransformerConfig:
     """LayerNorm epsilon."""
     init_method_std: float = 0.02
     """Std of the normal initialisation; output layers are scaled by 1/sqrt(2 * layers)."""
+    init_method_xavier_uniform: bool = False
+    """Xavier-uniform initialisation of every weight instead (--init-method-xavier-uniform)."""
     apply_residual_connection_post_layernorm: bool = False
     """Take the residual from after the layer norm (original BERT) instead of before it."""
     openai_gelu: bool = False

@@ -43,10 +43,9 @@ from .transformer import ParallelTransformerLayer
 from .utils import (
     INIT_SALT_EMBEDDING,
     INIT_SALT_OUTPUT_LAYER,
-    init_method_normal,
+    init_methods,
     init_rng,
     layer_init_salt,
-    scaled_init_method_normal,
 )
 
 
@@ -193,8 +192,7 @@ class GPTModelPipe(PipelineModule):
                 "GPTModelPipe: --num-experts > 1 is not supported with DeepSpeed's "
                 "pipeline engine; use --pipeline-model-parallel-size 1"
             )
-        init_method = init_method_normal(config.init_method_std)
-        output_init = scaled_init_method_normal(config.init_method_std, config.num_layers)
+        init_method, output_init = init_methods(config)
         untied = config.untie_embeddings_and_output_weights
         specs = [_embedding_spec(config, init_method, num_tokentypes, untied)]
         for layer_number in range(1, config.num_layers + 1):

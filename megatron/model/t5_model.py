@@ -24,7 +24,7 @@ from .config import TransformerConfig
 from .enums import AttnMaskType
 from .language_model import get_language_model, load_model_state_dict, parallel_lm_logits
 from .module import MegatronModule
-from .utils import init_method_normal, scaled_init_method_normal
+from .utils import init_methods
 
 
 def t5_extended_attention_mask(attention_mask_list: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -106,8 +106,8 @@ class T5Model(MegatronModule):
             add_decoder=True,
             encoder_attn_mask_type=AttnMaskType.padding,
             decoder_attn_mask_type=AttnMaskType.causal,
-            init_method=init_method_normal(config.init_method_std),
-            scaled_init_method=scaled_init_method_normal(config.init_method_std, config.num_layers),
+            init_method=init_methods(config)[0],
+            scaled_init_method=init_methods(config)[1],
             pre_process=pre_process,
             post_process=post_process,
         )

@@ -186,8 +186,6 @@ def test_gpt_linear_layers_are_xavier_uniform():
         assert normal[name].std().item() < 0.021  # the default stays N(0, 0.02^2) or less
 
 
-@pytest.mark.xfail(strict=True, reason="megatron/model/config.py has no "
-                   "init_method_xavier_uniform field yet, so config_from_args drops the flag")
 def test_flag_reaches_the_model_config():
     from megatron.model.config import config_from_args
 
