@@ -12,7 +12,7 @@ load_checkpoint, stage outputs passed by send/recv):
   atol = rtol = 1e-4);
 * trains a tiny LLaMA 20 iterations with pretrain_gpt.py's pretrain() at TP=2 (x DP=2),
   a tiny GPT 20 iterations under DeepSpeed ZeRO-2 (DP=4) and the LLaMA under DeepSpeed's
-  pipeline engine at TP=2 x PP=2, and a bf16 LLaMA under ZeRO-2, and computes their
+  pipeline engine at TP=2 x PP=2, and LLaMAs under ZeRO-2 (bf16) and ZeRO-3, and computes their
   logits (the DeepSpeed checkpoints converted to Megatron ones by the CLI).
 
 Exported with the CLI (the TP=2 Megatron checkpoint and the DeepSpeed save folders), the
@@ -280,7 +280,12 @@ def trained(work, sp_model, vocab_dir):
         str(NULL_VOCAB - 1), "--bf16", "--deepspeed", "--zero-stage", "2", "--save",
         str(work / "trained_llama_bf16"), "--save-interval", str(BF16_ITERS),
     ]  # fmt: skip
-    return {"llama": llama, "gpt": gpt, "llama_pipe": llama_pipe, "llama_bf16": bf16}
+    # the same in fp32 under ZeRO-3 (the module's weights partitioned: read from the fp32 ones)
+    zero3 = [a for a in bf16 if a != "--bf16"]
+    zero3[zero3.index("--zero-stage") + 1] = "3"
+    zero3[zero3.index("--save") + 1] = str(work / "trained_llama_zero3")
+    return {"llama": llama, "gpt": gpt, "llama_pipe": llama_pipe, "llama_bf16": bf16,
+            "llama_zero3": zero3}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -295,15 +300,19 @@ def world(work, hf_models, trained):
         "train": [("llama", trained["llama"], "GPTSentencePieceTokenizer"),
                   ("gpt", trained["gpt"], "GPT2BPETokenizer"),
                   ("llama_pipe", trained["llama_pipe"], "GPTSentencePieceTokenizer"),
-                  ("llama_bf16", trained["llama_bf16"], "NullTokenizer")],
+                  ("llama_bf16", trained["llama_bf16"], "NullTokenizer"),
+                  ("llama_zero3", trained["llama_zero3"], "NullTokenizer")],
         "deepspeed_convert": [
             (str(work / "trained_gpt_ds"), str(work / "trained_gpt_megatron")),
             (str(work / "trained_llama_pipe"), str(work / "trained_llama_pipe_megatron")),
             (str(work / "trained_llama_bf16"), str(work / "trained_llama_bf16_megatron")),
+            (str(work / "trained_llama_zero3"), str(work / "trained_llama_zero3_megatron")),
         ],
         "trained": [
             ("trained_llama_pipe", str(work / "trained_llama_pipe_megatron"), _tokens(SP_VOCAB)),
             ("trained_llama_bf16", str(work / "trained_llama_bf16_megatron"),
+             _tokens(NULL_VOCAB)),
+            ("trained_llama_zero3", str(work / "trained_llama_zero3_megatron"),
              _tokens(NULL_VOCAB)),
             ("trained_llama", str(work / "trained_llama"), _tokens(SP_VOCAB)),
             ("trained_gpt", str(work / "trained_gpt_megatron"), _tokens(GPT2_VOCAB)),
@@ -322,7 +331,8 @@ def exported(work, world):
     """The trained models exported with the CLI: {name: HF folder}."""
     out = {}
     pairs = (("llama", "trained_llama"), ("gpt", "trained_gpt_ds"),
-             ("llama_pipe", "trained_llama_pipe"), ("llama_bf16", "trained_llama_bf16"))  # fmt: skip
+             ("llama_pipe", "trained_llama_pipe"), ("llama_bf16", "trained_llama_bf16"),
+             ("llama_zero3", "trained_llama_zero3"))  # fmt: skip
     for name, src in pairs:
         out[name] = str(work / f"exported_{name}")
         assert _convert("--loader", "megatron", "--saver", "hf", "--load-dir", str(work / src),
@@ -402,7 +412,7 @@ def test_round_trip_is_bit_identical(work, hf_models, name):
 
 def test_training_ran(world):
     for name, iters in (("llama", ITERS), ("gpt", ITERS), ("llama_pipe", ITERS),
-                        ("llama_bf16", BF16_ITERS)):  # fmt: skip
+                        ("llama_bf16", BF16_ITERS), ("llama_zero3", BF16_ITERS)):  # fmt: skip
         rows = world[f"{name}_log"]
         assert sorted(rows) == list(range(1, iters + 1)), name
         assert float(rows[iters]["loss"]) < float(rows[1]["loss"]), name
@@ -411,12 +421,12 @@ def test_training_ran(world):
 @pytest.mark.parametrize(
     "name,vocab",
     [("llama", SP_VOCAB), ("gpt", GPT2_VOCAB), ("llama_pipe", SP_VOCAB),
-     ("llama_bf16", NULL_VOCAB)],
+     ("llama_bf16", NULL_VOCAB), ("llama_zero3", NULL_VOCAB)],
 )  # fmt: skip
 def test_trained_model_exported_logits_equal_ours(world, exported, name, vocab):
-    """The TP=2 LLaMA, the ZeRO-2 GPT and the LLaMA of DeepSpeed's pipeline engine (TP=2 x
-    PP=2), exported, give in transformers the logits our model gives from their
-    checkpoints (the DeepSpeed ones read through tools/convert_checkpoint)."""
+    """The TP=2 LLaMA, the ZeRO-2 GPT, the LLaMA of DeepSpeed's pipeline engine (TP=2 x
+    PP=2) and the ZeRO-2 (bf16) and ZeRO-3 LLaMAs, exported, give in transformers the logits
+    our model gives from their checkpoints (the DeepSpeed ones converted by the CLI)."""
     ours, layout = world[f"trained_{name}"]
     assert layout == ((2, 1) if name == "llama" else (1, 1))
     config = json.load(open(os.path.join(exported[name], "config.json")))

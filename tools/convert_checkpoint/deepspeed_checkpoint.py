@@ -6,7 +6,9 @@ Files of one checkpoint folder (global_stepN/):
 
     mp_rank_TT_model_states.pt            engine state: 'module' (GPTModel's flat state
                                           dict, TP rank TT), Megatron's client state
-                                          ('args', 'iteration', consumed samples, ...)
+                                          ('args', 'iteration', consumed samples, ...);
+                                          ZeRO-3 writes one per data-parallel rank D,
+                                          zero_pp_rank_D_mp_rank_TT_model_states.pt
     layer_II-model_TT-model_states.pt     GPTModelPipe: layer II of TP rank TT
                                           (00 embedding, 01..L transformer layers,
                                           L+1 final layer norm, L+2 the head:
@@ -30,7 +32,9 @@ import torch
 
 from megatron.checkpoint_reshape import FlatState, ReshapeError, merge_tensor_parallel
 
-_MODEL_STATES_RE = re.compile(r"^mp_rank_(\d{2})_model_states\.pt$")
+# mp_rank_TT_model_states.pt; under ZeRO-3 one per data-parallel rank D:
+# zero_pp_rank_D_mp_rank_TT_model_states.pt
+_MODEL_STATES_RE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d{2})_model_states\.pt$")
 _LAYER_RE = re.compile(r"^layer_(\d{2})-model_(\d{2})-model_states\.pt$")
 _LM = "language_model"
 
@@ -172,13 +176,20 @@ def _pipe_shards(layer_files: Dict[Tuple[int, int], str], num_layers: int) -> Li
     return shards
 
 
+def _dp_rank_of(name: str) -> int:
+    m = _MODEL_STATES_RE.match(name)
+    return int(m.group(1) or 0) if m else -1
+
+
 def read_deepspeed_checkpoint(input_folder: str) -> Tuple[FlatState, dict]:
     """(canonical full model state, client state of TP rank 0: args, iteration, ...)."""
     folder, _ = resolve_checkpoint_folder(input_folder)
     names = os.listdir(folder)
-    engine_files = {
-        int(m.group(1)): os.path.join(folder, n) for n in names if (m := _MODEL_STATES_RE.match(n))
-    }
+    engine_files: Dict[int, str] = {}
+    for name in sorted(names, key=_dp_rank_of, reverse=True):  # data-parallel rank 0 last
+        m = _MODEL_STATES_RE.match(name)
+        if m:
+            engine_files[int(m.group(2))] = os.path.join(folder, name)
     if not engine_files:
         raise ReshapeError(f"no mp_rank_XX_model_states.pt in {folder}")
     client = _load(engine_files[min(engine_files)])
