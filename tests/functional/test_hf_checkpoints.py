@@ -10,15 +10,17 @@ load_checkpoint, stage outputs passed by send/recv):
 
 * computes the logits of every imported checkpoint: they equal HF's (fp32, one thread,
   atol = rtol = 1e-4);
-* trains a tiny LLaMA 20 iterations with pretrain_gpt.py's pretrain() at TP=2 (x DP=2),
-  a tiny GPT 20 iterations under DeepSpeed ZeRO-2 (DP=4) and the LLaMA under DeepSpeed's
-  pipeline engine at TP=2 x PP=2, and LLaMAs under ZeRO-2 (bf16) and ZeRO-3, and computes their
-  logits (the DeepSpeed checkpoints converted to Megatron ones by the CLI).
+* trains with pretrain_gpt.py's pretrain(): a tiny LLaMA 20 iterations at TP=2 (x DP=2),
+  a tiny GPT 20 iterations under DeepSpeed ZeRO-2 (DP=4), the LLaMA 20 iterations under
+  DeepSpeed's pipeline engine at TP=2 x PP=2, and small-vocabulary LLaMAs 6 iterations
+  under ZeRO-2 in bf16 and under ZeRO-3 (DP=4); and computes their logits (the DeepSpeed
+  checkpoints converted to Megatron ones by the CLI).
 
 Exported with the CLI (the TP=2 Megatron checkpoint and the DeepSpeed save folders), the
 trained models give those logits in transformers, and tools/generate_samples_gpt.py's
 greedy continuations of the LLaMA equal model.generate(do_sample=False) token for token.
-HF -> Megatron (TP=2 x PP=2) -> HF gives bit-identical tensors and the same config.
+The bf16 model is exported with its fp32 master weights. HF -> Megatron (TP=2 x PP=2) ->
+HF gives bit-identical tensors and the same config (as transformers reads it).
 Bad input stops the CLI with one line naming the file or flag, and nothing in --save-dir.
 """
 
