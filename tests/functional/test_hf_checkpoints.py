@@ -18,7 +18,8 @@ load_checkpoint, stage outputs passed by send/recv):
 
 Exported with the CLI (the TP=2 Megatron checkpoint and the DeepSpeed save folders), the
 trained models give those logits in transformers, and tools/generate_samples_gpt.py's
-greedy continuations of the LLaMA equal model.generate(do_sample=False) token for token.
+greedy continuations of the LLaMA and the GPT equal model.generate(do_sample=False) token
+for token.
 The bf16 model is exported with its fp32 master weights. HF -> Megatron (TP=2 x PP=2) ->
 HF gives bit-identical tensors and the same config (as transformers reads it).
 Bad input stops the CLI with one line naming the file or flag, and nothing in --save-dir.
@@ -460,22 +461,30 @@ def test_half_precision_zero_exports_fp32_master_weights(work, exported):
     assert sorted(os.listdir(exported["llama_bf16"])) == ["config.json", "model.safetensors"]
 
 
-def test_greedy_generation_equals_transformers(work, world, exported, sp_model):
-    """tools/generate_samples_gpt.py (--greedy, TP=2, model flags from the checkpoint)
-    continues each prompt with the tokens of model.generate(do_sample=False)."""
+@pytest.mark.parametrize("name", ["llama", "gpt"])
+def test_greedy_generation_equals_transformers(work, world, exported, sp_model, vocab_dir, name):
+    """tools/generate_samples_gpt.py (--greedy, model flags from the checkpoint; the LLaMA at
+    TP=2, the GPT trained under ZeRO-2 and converted, on one rank) continues each prompt
+    with the tokens of model.generate(do_sample=False) of the exported model."""
     from megatron.hf_interop import TokenizerInfo
 
-    prompts, out = work / "prompts.txt", work / "generated.jsonl"
+    load, nproc = {"llama": ("trained_llama", 2), "gpt": ("trained_gpt_megatron", 1)}[name]
+    prompts, out = work / f"prompts_{name}.txt", work / f"generated_{name}.jsonl"
     prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
-    launch(2, ["--load", str(work / "trained_llama"), "--use-checkpoint-args", "--greedy",
-               "--micro-batch-size", "2", "--sample-input-file", str(prompts),
-               "--sample-output-file", str(out), "--out-seq-length", str(OUT_LEN),
-               "--log-probs"],
+    launch(nproc, ["--load", str(work / load), "--use-checkpoint-args", "--greedy",
+                   "--micro-batch-size", "2", "--sample-input-file", str(prompts),
+                   "--sample-output-file", str(out), "--out-seq-length", str(OUT_LEN),
+                   "--log-probs"],
            script=os.path.join("tools", "generate_samples_gpt.py"))  # fmt: skip
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["prompt"] for r in rows] == PROMPTS
-    tok = TokenizerInfo("GPTSentencePieceTokenizer", tokenizer_model=sp_model).build()
-    model = AutoModelForCausalLM.from_pretrained(exported["llama"]).eval()
+    if name == "llama":
+        tok = TokenizerInfo("GPTSentencePieceTokenizer", tokenizer_model=sp_model).build()
+    else:
+        tok = TokenizerInfo("GPT2BPETokenizer",
+                            vocab_file=os.path.join(vocab_dir, "gpt2-vocab.json"),
+                            merge_file=os.path.join(vocab_dir, "gpt2-merges.txt")).build()
+    model = AutoModelForCausalLM.from_pretrained(exported[name]).eval()
     assert model.config.eos_token_id == tok.eod
     for row, prompt in zip(rows, PROMPTS):
         ids = torch.tensor([tok.tokenize(prompt)])
