@@ -223,6 +223,20 @@ class _LinearWithAsyncCommunication(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None
 
 
+def _backward_without_communication(ctx, grad_output):
+    """(dX, dW) of Y = X W^T with (X, W) saved: dX = dY W, dW through `weight_grad`."""
+    input_, weight = ctx.saved_tensors
+    grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
+    grad_weight = None
+    if ctx.needs_input_grad[1]:
+        grad_weight = weight_grad(
+            weight,
+            grad_output.reshape(-1, grad_output.size(-1)),
+            input_.reshape(-1, input_.size(-1)),
+        )
+    return grad_input, grad_weight
+
+
 class _RowParallelLinearChunkedAllReduce(torch.autograd.Function):
     """Y = sum over ranks of X_i W_i^T for a row-parallel GEMM, computed in `chunks`
     pieces along the first (sequence) dimension: the all-reduce of piece k runs while
@@ -250,16 +264,7 @@ class _RowParallelLinearChunkedAllReduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        input_, weight = ctx.saved_tensors
-        grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = weight_grad(
-                weight,
-                grad_output.reshape(-1, grad_output.size(-1)),
-                input_.reshape(-1, input_.size(-1)),
-            )
-        return grad_input, grad_weight, None
+        return (*_backward_without_communication(ctx, grad_output), None)
 
 
 class _LinearAccumulatingWeightGrad(torch.autograd.Function):
@@ -273,16 +278,7 @@ class _LinearAccumulatingWeightGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        input_, weight = ctx.saved_tensors
-        grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = weight_grad(
-                weight,
-                grad_output.reshape(-1, grad_output.size(-1)),
-                input_.reshape(-1, input_.size(-1)),
-            )
-        return grad_input, grad_weight
+        return _backward_without_communication(ctx, grad_output)
 
 
 def _overlap_sequence_parallel(sequence_parallel: bool) -> bool:
