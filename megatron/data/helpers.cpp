@@ -249,6 +249,10 @@ uint64_t mapping_pass(const int64_t* docs, int64_t num_docs, const int32_t* size
         }
       }
     }
+    // Which documents yield samples does not depend on the epoch: an epoch that made none
+    // means no epoch will (a split of one-sentence documents, say), so stop instead of
+    // looping over the remaining ~2^31 epochs of an unbounded request.
+    if (rows == 0) break;
   }
   return rows;
 }
@@ -369,6 +373,7 @@ uint64_t blocks_pass(const int64_t* docs, int64_t num_docs, const int32_t* sizes
         }
       }
     }
+    if (rows == 0) break;  // as in mapping_pass: no epoch will yield a block
   }
   return rows;
 }

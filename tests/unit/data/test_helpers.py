@@ -244,6 +244,26 @@ def test_build_blocks_mapping_matches_reference(one_sent):
     np.testing.assert_array_equal(got, ref_blocks(docs, sizes, titles, 2, 10**9, 80, 77, one_sent))
 
 
+def test_mappings_stop_when_no_document_yields_a_sample():
+    """A split whose documents all have one sentence (or a sentence over 512 tokens) gives no
+    sample in any epoch; with no epoch limit (2**31 - 2 epochs, as get_samples_mapping asks)
+    the builders must return an empty mapping at once instead of looping over every epoch."""
+    docs = np.arange(0, 41, dtype=np.int64)  # 40 one-sentence documents
+    sizes = np.full(40, 30, np.int32)
+    unbounded = 2**31 - 2
+    got = helpers.build_mapping(docs, sizes, unbounded, 64, 509, 0.1, 1234, False, 2)
+    assert got.shape == (0, 3)
+    long_docs = np.array([0, 3, 6], np.int64)  # two documents, each with a 600-token sentence
+    long_sizes = np.array([10, 600, 10, 10, 600, 10], np.int32)
+    got = helpers.build_mapping(long_docs, long_sizes, unbounded, 64, 509, 0.1, 1234, False, 1)
+    assert got.shape == (0, 3)
+    titles = np.ones(2, np.int32)
+    got = helpers.build_blocks_mapping(
+        long_docs, long_sizes, titles, unbounded, 64, 80, 7, False, False
+    )
+    assert got.shape == (0, 4)
+
+
 def test_mapping_rejects_bad_docs():
     with pytest.raises(ValueError, match="docs holds a sentence index outside sizes"):
         helpers.build_mapping(
