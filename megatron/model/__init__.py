@@ -12,6 +12,7 @@ from .fused_layer_norm import MixedFusedLayerNorm as LayerNorm  # noqa: F401
 from .gpt_model import GPTModel  # noqa: F401
 from .language_model import get_language_model  # noqa: F401
 from .module import Float16Module, MegatronModule  # noqa: F401
+from .utils import count_parameters_on_meta  # noqa: F401
 
 _LAZY = {
     "DistributedDataParallel": ".distributed",

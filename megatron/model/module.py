@@ -74,6 +74,8 @@ class MegatronModule(torch.nn.Module):
             self.word_embeddings.weight.shared = True
         if not (pre_process or post_process):
             return
+        if self.word_embeddings_weight().is_meta:
+            return  # built on the meta device: nothing to synchronise
         if not torch.distributed.is_initialized():
             print(
                 "WARNING: torch.distributed is not initialised, so the last stage's word "

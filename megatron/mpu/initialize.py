@@ -24,7 +24,8 @@ rank getters describe a single process (size 1, rank 0).
 
 from __future__ import annotations
 
-from typing import Dict, List
+import contextlib
+from typing import Dict, Iterator, List
 
 import torch
 
@@ -34,6 +35,7 @@ __all__ = [
     "model_parallel_is_initialized",
     "destroy_model_parallel",
     "clear_model_parallel_overrides",
+    "model_parallel_overrides",
     "set_tensor_model_parallel_comm_overlap",
     "get_tensor_model_parallel_comm_overlap",
     "get_model_parallel_group",
@@ -287,6 +289,46 @@ def clear_model_parallel_overrides() -> None:
     _MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = None
     _MPU_TENSOR_MODEL_PARALLEL_RANK = None
     _MPU_PIPELINE_MODEL_PARALLEL_RANK = None
+
+
+@contextlib.contextmanager
+def model_parallel_overrides(
+    tensor_world_size: int,
+    tensor_rank: int,
+    pipeline_world_size: int,
+    pipeline_rank: int,
+) -> Iterator[None]:
+    """Inside the block the getters describe this layout (no virtual pipeline stages),
+    whatever groups exist; the previous overrides and virtual-pipeline state come back
+    on exit. For building a model offline, e.g. on the meta device to count it."""
+    global _MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE, _MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
+    global _MPU_TENSOR_MODEL_PARALLEL_RANK, _MPU_PIPELINE_MODEL_PARALLEL_RANK
+    global _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK, _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
+    saved = (
+        _MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE,
+        _MPU_TENSOR_MODEL_PARALLEL_RANK,
+        _MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE,
+        _MPU_PIPELINE_MODEL_PARALLEL_RANK,
+        _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK,
+        _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE,
+    )
+    _MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE = tensor_world_size
+    _MPU_TENSOR_MODEL_PARALLEL_RANK = tensor_rank
+    _MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = pipeline_world_size
+    _MPU_PIPELINE_MODEL_PARALLEL_RANK = pipeline_rank
+    _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = None
+    _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = None
+    try:
+        yield
+    finally:
+        (
+            _MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE,
+            _MPU_TENSOR_MODEL_PARALLEL_RANK,
+            _MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE,
+            _MPU_PIPELINE_MODEL_PARALLEL_RANK,
+            _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK,
+            _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE,
+        ) = saved
 
 
 def destroy_model_parallel() -> None:

@@ -8,6 +8,9 @@ device the parameter lives on (the CPU with `use_cpu_initialization`, the accele
 otherwise), then keeps its own slice. With the same seed, the shards of a TP=p layer are
 exactly the slices of the TP=1 layer's weight. Biases start at zero.
 
+Built inside `with torch.device("meta"):` the layers allocate nothing and skip
+initialisation (megatron.model.utils.count_parameters_on_meta builds whole models so).
+
 Every weight split across ranks carries `tensor_model_parallel=True`, `partition_dim`
 (0 or 1) and `partition_stride`, which checkpoint tools and gradient clipping read.
 """
@@ -98,6 +101,11 @@ def copy_tensor_model_parallel_attributes(
 
 
 def _param_device(use_cpu_initialization: bool) -> torch.device:
+    """Where a new parameter lives: the meta device inside `with torch.device("meta")`
+    (shapes only, nothing allocated, for counting parameters and planning), else the CPU
+    with `use_cpu_initialization`, else the accelerator."""
+    if torch.get_default_device().type == "meta":
+        return torch.device("meta")
     return torch.device("cpu") if use_cpu_initialization else current_device()
 
 
@@ -125,9 +133,12 @@ def _initialize_affine_weight(
     """Fill `weight` with this rank's slice of a freshly initialised full weight.
 
     The full weight is made in fp32 on `weight`'s device from the default generator (the
-    same on every tensor-parallel rank), then cast to `weight`'s dtype.
+    same on every tensor-parallel rank), then cast to `weight`'s dtype. A meta weight has
+    no values to fill: it is only marked.
     """
     set_tensor_model_parallel_attributes(weight, True, partition_dim, stride)
+    if weight.is_meta:
+        return None
     master = torch.empty(full_shape, dtype=torch.float32, device=weight.device)
     init_method(master)
     master = master.to(weight.dtype)
