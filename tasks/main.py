@@ -2,8 +2,9 @@
 flags used for pretraining plus the task flags below (Megatron's spellings).
 
 Zero-shot GPT tasks: WIKITEXT103 (perplexity) and LAMBADA (cloze accuracy), see
-tasks/zeroshot_gpt/evaluate.py. Megatron's fine-tuning tasks (RACE, MNLI, QQP) run when
-their package (tasks/race, tasks/glue) is present in this tree.
+tasks/zeroshot_gpt/evaluate.py. BERT fine-tuning: RACE (multiple choice, tasks/race),
+MNLI and QQP (GLUE sentence pairs, tasks/glue), see tasks/finetune_utils.py; their
+tokenizer defaults to BertWordPieceLowerCase.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ TASKS = {
     "MNLI": "tasks.glue.finetune",
     "QQP": "tasks.glue.finetune",
 }
+FINETUNE_TASKS = ("RACE", "MNLI", "QQP")
 
 
 def get_tasks_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -95,9 +97,10 @@ def main() -> None:
     early.add_argument("--task", default=None)
     task = early.parse_known_args()[0].task
     run_task = task_main(task) if task is not None else None
+    tokenizer = "BertWordPieceLowerCase" if task in FINETUNE_TASKS else "GPT2BPETokenizer"
     initialize_megatron(
         extra_args_provider=get_tasks_args,
-        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
+        args_defaults={"tokenizer_type": tokenizer},
     )
     args = get_args()
     if getattr(args, "num_layers_per_virtual_pipeline_stage", None) is not None:

@@ -17,6 +17,8 @@ from .utils import count_parameters_on_meta  # noqa: F401
 _LAZY = {
     "DistributedDataParallel": ".distributed",
     "BertModel": ".bert_model",
+    "Classification": ".classification",
+    "MultipleChoice": ".multiple_choice",
     "T5Model": ".t5_model",
     "GPTModelPipe": ".gpt_model_pipe",
 }

@@ -1,0 +1,1 @@
+"""GLUE sentence-pair classification (MNLI, QQP) from GLUE's TSV files."""

@@ -1,0 +1,1 @@
+"""RACE reading comprehension: four-way multiple choice from RACE's JSON files."""
