@@ -138,7 +138,6 @@ def model_args(vocab_dir: str, tp: int = 1) -> list[str]:
         "--vocab-file", os.path.join(vocab_dir, "bert-large-uncased-vocab.txt"),
         "--hidden-dropout", "0", "--attention-dropout", "0", "--seed", "1234",
         "--tensor-model-parallel-size", str(tp),
-        "--make-vocab-size-divisible-by", str(128 // tp),
     ]  # fmt: skip
 
 
@@ -172,19 +171,19 @@ def glue_dir(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("glue_data")
     mnli = root / "MNLI"
     mnli.mkdir()
-    write_mnli(str(mnli / "train.tsv"), 48, seed=1, dev=False)
+    write_mnli(str(mnli / "train.tsv"), 96, seed=1, dev=False)
     write_mnli(str(mnli / "dev_matched.tsv"), 30, seed=2, dev=True)
     write_mnli(str(mnli / "dev_mismatched.tsv"), 30, seed=3, dev=True)
     qqp = root / "QQP"
     qqp.mkdir()
-    write_qqp(str(qqp / "train.tsv"), 48, seed=4)
+    write_qqp(str(qqp / "train.tsv"), 96, seed=4)
     write_qqp(str(qqp / "dev.tsv"), 32, seed=5)
     write_qqp(str(qqp / "test.tsv"), 16, seed=6, test=True)
     return str(root)
 
 
 def task_args(task: str, train: list[str], valid: list[str], vocab_dir: str, tp: int = 1,
-              epochs: int = EPOCHS, mbs: int = 4, gbs: int = 8, lr: str = "1e-3") -> list[str]:
+              epochs: int = EPOCHS, mbs: int = 4, gbs: int = 8, lr: str = "3e-3") -> list[str]:
     return ["--task", task, "--train-data", *train, "--valid-data", *valid,
             "--tokenizer-type", "BertWordPieceLowerCase", "--epochs", str(epochs),
             "--micro-batch-size", str(mbs), "--global-batch-size", str(gbs),
@@ -217,3 +216,195 @@ def fails(args: list[str]) -> str:
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0, proc.stdout[-3000:]
     return proc.stderr + proc.stdout
+
+
+# ----------------------------------------------------------------------------------------
+# MNLI: learning, resume, TP=2, DP=2
+# ----------------------------------------------------------------------------------------
+
+STEPS_PER_EPOCH = 12  # 96 examples, global batch 8
+PARALLEL_ITERS = 14  # into epoch 2, past epoch 1's accuracy
+
+
+def mnli_args(glue_dir: str, vocab_dir: str, tp: int = 1) -> list[str]:
+    mnli = os.path.join(glue_dir, "MNLI")
+    return task_args("MNLI", [os.path.join(mnli, "train.tsv")],
+                     [os.path.join(mnli, "dev_matched.tsv"),
+                      os.path.join(mnli, "dev_mismatched.tsv")], vocab_dir, tp=tp)
+
+
+@pytest.fixture(scope="module")
+def mnli_run(tmp_path_factory, pretrained, glue_dir, vocab_dir):
+    """3 epochs from the pretrained BERT, a checkpoint after each."""
+    save = str(tmp_path_factory.mktemp("mnli_ckpt"))
+    out = run_task(mnli_args(glue_dir, vocab_dir) + [
+        "--pretrained-checkpoint", pretrained, "--save", save])
+    return out, save
+
+
+def test_mnli_learns_and_reports_each_dev_file(mnli_run):
+    out, save = mnli_run
+    rows = losses(out)
+    assert sorted(rows) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1)), out[-3000:]
+    assert [rows[i][0] for i in (1, 12, 13, 36)] == [1, 1, 2, 3]
+    assert "could not find classification_head in the checkpoint" in out
+    scores = metrics(out)
+    assert sorted(scores) == [(e, n) for e in range(EPOCHS)
+                              for n in ("dev-matched", "dev-mismatched")], out[-3000:]
+    for name in ("dev-matched", "dev-mismatched"):
+        correct, total = scores[(EPOCHS - 1, name)]
+        assert total == 30
+        # chance is 1/3 (10 of 30): the keyword is learnt
+        assert correct >= 18, (name, scores)
+    first = [float(rows[i][2]) for i in range(1, STEPS_PER_EPOCH + 1)]
+    last = [float(rows[i][2]) for i in range(25, 37)]
+    assert sum(last) / 12 < sum(first) / 12 - 0.2, (first, last)
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read().strip() == "36"
+    for it in (12, 24, 36):
+        assert os.path.isfile(os.path.join(save, f"iter_{it:07d}", "mp_rank_00",
+                                           "model_optim_rng.pt"))
+
+
+def test_mnli_checkpoint_holds_megatron_keys(mnli_run):
+    import torch
+
+    _, save = mnli_run
+    state = torch.load(os.path.join(save, "iter_0000036", "mp_rank_00", "model_optim_rng.pt"),
+                       map_location="cpu", weights_only=False)
+    assert set(state["model"]) == {"language_model", "classification_head"}
+    assert set(state["model"]["language_model"]) == {"embedding", "transformer", "pooler"}
+    assert state["model"]["classification_head"]["weight"].shape == (3, 64)
+    assert state["iteration"] == 36 and "optimizer" in state
+
+
+def test_mnli_resume_repeats_the_last_epoch(mnli_run, glue_dir, vocab_dir, tmp_path):
+    """From the end of epoch 2: epoch 3's losses, learning rates and accuracies exactly."""
+    out, save = mnli_run
+    ckpt = tmp_path / "resume"
+    ckpt.mkdir()
+    shutil.copytree(os.path.join(save, "iter_0000024"), ckpt / "iter_0000024")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("24")
+    resumed = run_task(mnli_args(glue_dir, vocab_dir) + [
+        "--load", str(ckpt), "--save", str(ckpt)])
+    rows, again = losses(out), losses(resumed)
+    assert sorted(again) == list(range(25, 37)), resumed[-3000:]
+    assert {i: again[i] for i in again} == {i: rows[i] for i in range(25, 37)}
+    final = {k: v for k, v in metrics(out).items() if k[0] == EPOCHS - 1}
+    assert metrics(resumed) == final
+
+
+def _assert_parallel_matches(out: str, serial: str) -> None:
+    rows, other = losses(serial), losses(out)
+    assert sorted(other) == list(range(1, PARALLEL_ITERS + 1)), out[-3000:]
+    for it in other:
+        assert other[it][:2] == rows[it][:2], (it, other[it], rows[it])
+        a, b = float(other[it][2]), float(rows[it][2])
+        assert abs(a - b) <= REL_TOL * abs(b), (it, a, b)
+    first_epoch = {k: v for k, v in metrics(serial).items() if k[0] == 0}
+    assert metrics(out) == first_epoch
+
+
+def test_mnli_tensor_parallel_2_equals_serial(mnli_run, pretrained, glue_dir, vocab_dir,
+                                              tmp_path):
+    """The pretrained checkpoint reshaped to TP=2 by tools/checkpoint_util.py; two ranks
+    split attention and MLP, the pooler and head are replicated."""
+    out, _ = mnli_run
+    tp2 = str(tmp_path / "bert_tp2")
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "checkpoint_util.py"),
+         "--model-type", "BERT", "--load-dir", pretrained, "--save-dir", tp2,
+         "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "1"],
+        check=True, capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    parallel = run_task(mnli_args(glue_dir, vocab_dir, tp=2) + [
+        "--pretrained-checkpoint", tp2, "--exit-interval", str(PARALLEL_ITERS)], nproc=2)
+    _assert_parallel_matches(parallel, out)
+
+
+def test_mnli_data_parallel_2_equals_serial(mnli_run, pretrained, glue_dir, vocab_dir):
+    """DP=2 takes one micro-batch of 4 per rank where DP=1 accumulates two: the same
+    global batches; the accuracy counts all 30 examples of each file over both ranks."""
+    out, _ = mnli_run
+    parallel = run_task(mnli_args(glue_dir, vocab_dir) + [
+        "--pretrained-checkpoint", pretrained, "--exit-interval", str(PARALLEL_ITERS)],
+        nproc=2)
+    _assert_parallel_matches(parallel, out)
+
+
+# ----------------------------------------------------------------------------------------
+# QQP and RACE
+# ----------------------------------------------------------------------------------------
+
+
+def test_qqp_learns_and_reads_the_unlabelled_test_file(pretrained, glue_dir, vocab_dir):
+    """4 epochs; test.tsv (no is_duplicate column) is scored against label 0."""
+    qqp = os.path.join(glue_dir, "QQP")
+    out = run_task(task_args(
+        "QQP", [os.path.join(qqp, "train.tsv")],
+        [os.path.join(qqp, "dev.tsv"), os.path.join(qqp, "test.tsv")], vocab_dir,
+        epochs=4) + ["--pretrained-checkpoint", pretrained])
+    scores = metrics(out)
+    assert scores[(3, "test")][1] == 16, out[-3000:]
+    correct, total = scores[(3, "dev")]
+    assert total == 32 and correct >= 24, scores  # chance: 16 of 32
+
+
+@pytest.fixture(scope="module")
+def race_dir(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("race_data") / "RACE"
+    write_race(str(root / "train" / "middle"), 24, seed=7)
+    write_race(str(root / "dev" / "middle"), 8, seed=8)
+    write_race(str(root / "dev" / "high"), 8, seed=9)
+    return str(root)
+
+
+def test_race_learns_on_each_dev_folder(pretrained, race_dir, vocab_dir):
+    """48 questions (4 sequences each) a epoch, micro-batch 4 questions; chance 1/4."""
+    out = run_task(task_args(
+        "RACE", [os.path.join(race_dir, "train", "middle")],
+        [os.path.join(race_dir, "dev", "middle"), os.path.join(race_dir, "dev", "high")],
+        vocab_dir, epochs=4) + ["--pretrained-checkpoint", pretrained])
+    assert "could not find multichoice_head in the checkpoint" in out
+    assert sorted(losses(out)) == list(range(1, 4 * 6 + 1)), out[-3000:]
+    scores = metrics(out)
+    for name in ("dev-middle", "dev-high"):
+        correct, total = scores[(3, name)]
+        assert total == 16 and correct >= 8, scores  # chance: 4 of 16
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------
+
+
+def test_malformed_inputs_name_the_file_and_line(glue_dir, race_dir, vocab_dir, tmp_path):
+    mnli = tmp_path / "MNLI"
+    mnli.mkdir()
+    lines = open(os.path.join(glue_dir, "MNLI", "train.tsv")).read().split("\n")
+    lines[4] = "\t".join(lines[4].split("\t")[:-1])  # line 5 loses its gold_label
+    (mnli / "train.tsv").write_text("\n".join(lines))
+    dev = os.path.join(glue_dir, "MNLI", "dev_matched.tsv")
+    err = fails(task_args("MNLI", [str(mnli / "train.tsv")], [dev], vocab_dir))
+    assert f"{mnli / 'train.tsv'}:5: expected 12 tab-separated columns" in err, err[-3000:]
+
+    race = tmp_path / "RACE" / "train" / "middle"
+    shutil.copytree(os.path.join(race_dir, "train", "middle"), race)
+    good = (race / "3.txt").read_text()
+    (race / "3.txt").write_text(good[:-1].replace(', "options"', ',\n "options"'))
+    err = fails(task_args("RACE", [str(race)], [str(race)], vocab_dir))
+    assert f"{race / '3.txt'}:2: not valid JSON" in err, err[-3000:]
+    (race / "3.txt").write_text(good.replace('"answers": ["', '"answers": ["E", "'))
+    err = fails(task_args("RACE", [str(race)], [str(race)], vocab_dir))
+    assert f"{race / '3.txt'}:1: 2 questions, 2 option lists and 3 answers" in err, err[-3000:]
+
+
+def test_gpt_models_are_refused(glue_dir, vocab_dir):
+    """Megatron's classification tasks fine-tune BERT only."""
+    mnli = os.path.join(glue_dir, "MNLI")
+    args = task_args("MNLI", [os.path.join(mnli, "train.tsv")],
+                     [os.path.join(mnli, "dev_matched.tsv")], vocab_dir)
+    args[args.index("BertWordPieceLowerCase")] = "GPT2BPETokenizer"
+    args[args.index(os.path.join(vocab_dir, "bert-large-uncased-vocab.txt"))] = os.path.join(
+        vocab_dir, "gpt2-vocab.json")
+    err = fails(args + ["--merge-file", os.path.join(vocab_dir, "gpt2-merges.txt")])
+    assert "GPT models are not supported on the classification tasks" in err, err[-3000:]
