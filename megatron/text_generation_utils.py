@@ -29,6 +29,7 @@ the same sequence. Pipeline parallelism is not supported.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Sequence, TextIO
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron import print_rank_0
+from megatron.model.kv_cache import StaticKVCache
 
 # ----------------------------------------------------------------------------------------
 # Filtering and sampling (pure functions).
@@ -189,12 +191,131 @@ class GenerationOutput:
     """Result of generate_tokens for a batch of b rows."""
 
     tokens: torch.Tensor  # [b, s]: prompt, generated tokens, eod fill, caller's padding
-    lengths: torch.Tensor  # [b]: tokens[i, :lengths[i]] is prompt + generated (no final eod)
-    finished: torch.Tensor  # [b] bool: the row ended with an eod token (not at a limit)
+    # [b]: tokens[i, :lengths[i]] is prompt + generated (no final eod; a final stop token
+    # of stop_ids is included)
+    lengths: torch.Tensor
+    finished: torch.Tensor  # [b] bool: the row ended with eod or a stop token (not a limit)
     # [b, s] fp32: at each generated position (and a final eod) log p(token | the tokens
     # before it) under the model's own distribution over the real vocabulary (temperature
-    # 1, no top-k / top-p filtering); 0 at prompt and fill positions.
+    # 1, no top-k / top-p filtering); with prompt_log_probs also at prompt positions 1 ..;
+    # 0 elsewhere (and everywhere when return_log_probs is off).
     log_probs: torch.Tensor
+
+
+class _CudaGraphStep:
+    """One fixed-shape decoding step (feed one token per row at a position given on the
+    device, read the logits of the full vocabulary) captured as a CUDA graph through
+    the accelerator and replayed at every later step: one launch instead of a few
+    hundred kernels from Python. The cache switches to write_at (kv_cache.py)."""
+
+    def __init__(self, model, cache: StaticKVCache, batch: int, device) -> None:
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.position_ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph = None
+        self.logits = None
+
+    def _run(self) -> torch.Tensor:
+        self.cache.update_decode_mask()
+        logits, _ = forward_step(
+            self.model, self.tokens, self.position_ids, None, self.cache, get_key_value=True
+        )
+        return logits[:, -1, :]  # [b, v]
+
+    def _set(self, token: torch.Tensor, pos: int) -> None:
+        self.tokens.copy_(token)  # [b, 1]
+        self.position_ids.fill_(pos)
+        self.position.fill_(pos)
+
+    def capture(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Warm up on a side stream, capture; the warm-up runs already write this step's
+        keys and values (the replays write the same ones again). -> logits [b, v]."""
+        from megatron.accelerator import get_accelerator
+
+        acc = get_accelerator()
+        self._set(token, pos)
+        self.cache.use_position(self.position)
+        stream = acc.Stream()
+        stream.wait_stream(acc.current_stream())
+        with acc.stream(stream):
+            for _ in range(2):
+                self._run()
+        acc.current_stream().wait_stream(stream)
+        graph = acc.create_graph()
+        with acc.capture_to_graph(graph):
+            self.logits = self._run()
+        self.graph = graph
+        acc.replay_graph(graph)
+        return self.logits
+
+    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        from megatron.accelerator import get_accelerator
+
+        self._set(token, pos)
+        get_accelerator().replay_graph(self.graph)
+        return self.logits
+
+
+_GRAPH_NOTES: set = set()
+
+
+def _note_once(message: str) -> None:
+    if message not in _GRAPH_NOTES:
+        _GRAPH_NOTES.add(message)
+        print_rank_0(message)
+
+
+def use_cuda_graphs(device: torch.device) -> bool:
+    """Decode steps are CUDA graphs on a CUDA device unless MEGATRON_CUDA_GRAPHS=0."""
+    return device.type == "cuda" and os.environ.get("MEGATRON_CUDA_GRAPHS", "1") != "0"
+
+
+class _CachedDecoder:
+    """The model over a preallocated key/value cache: prefill(n) runs positions
+    0 .. n - 1 at once, step(pos) feeds the token at pos - 1 (positions in order)."""
+
+    def __init__(self, model, tokens: torch.Tensor, position_ids: torch.Tensor,
+                 cuda_graphs: bool) -> None:
+        self.model, self.tokens, self.position_ids = model, tokens, position_ids
+        self.cache = StaticKVCache(tokens.size(1))
+        self.cuda_graphs = cuda_graphs
+        self.graph_step: _CudaGraphStep | None = None
+
+    def prefill(self, n: int) -> torch.Tensor:
+        logits, _ = forward_step(
+            self.model, self.tokens[:, :n], self.position_ids[:, :n], None, self.cache,
+            get_key_value=True,
+        )
+        return logits  # [b, n, v]
+
+    def _eager(self, pos: int) -> torch.Tensor:
+        logits, _ = forward_step(
+            self.model, self.tokens[:, pos - 1 : pos], self.position_ids[:, pos - 1 : pos],
+            None, self.cache, get_key_value=True,
+        )
+        return logits[:, -1, :]
+
+    def step(self, pos: int) -> torch.Tensor:
+        """logits [b, v] at position pos - 1."""
+        token = self.tokens[:, pos - 1 : pos]  # [b, 1]
+        if self.graph_step is not None:
+            return self.graph_step(token, pos - 1)
+        if not self.cuda_graphs:
+            return self._eager(pos)
+        self.cuda_graphs = False  # one capture per generation, fallback for the rest
+        try:
+            self.graph_step = _CudaGraphStep(self.model, self.cache, token.size(0),
+                                             token.device)
+            logits = self.graph_step.capture(token, pos - 1)
+            _note_once(" generation: decode steps run as a CUDA graph")
+            return logits
+        except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
+            self.graph_step = None
+            self.cache.position = self.cache.decode_mask = None
+            _note_once(f" generation: CUDA graph capture failed ({type(e).__name__}: "
+                       f"{str(e)[:200]}); decode steps run eagerly")
+            return self._eager(pos)
 
 
 def generate_tokens(
@@ -206,57 +327,82 @@ def generate_tokens(
     params: SamplingParams,
     recompute: bool = False,
     vocab_size: int | None = None,
+    stop_ids: Sequence[int] = (),
+    prompt_log_probs: bool = False,
+    return_log_probs: bool = True,
+    sync_interval: int = 16,
+    cuda_graphs: bool | None = None,
 ) -> GenerationOutput:
     """Extend each row of context_tokens [b, s] (row i's prompt is its first
     context_lengths[i] >= 1 tokens) by up to max_new_tokens tokens, stopping a row at
-    its first generated eod or at position s (s must be <= the model's positions).
+    its first generated eod (dropped) or token of stop_ids (kept), or at position s (s
+    must be <= the model's positions).
+
+    With the key/value cache (the default) the shortest prompt is prefilled in one
+    forward pass into a preallocated cache and each later step feeds one token with no
+    mask; steps never wait for the host except every sync_interval steps, when the loop
+    asks whether every row is done (the rows that are run on with eod fill). On CUDA the
+    one-token step is a CUDA graph (cuda_graphs None: unless MEGATRON_CUDA_GRAPHS=0).
+    recompute=True runs the whole sequence every step (the reference).
 
     Runs under torch.no_grad with the model in eval mode; see the module docstring for
-    the key/value cache, recompute and tensor-parallel behaviour.
+    the tensor-parallel behaviour.
     """
     if context_lengths.min() < 1:
         raise ValueError("generate_tokens: every prompt needs at least one token")
     b, max_length = context_tokens.shape
+    device = context_tokens.device
     tokens, attention_mask, position_ids = get_batch(context_tokens.clone())
+    context_lengths = context_lengths.to(device)
     limits = torch.clamp(context_lengths + max_new_tokens, max=max_length)  # [b]
     lengths = limits.clone()
-    done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
+    done = limits <= context_lengths  # rows with nothing to generate
     finished = torch.zeros_like(done)
-    log_probs = torch.zeros((b, max_length), dtype=torch.float32, device=tokens.device)
+    log_probs = torch.zeros((b, max_length), dtype=torch.float32, device=device)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    eods = torch.full_like(lengths, eod)
+    first, end = int(context_lengths.min()), int(torch.maximum(limits, context_lengths).max())
+    if cuda_graphs is None:
+        cuda_graphs = use_cuda_graphs(device)
     model.eval()
-    layer_past, fed = None, 0
     with torch.no_grad():
-        for pos in range(int(context_lengths.min()), int(limits.max())):
+        if recompute:
+            logits, _ = forward_step(model, tokens[:, :first], position_ids[:, :first],
+                                     attention_mask[..., :first, :first])
+        else:
+            decoder = _CachedDecoder(model, tokens, position_ids, cuda_graphs)
+            logits = decoder.prefill(first)  # [b, first, v]
+        if prompt_log_probs and first > 1:
+            scores = F.log_softmax(real_vocab_logits(logits[:, :-1].flatten(0, 1), vocab_size),
+                                   dim=-1).view(b, first - 1, -1)  # [b, first - 1, v]
+            log_probs[:, 1:first] = scores.gather(2, tokens[:, 1:first, None]).squeeze(2)
+        last = logits[:, -1, :]  # [b, v] (the full vocabulary on every rank)
+        for pos in range(first, end):
             # logits at position pos - 1 predict the token at pos
-            if recompute:
-                logits, _ = forward_step(
-                    model, tokens[:, :pos], position_ids[:, :pos], attention_mask[..., :pos, :pos]
-                )
-            else:
-                logits, layer_past = forward_step(
-                    model,
-                    tokens[:, fed:pos],
-                    position_ids[:, fed:pos],
-                    attention_mask[..., :pos, :pos],
-                    layer_past=layer_past,
-                    get_key_value=True,
-                )
-                fed = pos
-            last = logits[:, -1, :]  # [b, v] (the full vocabulary on every rank)
+            if pos > first and recompute:
+                last, _ = forward_step(model, tokens[:, :pos], position_ids[:, :pos],
+                                       attention_mask[..., :pos, :pos])
+                last = last[:, -1, :]
+            elif pos > first:
+                last = decoder.step(pos)
             new = sample_next_token(last, params, vocab_size)  # [b]
             new = _agree_across_ranks(new.to(tokens.dtype).contiguous())
-            generating = (context_lengths <= pos) & ~done
-            scores = F.log_softmax(real_vocab_logits(last, vocab_size), dim=-1)  # [b, v]
-            chosen = scores.gather(1, new.view(b, 1)).view(b)
-            log_probs[:, pos] = torch.where(generating, chosen, torch.zeros_like(chosen))
-            tokens[:, pos] = torch.where(
-                generating, new, torch.where(done, torch.full_like(new, eod), tokens[:, pos])
-            )
+            in_prompt = context_lengths > pos
+            generating = ~in_prompt & ~done
+            chosen_token = torch.where(generating, new, torch.where(in_prompt, tokens[:, pos], eods))
+            if return_log_probs:
+                scores = F.log_softmax(real_vocab_logits(last, vocab_size), dim=-1)  # [b, v]
+                chosen = scores.gather(1, chosen_token.view(b, 1)).view(b)
+                keep = generating | in_prompt if prompt_log_probs else generating
+                log_probs[:, pos] = torch.where(keep, chosen, torch.zeros_like(chosen))
+            tokens[:, pos] = chosen_token
             ended = generating & (new == eod)
+            stopped = generating & torch.isin(new, stops) & ~ended
             lengths = torch.where(ended, torch.full_like(lengths, pos), lengths)
-            finished |= ended
-            done |= ended | (generating & (pos + 1 >= limits))
-            if bool(done.all()):
+            lengths = torch.where(stopped, torch.full_like(lengths, pos + 1), lengths)
+            finished |= ended | stopped
+            done |= ended | stopped | (generating & (pos + 1 >= limits))
+            if (pos - first) % sync_interval == sync_interval - 1 and bool(done.all()):
                 break
     return GenerationOutput(tokens=tokens, lengths=lengths, finished=finished, log_probs=log_probs)
 

@@ -79,6 +79,16 @@ class RotaryEmbedding(torch.nn.Module):
         sin = sin[offset : offset + seq_len].to(dtype)[:, None, None, :]
         return cos, sin
 
+    def at(
+        self, positions: torch.Tensor, max_len: int, dtype: torch.dtype = torch.float32
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [s, 1, 1, dim] at the positions given as a device tensor (long [s],
+        each < max_len): a table lookup with no host synchronisation (fixed-shape steps)."""
+        cos, sin = _table(self.dim, self.theta, max_len, positions.device)
+        cos = cos.index_select(0, positions).to(dtype)[:, None, None, :]  # [s, 1, 1, dim]
+        sin = sin.index_select(0, positions).to(dtype)[:, None, None, :]
+        return cos, sin
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, theta={self.theta}"
 

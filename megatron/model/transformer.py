@@ -25,6 +25,7 @@ from .enums import AttnMaskType, AttnType, LayerType
 from .fused_bias_gelu import bias_gelu_impl
 from .fused_layer_norm import MixedFusedLayerNorm as LayerNorm
 from .fused_softmax import FusedScaleMaskSoftmax
+from .kv_cache import LayerKVCache
 from .module import MegatronModule
 from .rmsnorm import RMSNorm
 from .rotary_pos_embedding import RotaryEmbedding, apply_rotary_pos_emb, rotary_dim
@@ -405,6 +406,9 @@ class ParallelAttention(MegatronModule):
         cached keys are stored rotated).
         `attention_mask_is_causal` (flash path) saves re-checking the mask per layer.
         """
+        if isinstance(layer_past, LayerKVCache):
+            output, bias = self._forward_with_cache(hidden_states, layer_past)
+            return ([output, layer_past] if get_key_value else output), bias
         query_layer, key_layer, value_layer = self._project(hidden_states, encoder_output)
         if self.rotary_emb is not None:
             offset = 0 if layer_past is None else layer_past[0].size(0)
@@ -429,6 +433,47 @@ class ParallelAttention(MegatronModule):
         if get_key_value:
             output = [output, present]
         return output, bias
+
+
+    def _forward_with_cache(self, hidden_states: torch.Tensor, cache: LayerKVCache):
+        """Self-attention of the new positions hidden_states [sq, b, h] over the cached
+        ones and themselves, writing their keys and values into `cache` (kv_cache.py):
+        appended at cache.filled (a prompt's causal mask once, no mask for one token), or
+        for a fixed-shape step at the device position cache.owner.position, attending to
+        the whole buffer under its decode mask. -> (output [sq, b, h], dense bias [h])."""
+        query_layer, key_layer, value_layer = self._project(hidden_states, None)
+        sq = query_layer.size(0)
+        fixed = cache.owner.position is not None
+        if self.rotary_emb is not None:
+            if fixed:
+                cos, sin = self.rotary_emb.at(
+                    cache.owner.position, cache.owner.max_len, dtype=query_layer.dtype
+                )  # [1, 1, 1, rotary dim]
+            else:
+                cos, sin = self.rotary_emb(
+                    sq, cache.filled, device=query_layer.device, dtype=query_layer.dtype
+                )
+            query_layer = apply_rotary_pos_emb(query_layer, cos, sin)
+            key_layer = apply_rotary_pos_emb(key_layer, cos, sin)
+        mask, is_causal = None, None
+        if fixed:
+            key_layer, value_layer = cache.write_at(key_layer, value_layer)  # [max_len, ...]
+            mask, is_causal = cache.owner.decode_mask, False
+        else:
+            offset = cache.filled
+            key_layer, value_layer = cache.append(key_layer, value_layer)  # [sk, b, ng, hn]
+            if sq > 1:  # query i (position offset + i) sees keys 0 .. offset + i
+                sk = key_layer.size(0)
+                mask = torch.ones(sq, sk, dtype=torch.bool, device=query_layer.device)
+                mask = mask.triu_(offset + 1).view(1, 1, sq, sk)  # True = masked
+                is_causal = offset == 0 or None
+        if self.use_flash_attn:
+            context_layer = self.flash_attention(
+                query_layer, key_layer, value_layer, mask, is_causal
+            )
+        else:
+            context_layer = self.core_attention(query_layer, key_layer, value_layer, mask)
+        return self.dense(context_layer)  # [sq, b, h]
 
 
 def bias_dropout_add(

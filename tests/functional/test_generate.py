@@ -197,6 +197,74 @@ def test_tensor_parallel_generation():
     run_distributed(_check_tensor_parallel, world_size=2, timeout=120)
 
 
+# LLaMA-style: rotary positions, grouped-query attention (4 query heads on 2 key/value
+# heads), SwiGLU, RMSNorm, untied output layer.
+LLAMA = dict(use_rotary_position_embeddings=True, num_key_value_heads=2, swiglu=True,
+             normalization="rmsnorm", untie_embeddings_and_output_weights=True)
+
+
+def _tiny_llama():
+    from megatron import mpu
+    from megatron.model import GPTModel
+
+    from ..unit.model.tiny import tiny_config
+
+    mpu.model_parallel_cuda_manual_seed(1234)
+    torch.manual_seed(1234)
+    return GPTModel(tiny_config(**LLAMA), parallel_output=False)
+
+
+def _check_static_cache_equals_recompute(model):
+    """Greedy tokens (and their log-probabilities) of the preallocated cache equal the
+    whole-sequence recompute; rows of other prompt lengths, an early eod, a row with
+    nothing to generate, prompt log-probabilities and a stop token included."""
+    greedy = SamplingParams(greedy=True)
+    cached = _generate(model, PROMPTS, greedy, new=14)
+    full = _generate(model, PROMPTS, greedy, recompute=True, new=14)
+    assert torch.equal(cached.tokens, full.tokens)
+    assert torch.equal(cached.lengths, full.lengths)
+    assert torch.allclose(cached.log_probs, full.log_probs, atol=1e-5)  # fp32
+    # a stop token is kept, eod is dropped; prompt positions get log-probabilities too
+    stop = int(full.tokens[1, 1])  # row 1 (prompt [5]) stops after its first token
+    context, lengths = pad_batch(PROMPTS, 0, 20)
+    outs = [generate_tokens(model, context, lengths, 10, EOD, greedy, recompute=r,
+                            stop_ids=[stop], prompt_log_probs=True) for r in (False, True)]
+    assert torch.equal(outs[0].tokens, outs[1].tokens)
+    assert torch.equal(outs[0].lengths, outs[1].lengths)
+    assert int(outs[0].lengths[1]) == 2 and bool(outs[0].finished[1])
+    assert torch.allclose(outs[0].log_probs, outs[1].log_probs, atol=1e-5)
+    assert (outs[0].log_probs[2, 1:6] < 0).all()  # the prompt's tokens 1 .. 5
+    # tokens_to_generate 0: scoring only, prompts untouched
+    scored = generate_tokens(model, context, lengths, 0, EOD, greedy, prompt_log_probs=True)
+    assert torch.equal(scored.lengths, lengths)
+    in_prompt = torch.arange(20)[None, :] < lengths[:, None]  # [b, 20]
+    assert torch.allclose(scored.log_probs, outs[1].log_probs * in_prompt, atol=1e-5)
+    return cached
+
+
+def test_static_cache_equals_recompute_llama(tiny_model):
+    _check_static_cache_equals_recompute(tiny_model)
+    _check_static_cache_equals_recompute(_tiny_llama())
+
+
+def _check_llama_tensor_parallel(rank, world_size):
+    from megatron import mpu
+
+    mpu.initialize_model_parallel(world_size)
+    parallel = _check_static_cache_equals_recompute(_tiny_llama())
+    mpu.set_tensor_model_parallel_world_size(1)
+    mpu.set_tensor_model_parallel_rank(0)
+    try:
+        serial = _generate(_tiny_llama(), PROMPTS, SamplingParams(greedy=True), new=14)
+    finally:
+        mpu.clear_model_parallel_overrides()
+    assert torch.equal(parallel.tokens, serial.tokens)
+
+
+def test_static_cache_tensor_parallel_llama():
+    run_distributed(_check_llama_tensor_parallel, world_size=2, timeout=120)
+
+
 # ----------------------------------------------------------------------------------------
 # Prompt files and output layouts.
 # ----------------------------------------------------------------------------------------
