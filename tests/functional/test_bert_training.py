@@ -95,6 +95,7 @@ def full_run(tmp_path_factory, data_path, vocab_dir):
     return parse_bert_log(out), save, out
 
 
+@pytest.mark.real_vocab
 def test_trains_and_logs_lm_and_sop_loss(full_run):
     rows, save, out = full_run
     assert sorted(rows) == list(range(1, ITERS + 1)), out[-3000:]
@@ -112,6 +113,7 @@ def test_trains_and_logs_lm_and_sop_loss(full_run):
         assert os.path.isfile(path)
 
 
+@pytest.mark.real_vocab
 def test_checkpoint_holds_bert_keys(full_run):
     import torch
 

@@ -45,6 +45,7 @@ def golden_run(tmp_path_factory, data_path, vocab_dir):
     return parse_log(proc.stdout), save, proc.stdout
 
 
+@pytest.mark.real_vocab
 def test_golden_losses(golden_run):
     rows, _, stdout = golden_run
     assert sorted(rows) == list(range(1, 51)), stdout[-3000:]

@@ -79,6 +79,7 @@ def t5_run(tmp_path_factory, vocab_dir):
     return data_path, rows, save
 
 
+@pytest.mark.real_vocab
 def test_loss_falls(t5_run):
     _, rows, _ = t5_run
     losses = [float(rows[it]["loss"]) for it in range(1, ITERS + 1)]
@@ -88,6 +89,7 @@ def test_loss_falls(t5_run):
     assert all(rows[it]["skipped"] == 0 and rows[it]["nan"] == 0 for it in rows)
 
 
+@pytest.mark.real_vocab
 def test_checkpoint_has_megatron_t5_keys(t5_run):
     _, _, save = t5_run
     with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:

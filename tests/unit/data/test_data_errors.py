@@ -163,6 +163,7 @@ def test_the_lazy_format_is_checked_too(tmp_path):
         ix.check_document_ends(dataset, prefix, EOD)
 
 
+@pytest.mark.real_vocab
 def test_the_eod_comes_from_a_tokenizer_that_text_cannot_produce(monkeypatch, vocab_dir):
     from megatron import global_vars
     from megatron.tokenizer import build_tokenizer

@@ -36,6 +36,7 @@ KNOWN = [
 ]
 
 
+@pytest.mark.real_vocab
 @pytest.mark.parametrize("impl", ["fast", "python"])
 def test_known_ids_and_special_tokens(pairs, impl):
     tok = pairs[True][0] if impl == "fast" else pairs[True][1]
@@ -51,6 +52,7 @@ def test_known_ids_and_special_tokens(pairs, impl):
         _ = tok.eod
 
 
+@pytest.mark.real_vocab
 def test_extra_ids_and_decoding(vocab_file):
     tok = _BertWordPieceTokenizer(vocab_file, lower_case=True, vocab_extra_ids=100)
     assert tok.vocab_size == 30524 + 100

@@ -92,6 +92,7 @@ def test_build_errors_name_the_flag():
         build_tokenizer(_args(tokenizer_type="Foo"))
 
 
+@pytest.mark.real_vocab
 def test_build_gpt2_and_bert(vocab_dir, capsys):
     args = _args(
         tokenizer_type="GPT2BPETokenizer",
@@ -114,6 +115,7 @@ def test_build_gpt2_and_bert(vocab_dir, capsys):
     assert tok.vocab_size == 30522 + 2 + 3 and args.padded_vocab_size == 30592
 
 
+@pytest.mark.real_vocab
 def test_import_does_not_load_torch_or_backends(vocab_dir):
     """Importing megatron.tokenizer, and building/using a GPT-2 tokenizer, stays torch-free;
     sentencepiece is only imported by the SentencePiece type, and the GPT-2 default builds

@@ -8,6 +8,8 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 SCRIPT = os.path.join(REPO, "dataset", "download_vocab.sh")
 
@@ -32,6 +34,7 @@ def _md5(path):
     return hashlib.md5(open(path, "rb").read()).hexdigest()
 
 
+@pytest.mark.real_vocab
 def test_copies_gpt2_files_and_checks_md5(tmp_path, vocab_dir):
     target = tmp_path / "out"
     res = _run(tmp_path, [str(target)], vocab_dir)
@@ -43,6 +46,7 @@ def test_copies_gpt2_files_and_checks_md5(tmp_path, vocab_dir):
     assert not (target / "bert-large-uncased-vocab.txt").exists()
 
 
+@pytest.mark.real_vocab
 def test_bert_files_and_default_target(tmp_path, vocab_dir):
     local = tmp_path / "local"
     local.mkdir()

@@ -51,6 +51,7 @@ def test_byte_table_is_a_bijection_onto_printable_chars():
     assert get_pairs(("a", "b", "c", "b", "c")) == {("a", "b"), ("b", "c"), ("c", "b")}
 
 
+@pytest.mark.real_vocab
 @pytest.mark.parametrize("impl", ["fast", "python"])
 def test_known_ids(fast, python, impl):
     tok = fast if impl == "fast" else python
@@ -108,6 +109,7 @@ def test_every_byte_round_trips(fast, python):
     assert "\ufffd" in fast.detokenize(emoji_ids[:1])  # partial UTF-8 -> replacement char
 
 
+@pytest.mark.real_vocab
 def test_reference_special_tokens_and_cache(gpt2_files):
     ref = GPT2Tokenizer(*gpt2_files, special_tokens=["<sep>", "<cls>"])
     assert len(ref) == 50257 + 2
@@ -144,6 +146,7 @@ def test_tiktoken_pattern_splits_like_the_reference(hand_texts, mixed_texts):
         assert grouped.findall(text) == reference.findall(text), repr(text)
 
 
+@pytest.mark.real_vocab
 def test_default_is_tiktoken_and_builds_nothing_else(gpt2_files):
     pytest.importorskip("tiktoken")
     tok = _GPT2BPETokenizer(*gpt2_files)
@@ -153,6 +156,7 @@ def test_default_is_tiktoken_and_builds_nothing_else(gpt2_files):
     assert tok.inv_vocab[15496] == "Hello" and tok.vocab["Hello"] == 15496
 
 
+@pytest.mark.real_vocab
 def test_without_tiktoken_falls_back_to_tokenizers(gpt2_files, monkeypatch):
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` now fails
     tok = _GPT2BPETokenizer(*gpt2_files)
