@@ -218,6 +218,7 @@ def test_llama_four_rank_layouts_equal_serial(serial_run, four_rank_runs, name):
     _assert_layout_equals_serial(name, four_rank_runs, serial_run[0])
 
 
+@pytest.mark.real_vocab
 @pytest.mark.parametrize("name", [n for n in RUNS[2] if n.startswith("curriculum")])
 def test_llama_curriculum_trains_on_shorter_sequences(two_rank_runs, name):
     """RoPE on 8, 16, 24 then 32 tokens: no shape error, the logged lengths follow
