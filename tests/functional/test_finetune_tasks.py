@@ -29,6 +29,7 @@ import sys
 
 import pytest
 
+from ..dist_utils import free_port
 from .gpt_runs import CORPUS, ROOT, launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -197,6 +198,22 @@ def run_task(args: list[str], nproc: int = 1, timeout: float = 400) -> str:
     return launch(nproc, args, script="tasks/main.py", timeout=timeout)
 
 
+def run_example(script: str, env: dict, args: list[str], timeout: float = 400) -> str:
+    """bash examples/<script> with `env` set and `args` after it (they win over the
+    script's flags, argparse keeping the last value); returns stdout."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                    PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()), PRECISION="",
+                    **env)
+    for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR"):
+        full_env.pop(key, None)
+    proc = subprocess.run(["bash", os.path.join("examples", script)] + args, cwd=ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}" \
+        f"\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
 def losses(out: str) -> dict[int, tuple[int, str, str]]:
     """{iteration: (epoch, lr, loss)} as printed."""
     return {int(m[1]): (int(m[3]), m[4], m[5]) for m in TRAIN_LINE.finditer(out)}
@@ -235,10 +252,11 @@ def mnli_args(glue_dir: str, vocab_dir: str, tp: int = 1) -> list[str]:
 
 @pytest.fixture(scope="module")
 def mnli_run(tmp_path_factory, pretrained, glue_dir, vocab_dir):
-    """3 epochs from the pretrained BERT, a checkpoint after each."""
+    """3 epochs from the pretrained BERT, a checkpoint after each and at iteration 18
+    (the middle of epoch 2)."""
     save = str(tmp_path_factory.mktemp("mnli_ckpt"))
     out = run_task(mnli_args(glue_dir, vocab_dir) + [
-        "--pretrained-checkpoint", pretrained, "--save", save])
+        "--pretrained-checkpoint", pretrained, "--save", save, "--save-interval", "18"])
     return out, save
 
 
@@ -261,7 +279,7 @@ def test_mnli_learns_and_reports_each_dev_file(mnli_run):
     assert sum(last) / 12 < sum(first) / 12 - 0.2, (first, last)
     with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
         assert f.read().strip() == "36"
-    for it in (12, 24, 36):
+    for it in (12, 18, 24, 36):
         assert os.path.isfile(os.path.join(save, f"iter_{it:07d}", "mp_rank_00",
                                            "model_optim_rng.pt"))
 
@@ -278,20 +296,22 @@ def test_mnli_checkpoint_holds_megatron_keys(mnli_run):
     assert state["iteration"] == 36 and "optimizer" in state
 
 
-def test_mnli_resume_repeats_the_last_epoch(mnli_run, glue_dir, vocab_dir, tmp_path):
-    """From the end of epoch 2: epoch 3's losses, learning rates and accuracies exactly."""
+def test_mnli_resume_repeats_the_epochs_exactly(mnli_run, glue_dir, vocab_dir, tmp_path):
+    """From iteration 18 (half-way through epoch 2): the rest of epoch 2 and epoch 3 with
+    the uninterrupted run's losses, learning rates and accuracies, exactly."""
     out, save = mnli_run
     ckpt = tmp_path / "resume"
     ckpt.mkdir()
-    shutil.copytree(os.path.join(save, "iter_0000024"), ckpt / "iter_0000024")
-    (ckpt / "latest_checkpointed_iteration.txt").write_text("24")
+    shutil.copytree(os.path.join(save, "iter_0000018"), ckpt / "iter_0000018")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("18")
     resumed = run_task(mnli_args(glue_dir, vocab_dir) + [
         "--load", str(ckpt), "--save", str(ckpt)])
     rows, again = losses(out), losses(resumed)
-    assert sorted(again) == list(range(25, 37)), resumed[-3000:]
-    assert {i: again[i] for i in again} == {i: rows[i] for i in range(25, 37)}
-    final = {k: v for k, v in metrics(out).items() if k[0] == EPOCHS - 1}
-    assert metrics(resumed) == final
+    assert sorted(again) == list(range(19, 37)), resumed[-3000:]
+    assert again == {i: rows[i] for i in range(19, 37)}
+    assert "loading checkpoint from" in resumed and "classification_head" not in resumed
+    later = {k: v for k, v in metrics(out).items() if k[0] >= 1}
+    assert metrics(resumed) == later
 
 
 def _assert_parallel_matches(out: str, serial: str) -> None:
@@ -321,14 +341,23 @@ def test_mnli_tensor_parallel_2_equals_serial(mnli_run, pretrained, glue_dir, vo
     _assert_parallel_matches(parallel, out)
 
 
-def test_mnli_data_parallel_2_equals_serial(mnli_run, pretrained, glue_dir, vocab_dir):
-    """DP=2 takes one micro-batch of 4 per rank where DP=1 accumulates two: the same
-    global batches; the accuracy counts all 30 examples of each file over both ranks."""
+def test_mnli_data_parallel_2_equals_serial(mnli_run, pretrained, glue_dir, vocab_dir,
+                                           tmp_path):
+    """examples/finetune_mnli_distributed.sh on 2 ranks (fp32, the tiny model's flags
+    after it). DP=2 takes one micro-batch of 4 per rank where DP=1 accumulates two: the
+    same global batches; the accuracy counts all 30 examples of each file over both
+    ranks."""
     out, _ = mnli_run
-    parallel = run_task(mnli_args(glue_dir, vocab_dir) + [
-        "--pretrained-checkpoint", pretrained, "--exit-interval", str(PARALLEL_ITERS)],
-        nproc=2)
+    mnli = os.path.join(glue_dir, "MNLI")
+    env = {"WORLD_SIZE": "2", "TRAIN_DATA": os.path.join(mnli, "train.tsv"),
+           "VALID_DATA": " ".join(os.path.join(mnli, f) for f in
+                                  ("dev_matched.tsv", "dev_mismatched.tsv")),
+           "PRETRAINED_CHECKPOINT": pretrained, "CHECKPOINT_PATH": str(tmp_path / "ckpt"),
+           "VOCAB_FILE": os.path.join(vocab_dir, "bert-large-uncased-vocab.txt")}
+    parallel = run_example("finetune_mnli_distributed.sh", env, mnli_args(glue_dir, vocab_dir)
+                           + ["--exit-interval", str(PARALLEL_ITERS)])
     _assert_parallel_matches(parallel, out)
+    assert os.path.isdir(tmp_path / "ckpt" / f"iter_{PARALLEL_ITERS:07d}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -358,12 +387,17 @@ def race_dir(tmp_path_factory) -> str:
     return str(root)
 
 
-def test_race_learns_on_each_dev_folder(pretrained, race_dir, vocab_dir):
-    """48 questions (4 sequences each) a epoch, micro-batch 4 questions; chance 1/4."""
-    out = run_task(task_args(
+def test_race_learns_on_each_dev_folder(pretrained, race_dir, vocab_dir, tmp_path):
+    """examples/finetune_race_distributed.sh on one rank (fp32, the tiny model's flags
+    after it): 48 questions (4 sequences each) an epoch, micro-batch 4 questions;
+    chance is 1/4."""
+    env = {"WORLD_SIZE": "1", "PRETRAINED_CHECKPOINT": pretrained,
+           "CHECKPOINT_PATH": str(tmp_path / "ckpt"),
+           "VOCAB_FILE": os.path.join(vocab_dir, "bert-large-uncased-vocab.txt")}
+    out = run_example("finetune_race_distributed.sh", env, task_args(
         "RACE", [os.path.join(race_dir, "train", "middle")],
         [os.path.join(race_dir, "dev", "middle"), os.path.join(race_dir, "dev", "high")],
-        vocab_dir, epochs=4) + ["--pretrained-checkpoint", pretrained])
+        vocab_dir, epochs=4))
     assert "could not find multichoice_head in the checkpoint" in out
     assert sorted(losses(out)) == list(range(1, 4 * 6 + 1)), out[-3000:]
     scores = metrics(out)
