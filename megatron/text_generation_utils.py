@@ -228,6 +228,13 @@ class _CudaGraphStep:
         self.position_ids.fill_(pos)
         self.position.fill_(pos)
 
+    def run_eagerly(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """The same fixed-shape step without a graph -> logits [b, v]."""
+        self._set(token, pos)
+        if self.cache.position is None:
+            self.cache.use_position(self.position)
+        return self._run()
+
     def capture(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """Warm up on a side stream, capture; the warm-up runs already write this step's
         keys and values (the replays write the same ones again). -> logits [b, v]."""
@@ -276,11 +283,14 @@ class _CachedDecoder:
     0 .. n - 1 at once, step(pos) feeds the token at pos - 1 (positions in order)."""
 
     def __init__(self, model, tokens: torch.Tensor, position_ids: torch.Tensor,
-                 cuda_graphs: bool) -> None:
+                 cuda_graphs: bool, fixed_shape_steps: bool = False) -> None:
         self.model, self.tokens, self.position_ids = model, tokens, position_ids
         self.cache = StaticKVCache(tokens.size(1))
         self.cuda_graphs = cuda_graphs
         self.graph_step: _CudaGraphStep | None = None
+        self.fixed_step: _CudaGraphStep | None = None
+        if fixed_shape_steps and not cuda_graphs:
+            self.fixed_step = _CudaGraphStep(model, self.cache, tokens.size(0), tokens.device)
 
     def prefill(self, n: int) -> torch.Tensor:
         logits, _ = forward_step(
@@ -301,6 +311,8 @@ class _CachedDecoder:
         token = self.tokens[:, pos - 1 : pos]  # [b, 1]
         if self.graph_step is not None:
             return self.graph_step(token, pos - 1)
+        if self.fixed_step is not None:
+            return self.fixed_step.run_eagerly(token, pos - 1)
         if not self.cuda_graphs:
             return self._eager(pos)
         self.cuda_graphs = False  # one capture per generation, fallback for the rest
@@ -332,6 +344,7 @@ def generate_tokens(
     return_log_probs: bool = True,
     sync_interval: int = 16,
     cuda_graphs: bool | None = None,
+    fixed_shape_steps: bool = False,
 ) -> GenerationOutput:
     """Extend each row of context_tokens [b, s] (row i's prompt is its first
     context_lengths[i] >= 1 tokens) by up to max_new_tokens tokens, stopping a row at
@@ -342,8 +355,10 @@ def generate_tokens(
     forward pass into a preallocated cache and each later step feeds one token with no
     mask; steps never wait for the host except every sync_interval steps, when the loop
     asks whether every row is done (the rows that are run on with eod fill). On CUDA the
-    one-token step is a CUDA graph (cuda_graphs None: unless MEGATRON_CUDA_GRAPHS=0).
-    recompute=True runs the whole sequence every step (the reference).
+    one-token step is a CUDA graph (cuda_graphs None: unless MEGATRON_CUDA_GRAPHS=0);
+    fixed_shape_steps runs that graph's step (every step attends to the whole cache under
+    a mask computed on the device) eagerly, on any device. recompute=True runs the whole
+    sequence every step (the reference).
 
     Runs under torch.no_grad with the model in eval mode; see the module docstring for
     the tensor-parallel behaviour.
@@ -370,7 +385,8 @@ def generate_tokens(
             logits, _ = forward_step(model, tokens[:, :first], position_ids[:, :first],
                                      attention_mask[..., :first, :first])
         else:
-            decoder = _CachedDecoder(model, tokens, position_ids, cuda_graphs)
+            decoder = _CachedDecoder(model, tokens, position_ids, cuda_graphs,
+                                     fixed_shape_steps)
             logits = decoder.prefill(first)  # [b, first, v]
         if prompt_log_probs and first > 1:
             scores = F.log_softmax(real_vocab_logits(logits[:, :-1].flatten(0, 1), vocab_size),
@@ -462,6 +478,7 @@ def _generate_batch(model, prompts: List[List[int]], tokenizer, settings, device
         settings.params,
         recompute=settings.recompute,
         vocab_size=tokenizer.vocab_size,
+        return_log_probs=settings.log_probs,
     )
     results = []
     for row, start in enumerate(context_lengths.tolist()):

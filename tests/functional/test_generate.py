@@ -224,9 +224,13 @@ def _check_static_cache_equals_recompute(model):
     assert torch.equal(cached.tokens, full.tokens)
     assert torch.equal(cached.lengths, full.lengths)
     assert torch.allclose(cached.log_probs, full.log_probs, atol=1e-5)  # fp32
+    # the CUDA graph's fixed-shape step (whole cache, device-side mask and position), eager
+    context, lengths = pad_batch(PROMPTS, 0, 20)
+    fixed = generate_tokens(model, context, lengths, 14, EOD, greedy, fixed_shape_steps=True)
+    assert torch.equal(fixed.tokens, full.tokens)
+    assert torch.allclose(fixed.log_probs, full.log_probs, atol=1e-5)
     # a stop token is kept, eod is dropped; prompt positions get log-probabilities too
     stop = int(full.tokens[1, 1])  # row 1 (prompt [5]) stops after its first token
-    context, lengths = pad_batch(PROMPTS, 0, 20)
     outs = [generate_tokens(model, context, lengths, 10, EOD, greedy, recompute=r,
                             stop_ids=[stop], prompt_log_probs=True) for r in (False, True)]
     assert torch.equal(outs[0].tokens, outs[1].tokens)
@@ -474,3 +478,26 @@ def test_generation_flags_are_checked(argv, message, tmp_path):
     with pytest.raises(SystemExit) as exc:
         script.check_generation_args(args)
     assert str(exc.value).startswith(f"tools/generate_samples_gpt.py: error: {message}")
+
+
+@pytest.mark.slow
+def test_generation_benchmark_runs_tiny_on_cpu():
+    """tools/bench/bench_generate_gpu.py --tiny: a RESULT line and a table row for this
+    project's loop and for transformers' generate(), every row run to its length."""
+    pytest.importorskip("transformers")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
+        env.pop(name, None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "bench", "bench_generate_gpu.py"),
+         "--tiny", "--batches", "1,2", "--new-tokens", "6", "--repeats", "1"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
+            if line.startswith("RESULT ")]
+    assert [(r["impl"], r["batch"]) for r in rows] == [
+        ("megatron", 1), ("megatron", 2), ("hf", 1), ("hf", 2)]
+    for r in rows:
+        assert r["new_tokens"] == 6 and r["tokens_per_s"] > 0 and r["device"] == "cpu"
+        assert f"| {r['impl']} | {r['batch']} |" in proc.stdout
