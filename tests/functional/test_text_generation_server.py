@@ -256,7 +256,7 @@ def test_logprobs_are_the_models_log_softmax(checkpoints, server_tp1, greedy_tp1
     for i in range(len(PROMPTS)):
         n = len(rows[len(PROMPTS) + i])  # the prompt's tokens
         assert rows[i][:n] == rows[len(PROMPTS) + i]
-        assert len(rows[i]) == n + NEW  # no eod in these greedy continuations
+        assert n < len(rows[i]) <= n + NEW  # fewer where a row ended at eod
         gen, best = ref[i]["chosen"][n - 1 :], ref[i]["best"][n - 1 :]  # greedy: the argmax
         assert _close(gen, best)
         # scoring the prompt gives the prompt part of the continuation's log-probabilities
@@ -283,10 +283,10 @@ BAD = [
     ({"prompts": ["Hello"], "logprobs": "yes"}, "logprobs must be a boolean"),
     ({"prompts": ["Hello"], "random_seed": -3}, "random_seed must be a positive integer"),
     ({"prompts": [""]}, "Empty prompts require add_BOS=true"),
-    ({"prompts": [" ".join(["word"] * 40)], "tokens_to_generate": 1},
-     "prompt 0 has 40 tokens, more than the model's context of 32 tokens"),
+    ({"prompts": ["Hello", " ".join(["word"] * 40)], "tokens_to_generate": 1},
+     ("prompt 1 has ", " tokens, more than the model's context of 32 tokens")),
     ({"prompts": ["Hello"], "tokens_to_generate": 40},
-     "Length of prompt + tokens_to_generate (41) is longer than the model's context of 32"),
+     ("Length of prompt + tokens_to_generate (", ") is longer than the model's context of 32")),
     ({"prompts": ["Hello"], "beam_width": 2}, "beam search (beam_width) is not supported"),
     ([1, 2], "must be a JSON object"),
 ]
@@ -295,7 +295,9 @@ BAD = [
 def _check_bad_requests(url: str) -> None:
     for body, message in BAD:
         status, reply = put(url, body)
-        assert status == 400 and message in reply["message"], (body, status, reply)
+        fragments = message if isinstance(message, tuple) else (message,)
+        assert status == 400, (body, status, reply)
+        assert all(f in reply["message"] for f in fragments), (body, reply)
     status, reply = put(url, None, raw=b'{"prompts": ["Hello"')  # invalid JSON
     assert status == 400 and "not valid JSON" in reply["message"], reply
 
