@@ -511,6 +511,13 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
         help="Local DDP without one contiguous gradient buffer.",
     )
     add(
+        "--use-distributed-optimizer",
+        action=_TRUE,
+        help="Shard the fp32 master weights and optimizer state over the data-parallel "
+        "ranks (Megatron's distributed optimizer; gradients reduce-scattered, params "
+        "all-gathered). Needs --DDP-impl local; not with --deepspeed (use ZeRO there).",
+    )
+    add(
         "--no-gradient-accumulation-fusion",
         action=_FALSE,
         dest="gradient_accumulation_fusion",
@@ -732,6 +739,7 @@ def validate_args(
     _set_model_shape(args)
     _set_batch_sizes(args)
     _set_precision(args)
+    _check_distributed_optimizer(args)
     _check_training_schedule(args)
     _check_token_schedule(args)
     _check_moe(args)
@@ -1002,6 +1010,34 @@ def _set_precision(args: argparse.Namespace) -> None:
         args.use_contiguous_buffers_in_local_ddp = True
     if args.DDP_impl == "torch":
         args.use_contiguous_buffers_in_local_ddp = False
+
+
+def _check_distributed_optimizer(args: argparse.Namespace) -> None:
+    """--use-distributed-optimizer shards the local DDP's contiguous gradient buffers."""
+    if not args.use_distributed_optimizer:
+        return
+    if getattr(args, "deepspeed", False):
+        raise ArgumentError(
+            "--use-distributed-optimizer is Megatron's own optimizer sharding and cannot be "
+            "combined with --deepspeed; under DeepSpeed shard the optimizer with ZeRO "
+            "(zero_optimization.stage >= 1 in --deepspeed_config)"
+        )
+    if args.DDP_impl != "local":
+        raise ArgumentError(
+            f"--use-distributed-optimizer requires --DDP-impl local (got --DDP-impl {args.DDP_impl})"
+        )
+    if not args.use_contiguous_buffers_in_local_ddp:
+        raise ArgumentError(
+            "--use-distributed-optimizer requires contiguous gradient buffers "
+            "(drop --no-contiguous-buffers-in-local-ddp)"
+        )
+    if getattr(args, "cpu_optimizer", False):
+        raise ArgumentError("--use-distributed-optimizer and --cpu-optimizer cannot be combined")
+    if any(n > 1 for n in args.num_experts):
+        raise ArgumentError(
+            "--use-distributed-optimizer does not shard expert params (--num-experts > 1); "
+            "train Mixture-of-Experts models with --deepspeed"
+        )
 
 
 def _check_training_schedule(args: argparse.Namespace) -> None:

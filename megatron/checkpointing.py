@@ -898,10 +898,14 @@ def save_checkpoint(iteration: int, model, optimizer, lr_scheduler) -> None:
     print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save}")
     prepare_save_folder(args, os.path.join(args.save, _folder_name(iteration)), iteration)
     error = None
+    distrib_state = _distributed_optimizer_state(args, optimizer)  # every DP rank joins
     if mpu.get_data_parallel_rank() == 0:
         try:
             state = _checkpoint_state(args, iteration, model, optimizer, lr_scheduler)
-            _atomic_torch_save(state, get_checkpoint_name(args.save, iteration))
+            path = get_checkpoint_name(args.save, iteration)
+            _atomic_torch_save(state, path)
+            if distrib_state is not None:
+                _atomic_torch_save(distrib_state, distributed_optimizer_checkpoint_name(path))
         except Exception as e:  # noqa: BLE001 - every rank must learn of it
             error = e
     agree(error)
@@ -909,6 +913,63 @@ def save_checkpoint(iteration: int, model, optimizer, lr_scheduler) -> None:
     print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {args.save}")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------------------
+# Distributed optimizer (--use-distributed-optimizer): distrib_optim.pt beside
+# model_optim_rng.pt, written by data-parallel rank 0 with every rank's shards gathered
+# ----------------------------------------------------------------------------------------
+
+
+def distributed_optimizer_checkpoint_name(model_checkpoint_name: str) -> str:
+    """distrib_optim.pt in the folder of this model-parallel rank's model_optim_rng.pt."""
+    return os.path.join(os.path.dirname(model_checkpoint_name), "distrib_optim.pt")
+
+
+def _distributed_optimizer_state(args, optimizer) -> dict | None:
+    """The gathered optimizer shards on data-parallel rank 0 (a collective), else None."""
+    if not getattr(args, "use_distributed_optimizer", False) or optimizer is None:
+        return None
+    if args.no_save_optim:
+        return None
+    return optimizer.parameter_state()
+
+
+def _check_optimizer_sharding(args, state: dict, path: str) -> None:
+    """model_optim_rng.pt's optimizer state and this run agree on
+    --use-distributed-optimizer (either way round a clear error, not a missing key)."""
+    saved_sharded = "distributed_optimizer" in (state.get("optimizer") or {})
+    if saved_sharded and not getattr(args, "use_distributed_optimizer", False):
+        raise CheckpointError(
+            f"{path} was saved with --use-distributed-optimizer (its optimizer state is in "
+            f"{distributed_optimizer_checkpoint_name(path)}); pass --use-distributed-optimizer "
+            "to resume it (at any data-parallel size), or --no-load-optim to load only the model"
+        )
+    if "optimizer" in state and not saved_sharded and getattr(
+            args, "use_distributed_optimizer", False):
+        raise CheckpointError(
+            f"{path} was saved without --use-distributed-optimizer; resume it without the "
+            "flag, or pass --no-load-optim to load only the model"
+        )
+
+
+def _load_distributed_optimizer_state(optimizer, path: str) -> None:
+    """Read distrib_optim.pt beside `path` (saved at any data-parallel size)."""
+    optim_path = distributed_optimizer_checkpoint_name(path)
+    if not os.path.isfile(optim_path):
+        raise CheckpointError(
+            f"{optim_path} is missing: a --use-distributed-optimizer checkpoint keeps its "
+            "optimizer shards there; pass --no-load-optim to load only the model"
+        )
+    try:
+        # memory-mapped: each rank reads only the elements of its own shard
+        shards = torch.load(optim_path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
+        raise CheckpointError(f"could not read checkpoint file {optim_path}: {e}") from e
+    try:
+        optimizer.load_parameter_state(shards, optim_path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------------------
@@ -993,7 +1054,13 @@ def _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir: str, loa
     if fresh:
         iteration = 0
     if not fresh and not args.no_load_optim:
+        if optimizer is not None:
+            _check_optimizer_sharding(args, state, path)
         _load_optimizer_state(optimizer, lr_scheduler, state, path)
+        if optimizer is not None and getattr(args, "use_distributed_optimizer", False):
+            _load_distributed_optimizer_state(optimizer, path)
+    elif optimizer is not None:
+        optimizer.reload_model_params()  # the master weights follow the loaded model
     if not fresh and not args.no_load_rng:
         _load_rng_state(state, path)
     if torch.distributed.is_initialized():

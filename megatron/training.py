@@ -177,7 +177,8 @@ def get_model(model_provider_func):
 
         model = [LocalDDP(chunk, args.accumulate_allreduce_grads_in_fp32,
                           args.use_contiguous_buffers_in_local_ddp,
-                          args.gradient_accumulation_fusion) for chunk in model]
+                          args.gradient_accumulation_fusion,
+                          args.use_distributed_optimizer) for chunk in model]
     else:
         raise ValueError(f"unknown --DDP-impl {args.DDP_impl!r}: choose local or torch")
     return model
@@ -227,7 +228,8 @@ def setup_model_and_optimizer(model_provider_func):
     from .optimizer import get_megatron_optimizer
 
     model = get_model(model_provider_func)
-    optimizer = get_megatron_optimizer(unwrap_model(model))
+    # the DDP-wrapped chunks: the distributed optimizer shards their gradient buffers
+    optimizer = get_megatron_optimizer(model)
     lr_scheduler = get_learning_rate_scheduler(optimizer)
     args.iteration = 0
     if args.load is not None:
@@ -346,7 +348,8 @@ def train_step(forward_step_func, data_iterator, model, optimizer, lr_scheduler)
 
     _allreduce_sequence_parallel_grads(model)
     timers("backward-params-all-reduce").start()
-    if args.DDP_impl == "local":
+    # the distributed optimizer reduce-scatters in step(), after the embedding all-reduce
+    if args.DDP_impl == "local" and not args.use_distributed_optimizer:
         for chunk in model:
             chunk.allreduce_gradients()
     timers("backward-params-all-reduce").stop()
@@ -460,7 +463,8 @@ def optimizer_state_stats(optimizer) -> dict[str, float] | None:
     """L2 and L1 norms and the largest magnitude of Adam's second moment (variance), its
     square root, the first moment (momentum) and the weights, over the whole model: this
     rank's shards, summed (max for the largest) over the model-parallel group and, under
-    ZeRO (where each data-parallel rank holds a partition), the data-parallel group.
+    ZeRO or the distributed optimizer (where each data-parallel rank holds a partition),
+    the data-parallel group.
     Parameters replicated across tensor-parallel ranks count once. None without Adam
     state (SGD, or before the first step)."""
     from .mpu.layers import param_is_not_tensor_parallel_duplicate
@@ -488,7 +492,8 @@ def optimizer_state_stats(optimizer) -> dict[str, float] | None:
                 maxes[i] = torch.maximum(maxes[i], t.abs().max())
     flag = torch.tensor([1.0 if found else 0.0], device=device)
     groups = [mpu.get_model_parallel_group()]
-    if getattr(get_args(), "deepspeed", False) and (get_args().zero_stage or 0) > 0:
+    if (getattr(get_args(), "deepspeed", False) and (get_args().zero_stage or 0) > 0
+            or getattr(get_args(), "use_distributed_optimizer", False)):
         groups.append(mpu.get_data_parallel_group())
     for group in groups:
         torch.distributed.all_reduce(sums, group=group)

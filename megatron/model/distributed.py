@@ -17,6 +17,11 @@ contiguous buffers the grads are flattened per dtype at reduction time.
 Expert params (``allreduce=False``, Mixture-of-Experts) differ between expert-parallel ranks,
 so they are averaged over their expert-data-parallel group (DeepSpeed's group named by
 ``param.group_name``) instead of the data-parallel group.
+
+Under the distributed optimizer (``use_distributed_optimizer``) each buffer is padded to a
+multiple of ``BUFFER_ALIGNMENT * DP`` elements, so that it splits into DP equal shards, and
+the gradients are reduce-scattered by the optimizer (megatron/optimizer/distrib_optimizer.py)
+instead of all-reduced here.
 """
 
 from __future__ import annotations
@@ -34,6 +39,15 @@ from .module import MegatronModule
 
 # Buffers are keyed by (grad dtype, expert group name or None for dense params).
 BufferKey = Tuple[torch.dtype, str | None]
+
+# Distributed-optimizer shards start on a multiple of this many elements.
+BUFFER_ALIGNMENT = 128
+
+
+def padded_buffer_numel(numel: int, data_parallel_size: int) -> int:
+    """``numel`` rounded up to a multiple of BUFFER_ALIGNMENT * data_parallel_size."""
+    multiple = BUFFER_ALIGNMENT * data_parallel_size
+    return -(-numel // multiple) * multiple
 
 
 class MemoryBuffer:
@@ -118,6 +132,8 @@ class DistributedDataParallel(DistributedDataParallelBase):
             fp16/bf16 params.
         use_contiguous_buffers: one flat buffer per dtype (``main_grad`` views); otherwise
             ``main_grad`` is set to ``param.grad`` when the grads are reduced.
+        use_distributed_optimizer: pad the buffers into DP equal shards; the optimizer
+            reduce-scatters them (allreduce_gradients is then refused).
     """
 
     def __init__(
@@ -126,8 +142,15 @@ class DistributedDataParallel(DistributedDataParallelBase):
         accumulate_allreduce_grads_in_fp32: bool,
         use_contiguous_buffers: bool,
         gradient_accumulation_fusion: bool = True,
+        use_distributed_optimizer: bool = False,
     ):
         super().__init__(module)
+        self.use_distributed_optimizer = use_distributed_optimizer
+        if use_distributed_optimizer and not use_contiguous_buffers:
+            raise ValueError(
+                "distributed.py: --use-distributed-optimizer needs contiguous gradient buffers "
+                "(drop --no-contiguous-buffers-in-local-ddp)"
+            )
         self.accumulate_allreduce_grads_in_fp32 = accumulate_allreduce_grads_in_fp32
         self.use_contiguous_buffers = use_contiguous_buffers
         self.gradient_accumulation_fusion = gradient_accumulation_fusion and use_contiguous_buffers
@@ -137,6 +160,8 @@ class DistributedDataParallel(DistributedDataParallelBase):
                 "gradient buffers (drop --no-contiguous-buffers-in-local-ddp)"
             )
         self._grad_buffers: Dict[BufferKey, MemoryBuffer] | None = None
+        # per buffer: (param, start, end) of every param's main_grad view in it
+        self.grad_buffer_param_ranges: Dict[BufferKey, List[Tuple[torch.Tensor, int, int]]] = {}
         self._hook_handles: List[Any] = []
         if self.use_contiguous_buffers:
             self._allocate_grad_buffers()
@@ -155,8 +180,14 @@ class DistributedDataParallel(DistributedDataParallelBase):
             key = self._buffer_key(param)
             sizes[key] = sizes.get(key, 0) + param.data.nelement()
         device = params[0].device if params else None
+        dp = mpu.get_data_parallel_world_size() if self.use_distributed_optimizer else 1
         self._grad_buffers = {
-            key: MemoryBuffer(numel, key[0], device=device) for key, numel in sizes.items()
+            key: MemoryBuffer(
+                padded_buffer_numel(numel, dp) if self.use_distributed_optimizer else numel,
+                key[0],
+                device=device,
+            )
+            for key, numel in sizes.items()
         }
         # Backward visits params roughly in reverse order: give the last param the front of
         # the buffer so that the buffer fills in order.
@@ -164,6 +195,9 @@ class DistributedDataParallel(DistributedDataParallelBase):
             key = self._buffer_key(param)
             sizes[key] -= param.data.nelement()
             param.main_grad = self._grad_buffers[key].get(param.data.shape, sizes[key])
+            self.grad_buffer_param_ranges.setdefault(key, []).append(
+                (param, sizes[key], sizes[key] + param.data.nelement())
+            )
             # linear layers add their weight gradient into main_grad themselves
             param.fuse_wgrad_accumulation = self.gradient_accumulation_fusion
             self._hook_handles.append(
@@ -177,6 +211,13 @@ class DistributedDataParallel(DistributedDataParallelBase):
             param.main_grad.add_(param.grad.data)
             param.grad = None
 
+    @property
+    def grad_buffers(self) -> Dict[BufferKey, MemoryBuffer]:
+        """The contiguous gradient buffers by (grad dtype, expert group name)."""
+        if self._grad_buffers is None:
+            raise RuntimeError("distributed.py: this DDP has no contiguous gradient buffers")
+        return self._grad_buffers
+
     def zero_grad_buffer(self) -> None:
         """Zero every contiguous gradient buffer (call before each iteration's backward)."""
         if self._grad_buffers is None:
@@ -189,6 +230,11 @@ class DistributedDataParallel(DistributedDataParallelBase):
 
     def allreduce_gradients(self) -> None:
         """Average grads over data-parallel ranks (expert params over expert-DP ranks)."""
+        if self.use_distributed_optimizer:
+            raise RuntimeError(
+                "distributed.py: under --use-distributed-optimizer the optimizer "
+                "reduce-scatters the gradients; do not all-reduce them here"
+            )
         if self._grad_buffers is not None:
             for (_, group_name), buffer in self._grad_buffers.items():
                 group, size = _reduction_group(group_name)

@@ -9,6 +9,7 @@ import torch
 from megatron import get_args, print_rank_0
 
 from .clip_grads import clip_grad_norm_fp32, count_zeros_fp32
+from .distrib_optimizer import DistributedOptimizer
 from .grad_scaler import ConstantGradScaler, DynamicGradScaler, MegatronGradScaler
 from .optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer, MegatronOptimizer
 
@@ -23,6 +24,7 @@ __all__ = [
     "MegatronOptimizer",
     "FP32Optimizer",
     "Float16OptimizerWithFloat16Params",
+    "DistributedOptimizer",
 ]
 
 ParamCond = Callable[[str, torch.nn.Parameter], bool]
@@ -183,13 +185,17 @@ def get_megatron_optimizer(
     """The optimizer for ``model_chunks`` as the flags ask for.
 
     Under --deepspeed the bare torch optimizer is returned (DeepSpeed's engine wraps it);
-    otherwise an :class:`FP32Optimizer` or, with --fp16/--bf16, a
-    :class:`Float16OptimizerWithFloat16Params`. With the local DDP (--DDP-impl local) the
-    grads are read from ``param.main_grad``.
+    with --use-distributed-optimizer a :class:`DistributedOptimizer` (``model_chunks`` must
+    then be the DDP-wrapped chunks); otherwise an :class:`FP32Optimizer` or, with
+    --fp16/--bf16, a :class:`Float16OptimizerWithFloat16Params`. With the local DDP
+    (--DDP-impl local) the grads are read from ``param.main_grad``.
     """
+    from megatron.utils import unwrap_model
+
     args = get_args()
+    wrapped = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     param_groups = get_param_groups(
-        model_chunks, no_weight_decay_cond, scale_lr_cond, lr_mult, args.weight_decay
+        unwrap_model(wrapped), no_weight_decay_cond, scale_lr_cond, lr_mult, args.weight_decay
     )
     if getattr(args, "create_moe_param_group", False):
         param_groups = split_moe_param_groups(param_groups)
@@ -200,6 +206,9 @@ def get_megatron_optimizer(
 
     params_have_main_grad = getattr(args, "DDP_impl", "local") == "local"
     log_num_zeros = getattr(args, "log_num_zeros_in_grad", False)
+    if getattr(args, "use_distributed_optimizer", False):
+        scaler = _build_grad_scaler(args) if (args.fp16 or args.bf16) else None
+        return DistributedOptimizer(optimizer, args.clip_grad, log_num_zeros, scaler, wrapped)
     if args.fp16 or args.bf16:
         grad_scaler = _build_grad_scaler(args)
         if grad_scaler is not None:
