@@ -240,3 +240,42 @@ def _check(rank, world_size, tmp_dir):
 
 def test_distributed_optimizer_equals_ddp_and_reshards(tmp_path):
     run_distributed(_check, world_size=4, args=(str(tmp_path),), timeout=300)
+
+
+_FLAGS = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
+          "--max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 8 "
+          "--train-iters 10 --lr 1e-3 --use-distributed-optimizer")
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("--deepspeed", "--use-distributed-optimizer is Megatron's own optimizer sharding and "
+                    "cannot be combined with --deepspeed"),
+    ("--DDP-impl torch", "--use-distributed-optimizer requires --DDP-impl local "
+                         "(got --DDP-impl torch)"),
+    ("--no-contiguous-buffers-in-local-ddp", "requires contiguous gradient buffers"),
+    ("--cpu-optimizer", "--use-distributed-optimizer and --cpu-optimizer"),
+    ("--num-experts 2", "does not shard expert params (--num-experts > 1)"),
+])
+def test_refused_combinations(extra, message, monkeypatch):
+    import shlex
+
+    from megatron.arguments import ArgumentError, build_parser, validate_args
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    args = build_parser().parse_args(shlex.split(f"{_FLAGS} {extra}"))
+    with pytest.raises(ArgumentError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_args(args, world_size=2, rank=0)
+
+
+def test_flag_validates_with_bf16_and_the_local_ddp(monkeypatch):
+    import shlex
+
+    from megatron.arguments import build_parser, validate_args
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    args = validate_args(build_parser().parse_args(shlex.split(f"{_FLAGS} --bf16")),
+                         world_size=2, rank=0)
+    assert args.use_distributed_optimizer and args.use_contiguous_buffers_in_local_ddp
+    assert args.accumulate_allreduce_grads_in_fp32  # bf16 grads are summed in fp32
