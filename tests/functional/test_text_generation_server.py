@@ -256,7 +256,7 @@ def test_logprobs_are_the_models_log_softmax(checkpoints, server_tp1, greedy_tp1
     for i in range(len(PROMPTS)):
         n = len(rows[len(PROMPTS) + i])  # the prompt's tokens
         assert rows[i][:n] == rows[len(PROMPTS) + i]
-        assert n < len(rows[i]) <= n + NEW  # fewer where a row ended at eod
+        assert n <= len(rows[i]) <= n + NEW  # fewer where a row ended at eod
         gen, best = ref[i]["chosen"][n - 1 :], ref[i]["best"][n - 1 :]  # greedy: the argmax
         assert _close(gen, best)
         # scoring the prompt gives the prompt part of the continuation's log-probabilities
