@@ -202,6 +202,10 @@ def planner_rules(problem: Problem, lay: Layout) -> list:
         reasons.append(f"--num-layers ({problem.shape.num_layers}) is not divisible by PP "
                        f"({lay.pp}): DeepSpeed's engine would balance uneven stages, this "
                        "planner sizes equal ones")
+    layers = problem.shape.num_layers
+    if lay.vp > 1 and layers % (lay.pp * lay.vp):
+        reasons.append(f"--num-layers ({layers}) is not divisible by PP x v "
+                       f"({lay.pp} x {lay.vp}): every model chunk needs the same layers")
     m = problem.global_batch // max(1, lay.micro_batch * lay.dp)
     if lay.vp > 1 and m % lay.pp:
         reasons.append(f"interleaved 1F1B needs the micro-batches ({m}) to be a multiple "
@@ -213,6 +217,8 @@ def evaluate(problem: Problem, lay: Layout) -> Result:
     """Check, size and time one layout."""
     res = Result(lay)
     res.reasons += planner_rules(problem, lay)
+    if lay.vp > 1 and problem.shape.num_layers % (lay.pp * lay.vp):
+        return res  # no --num-layers-per-virtual-pipeline-stage spells this layout
     args = training_namespace(problem, lay)
     try:
         validate_args(args, world_size=problem.num_gpus, rank=1)

@@ -182,6 +182,9 @@ def test_explain_names_each_reason(capsys):
     assert dp8 and all("not divisible by" in v and "12" in v for v in dp8)  # 12 % (mb x 8)
     assert any("does not fit" in v and "largest term: activations" in v for v in reasons.values())
     assert any("ZeRO-3 with PP 2" in v for v in reasons.values())
+    # 24 layers, PP 8, v 4: 0.75 layers a chunk
+    v4 = reasons["TP=1 PP=8 DP=1 mb=1 v=4 recompute=none no-ZeRO"]
+    assert "--num-layers (24) is not divisible by PP x v (8 x 4)" in v4
     # every layout that fits is within the 16 - 1.5 GiB
     assert all(x["peak_memory_gib"] <= 14.5 for x in out["layouts"])
     capsys.readouterr()
