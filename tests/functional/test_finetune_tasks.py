@@ -7,7 +7,8 @@ hypothesis says 'yes' / 'no' / 'maybe'; QQP: the second question says 'same' or
 'other'; RACE: the right option holds 'true'), and fine-tune from that checkpoint:
 
 * MNLI, 3 epochs at TP=1: the accuracy on both dev files rises above chance (1/3);
-  a resume from the epoch-2 checkpoint repeats epoch 3's losses and accuracies exactly;
+  a resume from the middle of epoch 2 repeats the losses and accuracies exactly, and
+  --epochs 0 evaluates the saved model to the last epoch's accuracies;
   TP=2 (the checkpoint reshaped by tools/checkpoint_util.py) and DP=2 give the TP=1
   losses to REL_TOL (fp32; the DP=1 run accumulates two micro-batches, the DP=2 run
   takes one each, so only the summation order differs).
@@ -314,6 +315,19 @@ def test_mnli_resume_repeats_the_epochs_exactly(mnli_run, glue_dir, vocab_dir, t
     assert metrics(resumed) == later
 
 
+def test_mnli_epochs_0_evaluates_the_checkpoint(mnli_run, glue_dir, vocab_dir):
+    """--epochs 0 --load: the accuracies of the last epoch, reported as epoch -1."""
+    out, save = mnli_run
+    mnli = os.path.join(glue_dir, "MNLI")
+    evaluated = run_task(task_args("MNLI", [os.path.join(mnli, "train.tsv")],
+                                   [os.path.join(mnli, "dev_matched.tsv"),
+                                    os.path.join(mnli, "dev_mismatched.tsv")], vocab_dir,
+                                   epochs=0) + ["--load", save])
+    assert not losses(evaluated), evaluated[-3000:]
+    final = {(-1, k[1]): v for k, v in metrics(out).items() if k[0] == EPOCHS - 1}
+    assert metrics(evaluated) == final, evaluated[-3000:]
+
+
 def _assert_parallel_matches(out: str, serial: str) -> None:
     rows, other = losses(serial), losses(out)
     assert sorted(other) == list(range(1, PARALLEL_ITERS + 1)), out[-3000:]
@@ -366,12 +380,16 @@ def test_mnli_data_parallel_2_equals_serial(mnli_run, pretrained, glue_dir, voca
 
 
 def test_qqp_learns_and_reads_the_unlabelled_test_file(pretrained, glue_dir, vocab_dir):
-    """4 epochs; test.tsv (no is_duplicate column) is scored against label 0."""
+    """4 epochs; test.tsv (no is_duplicate column) is scored against label 0; a
+    validation loss every 12 iterations."""
     qqp = os.path.join(glue_dir, "QQP")
     out = run_task(task_args(
         "QQP", [os.path.join(qqp, "train.tsv")],
         [os.path.join(qqp, "dev.tsv"), os.path.join(qqp, "test.tsv")], vocab_dir,
-        epochs=4) + ["--pretrained-checkpoint", pretrained])
+        epochs=4) + ["--pretrained-checkpoint", pretrained, "--eval-interval", "12"])
+    # --eval-interval: the validation loss of --eval-iters global batches of dev + test
+    assert len(re.findall(r" validation loss at iteration (?:12|24|36|48) \| lm loss value: ",
+                          out)) == 4, out[-3000:]
     scores = metrics(out)
     assert scores[(3, "test")][1] == 16, out[-3000:]
     correct, total = scores[(3, "dev")]
