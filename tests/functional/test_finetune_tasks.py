@@ -273,8 +273,9 @@ def test_mnli_learns_and_reports_each_dev_file(mnli_run):
     for name in ("dev-matched", "dev-mismatched"):
         correct, total = scores[(EPOCHS - 1, name)]
         assert total == 30
-        # chance is 1/3 (10 of 30): the keyword is learnt
-        assert correct >= 18, (name, scores)
+        # chance is 1/3 (10 of 30): the keyword is learnt (20 of 30 in each file when
+        # written; 29 and 27 after epoch 2)
+        assert correct >= 16, (name, scores)
     first = [float(rows[i][2]) for i in range(1, STEPS_PER_EPOCH + 1)]
     last = [float(rows[i][2]) for i in range(25, 37)]
     assert sum(last) / 12 < sum(first) / 12 - 0.2, (first, last)
