@@ -10,7 +10,10 @@ one padded vocabulary for every layout. Two spawned worlds run pretrain() in pro
 * 2 ranks (DP=2): the local DDP; the distributed optimizer, saving at iteration 3 (and 6);
   a resume from iteration 3 (--load-tag 3); and the local DDP refused on that checkpoint.
 * 4 ranks: a DP=4 resume from the DP=2 checkpoint of iteration 3 (the sharded state
-  re-split for 4 ranks), and TP=2 x DP=2 with and without the distributed optimizer.
+  re-split for 4 ranks); TP=2 x DP=2 with and without the distributed optimizer; and the
+  interleaved pipeline PP=2 x DP=2 (4 layers, 2 model chunks per stage, so 2 gradient
+  buffers per rank and the tied embedding's gradient summed across stages before the
+  reduce-scatter) with and without it, saving at iteration 3, and resumed from there.
 
 Sharding changes only the order of floating-point sums (reduce-scatter versus all-reduce,
 the grad norm summed over shards), so the printed 7-digit losses agree within REL_TOL
@@ -33,6 +36,8 @@ ITERS = 6
 SAVE_AT = 3
 REL_TOL = 2e-5
 DISTOPT = ["--use-distributed-optimizer"]
+INTERLEAVED = ["--num-layers", "4", "--pipeline-model-parallel-size", "2",
+               "--num-layers-per-virtual-pipeline-stage", "1"]
 
 
 def _args(data: str, tp: int = 1, extra: list[str] | None = None) -> list[str]:
@@ -71,10 +76,16 @@ def _two_ranks(rank: int, world_size: int, data: str, save: str) -> dict:
 
 
 def _four_ranks(rank: int, world_size: int, data: str, save: str) -> dict:
+    pp_save = save + "_pp2"
     return {
         "dp4_resume": _run(data, extra=DISTOPT + ["--load", save, "--load-tag", str(SAVE_AT)]),
         "tp2_ddp": _run(data, tp=2),
         "tp2_distopt": _run(data, tp=2, extra=DISTOPT),
+        "pp2_ddp": _run(data, extra=INTERLEAVED),
+        "pp2_distopt": _run(data, extra=INTERLEAVED + DISTOPT + [
+            "--save", pp_save, "--save-interval", str(SAVE_AT)]),
+        "pp2_resume": _run(data, extra=INTERLEAVED + DISTOPT + [
+            "--load", pp_save, "--load-tag", str(SAVE_AT)]),
     }
 
 
@@ -100,6 +111,7 @@ def test_distributed_optimizer_equals_ddp(runs):
     _assert_close(runs["distopt"], runs["ddp"], iters)
     _assert_close(runs["tp2_distopt"], runs["tp2_ddp"], iters)
     _assert_close(runs["tp2_ddp"], runs["ddp"], iters)  # the same model at every layout
+    _assert_close(runs["pp2_distopt"], runs["pp2_ddp"], iters)
     assert float(runs["ddp"][ITERS]) < float(runs["ddp"][1]) - 0.05  # it learns
 
 
@@ -118,6 +130,11 @@ def test_distributed_optimizer_checkpoint_files(runs):
     state = torch.load(os.path.join(folder, "model_optim_rng.pt"), weights_only=False)
     assert "state" not in state["optimizer"]["optimizer"]  # per-element state is sharded
     assert state["optimizer"]["distributed_optimizer"] == {"data_parallel_size": 2}
+    for stage in (0, 1):  # the interleaved pipeline: both chunks of each stage
+        pp_folder = os.path.join(runs["save"] + "_pp2", f"iter_{SAVE_AT:07d}",
+                                 f"mp_rank_00_{stage:03d}")
+        pp_shards = torch.load(os.path.join(pp_folder, "distrib_optim.pt"), weights_only=False)
+        assert sorted(k for k in pp_shards if k != "metadata") == [0, 1]
 
 
 def test_distributed_optimizer_resumes_exactly_and_at_another_dp_size(runs):
@@ -125,6 +142,9 @@ def test_distributed_optimizer_resumes_exactly_and_at_another_dp_size(runs):
     assert sorted(runs["resume"]) == list(after), runs["resume"]
     for i in after:  # the same DP size: exactly the uninterrupted run
         assert runs["resume"][i] == runs["distopt"][i], (i, runs["resume"], runs["distopt"])
+    assert sorted(runs["pp2_resume"]) == list(after), runs["pp2_resume"]
+    for i in after:  # two model chunks per rank: two buffers in distrib_optim.pt
+        assert runs["pp2_resume"][i] == runs["pp2_distopt"][i], (i, runs["pp2_resume"])
     assert sorted(runs["dp4_resume"]) == list(after)
     _assert_close(runs["dp4_resume"], runs["distopt"], after)
     assert "--use-distributed-optimizer" in runs["refused"]
