@@ -935,9 +935,10 @@ def _distributed_optimizer_state(args, optimizer) -> dict | None:
     return optimizer.parameter_state()
 
 
-def _check_optimizer_sharding(args, state: dict, path: str) -> None:
-    """model_optim_rng.pt's optimizer state and this run agree on
-    --use-distributed-optimizer (either way round a clear error, not a missing key)."""
+def _check_optimizer_sharding(args, state: dict, path: str) -> bool:
+    """Whether model_optim_rng.pt's optimizer state is sharded (distrib_optim.pt beside
+    it); a sharded state needs --use-distributed-optimizer. (An unsharded state loads
+    into the distributed optimizer, which takes its shard of it.)"""
     saved_sharded = "distributed_optimizer" in (state.get("optimizer") or {})
     if saved_sharded and not getattr(args, "use_distributed_optimizer", False):
         raise CheckpointError(
@@ -945,12 +946,7 @@ def _check_optimizer_sharding(args, state: dict, path: str) -> None:
             f"{distributed_optimizer_checkpoint_name(path)}); pass --use-distributed-optimizer "
             "to resume it (at any data-parallel size), or --no-load-optim to load only the model"
         )
-    if "optimizer" in state and not saved_sharded and getattr(
-            args, "use_distributed_optimizer", False):
-        raise CheckpointError(
-            f"{path} was saved without --use-distributed-optimizer; resume it without the "
-            "flag, or pass --no-load-optim to load only the model"
-        )
+    return saved_sharded
 
 
 def _load_distributed_optimizer_state(optimizer, path: str) -> None:
@@ -1054,10 +1050,9 @@ def _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir: str, loa
     if fresh:
         iteration = 0
     if not fresh and not args.no_load_optim:
-        if optimizer is not None:
-            _check_optimizer_sharding(args, state, path)
+        sharded = optimizer is not None and _check_optimizer_sharding(args, state, path)
         _load_optimizer_state(optimizer, lr_scheduler, state, path)
-        if optimizer is not None and getattr(args, "use_distributed_optimizer", False):
+        if sharded:
             _load_distributed_optimizer_state(optimizer, path)
     elif optimizer is not None:
         optimizer.reload_model_params()  # the master weights follow the loaded model

@@ -175,6 +175,8 @@ class DistributedOptimizer(MegatronOptimizer):
             for param, start, end in buffer.ranges:
                 where[param] = (index, start, end)
         shards = []
+        # the model params of each group, in order (an unsharded checkpoint lists them so)
+        self.model_param_groups = [list(g["params"]) for g in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             mains = []
             for param in group["params"]:
@@ -335,12 +337,11 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Group hyperparameters, grad scaler, and the scalar state that
-        :meth:`load_parameter_state` completes."""
+        :meth:`load_parameter_state` completes; the state of an unsharded optimizer (a
+        checkpoint saved without --use-distributed-optimizer) is sharded here instead."""
         if "distributed_optimizer" not in state_dict:
-            raise ValueError(
-                "distrib_optimizer.py: this optimizer state was not saved with "
-                "--use-distributed-optimizer"
-            )
+            self.load_unsharded_state_dict(state_dict)
+            return
         saved = state_dict["optimizer"]["param_groups"]
         if len(saved) != len(self.optimizer.param_groups):
             raise ValueError(
@@ -356,6 +357,49 @@ class DistributedOptimizer(MegatronOptimizer):
             else:
                 print_rank_0("***WARNING*** the checkpoint has no grad scaler state; the "
                              "loss scale starts from its initial value")
+
+    def load_unsharded_state_dict(self, state_dict: dict) -> None:
+        """Start from the state of the unsharded optimizer (FP32Optimizer's torch state dict,
+        or Float16OptimizerWithFloat16Params' with its fp32 masters) of the same model: each
+        rank keeps its shard's elements of every master weight and per-element state."""
+        half = "fp32_from_fp16_params" in state_dict or "fp32_from_fp16" in state_dict
+        inner_saved = state_dict["optimizer"] if half else state_dict
+        saved_groups = inner_saved["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g) for g in self.model_param_groups]:
+            raise ValueError(
+                "distrib_optimizer.py: the checkpoint's optimizer has param groups of "
+                f"{[len(g['params']) for g in saved_groups]} params, this model's "
+                f"{[len(g) for g in self.model_param_groups]}"
+            )
+        masters_by_group = state_dict.get("fp32_from_fp16_params", state_dict.get(
+            "fp32_from_fp16")) if half else None
+        for group, saved in zip(self.optimizer.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        by_param = {id(s.param): s for s in self.shards}
+        inner = self.optimizer.state_dict()
+        ids = [i for group in inner["param_groups"] for i in group["params"]]
+        new_state, position = {}, 0
+        for g, (params, saved) in enumerate(zip(self.model_param_groups, saved_groups)):
+            halves = iter(masters_by_group[g]) if half else None
+            for param, saved_id in zip(params, saved["params"]):
+                master = next(halves) if half and param.dtype != torch.float32 else param
+                shard = by_param.get(id(param))
+                if shard is None:
+                    continue
+                n = shard.end - shard.start
+                shard.main.data.copy_(master.detach().view(-1)[shard.offset : shard.offset + n])
+                state = inner_saved["state"].get(saved_id)
+                if state:
+                    new_state[ids[position]] = {
+                        k: (v.detach().reshape(-1)[shard.offset : shard.offset + n].clone()
+                            if torch.is_tensor(v) and v.shape == param.shape and k != "step"
+                            else v.clone() if torch.is_tensor(v) else v)
+                        for k, v in state.items()
+                    }
+                position += 1
+        self.optimizer.load_state_dict({"state": new_state, "param_groups": inner["param_groups"]})
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
 
     def _gather_to_first_rank(self, local: torch.Tensor, buffer: _Buffer) -> torch.Tensor | None:
         """[N] on CPU on data-parallel rank 0 (point to point, one shard at a time, so no rank

@@ -7,8 +7,10 @@ dropout 0, --clip-grad 1.0, AdamW with weight decay) on the NullTokenizer's 128 
 global batch 8, micro-batch 2, 6 iterations; --make-vocab-size-divisible-by 128 / TP keeps
 one padded vocabulary for every layout. Two spawned worlds run pretrain() in process:
 
-* 2 ranks (DP=2): the local DDP; the distributed optimizer, saving at iteration 3 (and 6);
-  a resume from iteration 3 (--load-tag 3); and the local DDP refused on that checkpoint.
+* 2 ranks (DP=2): the local DDP, saving at iteration 3, and the distributed optimizer
+  resumed from that plain checkpoint; the distributed optimizer, saving at iteration 3 (and
+  6); a resume from iteration 3 (--load-tag 3); and the local DDP refused on that
+  checkpoint.
 * 4 ranks: a DP=4 resume from the DP=2 checkpoint of iteration 3 (the sharded state
   re-split for 4 ranks); TP=2 x DP=2 with and without the distributed optimizer; and the
   interleaved pipeline PP=2 x DP=2 (4 layers, 2 model chunks per stage, so 2 gradient
@@ -64,8 +66,12 @@ def _run(data: str, tp: int = 1, extra: list[str] | None = None) -> dict[int, fl
 def _two_ranks(rank: int, world_size: int, data: str, save: str) -> dict:
     from megatron.checkpointing import CheckpointError
 
+    ddp_save = save + "_ddp"
     runs = {
-        "ddp": _run(data),
+        "ddp": _run(data, extra=["--save", ddp_save, "--save-interval", str(SAVE_AT)]),
+        # the unsharded optimizer state of a plain checkpoint, sharded on load
+        "ddp_to_distopt": _run(data, extra=DISTOPT + ["--load", ddp_save, "--load-tag",
+                                                      str(SAVE_AT)]),
         "distopt": _run(data, extra=DISTOPT + ["--save", save, "--save-interval", str(SAVE_AT)]),
         "resume": _run(data, extra=DISTOPT + ["--load", save, "--load-tag", str(SAVE_AT)]),
     }
@@ -146,6 +152,8 @@ def test_distributed_optimizer_resumes_exactly_and_at_another_dp_size(runs):
     for i in after:  # two model chunks per rank: two buffers in distrib_optim.pt
         assert runs["pp2_resume"][i] == runs["pp2_distopt"][i], (i, runs["pp2_resume"])
     assert sorted(runs["dp4_resume"]) == list(after)
+    assert sorted(runs["ddp_to_distopt"]) == list(after)
+    _assert_close(runs["ddp_to_distopt"], runs["ddp"], after)
     _assert_close(runs["dp4_resume"], runs["distopt"], after)
     assert "--use-distributed-optimizer" in runs["refused"]
     assert "model_optim_rng.pt" in runs["refused"]

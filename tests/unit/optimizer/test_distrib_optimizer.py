@@ -16,11 +16,14 @@ One 4-rank world runs every check:
    at DP=4; the process groups are rebuilt as TP=2 x DP=2 (data-parallel groups {0, 2},
    {1, 3}; the tiny model is replicated over TP) and a fresh optimizer loads it: the next
    step equals the step the DP=4 run took from the same state.
+3. A distributed optimizer loading the unsharded optimizer's state dict (a checkpoint saved
+   without the flag) takes the same next step as the unsharded one, in every dtype.
 
 Only the order of floating-point sums differs (all-reduce versus reduce-scatter, shard
 norms summed), so fp32 results agree to REL_TOL relative.
 """
 
+import io
 import os
 
 import pytest
@@ -172,7 +175,36 @@ def _check_dp4_equals_ddp(dtype):
         masters, _ = result
         for master, ref_master in zip(masters, _ref_masters(ref, ref_opt)):
             _close(master, ref_master, what=(dtype, "master"))
+    _check_start_from_unsharded_state(ref, ref_opt, dtype)
     return ref, ref_opt, ddp, opt
+
+
+def _check_start_from_unsharded_state(ref, ref_opt, dtype):
+    """A fresh distributed optimizer given the unsharded optimizer's state dict (as a
+    checkpoint without --use-distributed-optimizer holds it) takes the same next step."""
+    half = dtype != torch.float32
+    buf = io.BytesIO()
+    torch.save({"model": ref.module.state_dict(), "optimizer": ref_opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    ddp = DistributedDataParallel(_model(dtype, seed=3), half, True, False,
+                                  use_distributed_optimizer=True)
+    opt = DistributedOptimizer(_adam(ddp.module), CLIP, True, _scaler(dtype), [ddp])
+    ddp.module.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    assert float(opt.get_loss_scale()) == float(ref_opt.get_loss_scale())
+    step = 2 * STEPS + 1
+    _backward(ref, ref_opt, step, dtype)
+    _backward(ddp, opt, step, dtype)
+    ref.allreduce_gradients()
+    (ref_ok, ref_norm, _), (ok, norm, _) = ref_opt.step(), opt.step()
+    assert ok and ref_ok and abs(norm - ref_norm) <= REL_TOL * ref_norm, (norm, ref_norm)
+    for p_ref, p in zip(ref.module.parameters(), ddp.module.parameters()):
+        if dtype == torch.float32:
+            _close(p.data, p_ref.data, what="from unsharded")
+        else:
+            ulp = torch.finfo(dtype).eps * p_ref.data.float().abs().clamp_min(1e-3)
+            assert bool(((p.data.float() - p_ref.data.float()).abs() <= ulp).all())
 
 
 def _ref_masters(ref, ref_opt):
