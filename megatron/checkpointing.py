@@ -369,10 +369,11 @@ def _missing_rank_file_error(path: str, load_dir: str) -> CheckpointError:
     )
 
 
-def check_checkpoint_args(checkpoint_args, args=None) -> None:
+def check_checkpoint_args(checkpoint_args, args=None, load_dir: str | None = None) -> None:
     """Stop, naming every mismatch, when the checkpoint's model shape differs from ours;
     a different tensor/pipeline layout is named first, with the reshape command."""
     args = args or get_args()
+    load_dir = load_dir if load_dir is not None else args.load
     problems = []
     for name, flag in MODEL_ARGS_TO_CHECK:
         ours = getattr(args, name, None)
@@ -385,9 +386,9 @@ def check_checkpoint_args(checkpoint_args, args=None) -> None:
     ours = (getattr(args, "tensor_model_parallel_size", 1),
             getattr(args, "pipeline_model_parallel_size", 1))
     if saved is not None and saved != ours:
-        raise layout_mismatch_error(args.load, *saved, *ours)
+        raise layout_mismatch_error(load_dir, *saved, *ours)
     raise CheckpointError(
-        f"checkpoint in {args.load} does not match this model: " + "; ".join(problems)
+        f"checkpoint in {load_dir} does not match this model: " + "; ".join(problems)
     )
 
 
@@ -980,18 +981,6 @@ def _read_state(path: str) -> dict:
         raise CheckpointError(f"could not read checkpoint file {path}: {e}") from e
 
 
-def _restore_counters(args, state: dict) -> None:
-    args.consumed_train_samples = state.get(
-        "consumed_train_samples", getattr(state["args"], "consumed_train_samples", 0))
-    args.consumed_valid_samples = state.get(
-        "consumed_valid_samples", getattr(state["args"], "consumed_valid_samples", 0))
-    args.consumed_train_tokens = state.get(
-        "consumed_train_tokens", getattr(state["args"], "consumed_train_tokens", 0))
-    from .global_vars import update_num_microbatches
-
-    update_num_microbatches(args.consumed_train_samples, consistency_check=False)
-
-
 def _load_model_state(models, state: dict, strict: bool) -> None:
     if len(models) == 1:
         models[0].load_state_dict(state["model"], strict=strict)
@@ -1024,8 +1013,119 @@ def _load_rng_state(state: dict, path: str) -> None:
         ) from e
 
 
+class LoadOptions(NamedTuple):
+    """What a load restores besides the weights (from the flags, or weights only)."""
+
+    finetune: bool = False  # weights only, iteration 0, a new run lineage (--finetune)
+    load_optim: bool = True  # optimizer and lr scheduler (not --no-load-optim)
+    load_rng: bool = True  # RNG states (not --no-load-rng)
+    weights_only: bool = False  # the weights and nothing else: no counters, no lineage
+
+    @classmethod
+    def from_args(cls, args) -> LoadOptions:
+        return cls(finetune=bool(getattr(args, "finetune", False)),
+                   load_optim=not getattr(args, "no_load_optim", False),
+                   load_rng=not getattr(args, "no_load_rng", False))
+
+    @classmethod
+    def weights(cls) -> LoadOptions:
+        return cls(load_optim=False, load_rng=False, weights_only=True)
+
+    @property
+    def restores_run(self) -> bool:
+        """Whether the iteration, consumed samples and lineage come from the checkpoint."""
+        return not (self.finetune or self.weights_only)
+
+
+# QKV row order of the self-attention's query_key_value, by checkpoint version: versions
+# before 2.0 grouped the rows differently (Megatron's 0: [3, np, hn], 1.0: [np, hn, 3]);
+# 2.0 and later (and this code) use [np, 3, hn].
+_QKV_LAYOUTS = {0: "[3, np, hn]", 1: "[np, hn, 3]"}
+_QKV_KEYS = ("query_key_value.weight", "query_key_value.bias")
+
+
+def _qkv_to_current(t: torch.Tensor, version: float, heads: int, head_dim: int) -> torch.Tensor:
+    """One query_key_value shard ([3 * heads * head_dim, ...]) in version 2.0's row order."""
+    rest = t.shape[1:]
+    if version < 1.0:
+        t = t.view(3, heads, head_dim, *rest).transpose(0, 1)  # [np, 3, hn, ...]
+    else:
+        t = t.view(heads, head_dim, 3, *rest).transpose(1, 2)  # [np, 3, hn, ...]
+    return t.contiguous().view(3 * heads * head_dim, *rest)
+
+
+def convert_qkv_layout(model_state: dict, version: float, checkpoint_args, tp: int,
+                       path: str) -> int:
+    """Rewrite in place the query_key_value weights and biases of a checkpoint older than
+    version 2.0 into the current row order; returns how many tensors changed. Grouped-query
+    attention had no such versions: a checkpoint that says otherwise is refused."""
+    heads = getattr(checkpoint_args, "num_attention_heads", None)
+    hidden = getattr(checkpoint_args, "hidden_size", None)
+    kv_heads = getattr(checkpoint_args, "num_key_value_heads", None)
+    layout = _QKV_LAYOUTS[0 if version < 1.0 else 1]
+    if heads is None or hidden is None or (kv_heads not in (None, heads)):
+        raise CheckpointError(
+            f"{path}: checkpoint_version {version} stores the query_key_value rows as "
+            f"{layout}, and its saved args do not give the plain multi-head shape needed to "
+            "reorder them (num_attention_heads, hidden_size, no grouped-query attention); "
+            "only version >= 2.0 ([np, 3, hn]) loads as it is")
+    head_dim = getattr(checkpoint_args, "kv_channels", None) or hidden // heads
+    local_heads = heads // tp
+    changed = 0
+
+    def walk(d: dict) -> None:
+        nonlocal changed
+        for key, value in d.items():
+            if isinstance(value, dict):
+                walk(value)
+            elif torch.is_tensor(value) and key.endswith(_QKV_KEYS):
+                if value.shape[0] != 3 * local_heads * head_dim:
+                    raise CheckpointError(
+                        f"{path}: {key} has {value.shape[0]} rows, not 3 x {local_heads} "
+                        f"heads x {head_dim} channels (checkpoint_version {version})")
+                d[key] = _qkv_to_current(value, version, local_heads, head_dim)
+                changed += 1
+
+    walk(model_state)
+    return changed
+
+
+def check_checkpoint_version(state: dict, path: str, tp: int | None = None) -> float:
+    """The checkpoint's version; one older than 2.0 has its QKV rows reordered (plain
+    multi-head attention) or is refused, naming the version and the file. A version newer
+    than this code writes is refused too."""
+    version = state.get("checkpoint_version", 0)
+    if version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint_version {version} is newer than this code reads "
+            f"({CHECKPOINT_VERSION})")
+    if version >= 2.0:
+        return version
+    model_keys = [k for k in state if k == "model" or re.fullmatch(r"model\d+", k)]
+    if model_keys:
+        tp = tp if tp is not None else mpu.get_tensor_model_parallel_world_size()
+        saved = state.get("args")
+        n = sum(convert_qkv_layout(state[k], version, saved, tp, path) for k in model_keys)
+        print_rank_0(f" > {path}: checkpoint_version {version}: {n} query_key_value "
+                     f"tensors reordered from {_QKV_LAYOUTS[0 if version < 1.0 else 1]} "
+                     "to [np, 3, hn]")
+    return version
+
+
+def _restore_counters(args, state: dict) -> None:
+    args.consumed_train_samples = state.get(
+        "consumed_train_samples", getattr(state["args"], "consumed_train_samples", 0))
+    args.consumed_valid_samples = state.get(
+        "consumed_valid_samples", getattr(state["args"], "consumed_valid_samples", 0))
+    args.consumed_train_tokens = state.get(
+        "consumed_train_tokens", getattr(state["args"], "consumed_train_tokens", 0))
+    from .global_vars import update_num_microbatches
+
+    update_num_microbatches(args.consumed_train_samples, consistency_check=False)
+
+
 def _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir: str, load_tag,
-                              strict: bool) -> int:
+                              strict: bool, options: LoadOptions) -> int:
     args = get_args()
     resolved = resolve_checkpoint(load_dir, load_tag)
     if resolved is None:
@@ -1038,25 +1138,26 @@ def _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir: str, loa
     _check_layout_before_reading(load_dir, path)
     print_rank_0(f" loading checkpoint from {load_dir} at iteration {iteration}")
     state = _read_state(path)
-    set_checkpoint_version(state.get("checkpoint_version", 0))
-    fresh = args.finetune or release
+    set_checkpoint_version(check_checkpoint_version(state, path))
+    restore = options.restores_run and not release
     if "args" in state:
-        check_checkpoint_args(state["args"], args)
-        if not fresh:
+        check_checkpoint_args(state["args"], args, load_dir)
+        if restore:
             _restore_counters(args, state)
     _load_model_state(unwrap_model(model if isinstance(model, list) else [model]), state,
                       strict)
-    adopt_lineage(args, os.path.dirname(os.path.dirname(path)), fresh)
-    if fresh:
+    if not options.weights_only:
+        adopt_lineage(args, os.path.dirname(os.path.dirname(path)), not restore)
+    if options.finetune or release:
         iteration = 0
-    if not fresh and not args.no_load_optim:
+    if restore and options.load_optim:
         sharded = optimizer is not None and _check_optimizer_sharding(args, state, path)
         _load_optimizer_state(optimizer, lr_scheduler, state, path)
         if sharded:
             _load_distributed_optimizer_state(optimizer, path)
     elif optimizer is not None:
         optimizer.reload_model_params()  # the master weights follow the loaded model
-    if not fresh and not args.no_load_rng:
+    if restore and options.load_rng:
         _load_rng_state(state, path)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -1073,24 +1174,23 @@ def load_checkpoint(model, optimizer, lr_scheduler, load_arg: str = "load",
     args = get_args()
     load_dir = getattr(args, load_arg)
     load_tag = getattr(args, "load_tag", None) if load_arg == "load" else None
+    options = LoadOptions.from_args(args)
     if getattr(args, "deepspeed", False):
         from .deepspeed_engine import load_deepspeed_checkpoint
 
-        iteration = load_deepspeed_checkpoint(model, optimizer, lr_scheduler, load_dir, strict)
+        iteration = load_deepspeed_checkpoint(model, optimizer, lr_scheduler, load_dir, strict,
+                                              options)
     else:
         iteration = _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir,
-                                              load_tag, strict)
+                                              load_tag, strict, options)
     if optimizer is not None:
         check_save_folder(iteration)
     return iteration
 
 
 def load_model_weights_only(model, load_dir: str, strict: bool = True) -> int:
-    """Load just the weights (for generation and evaluation tasks)."""
-    args = get_args()
-    saved = (args.load, args.finetune, args.no_load_optim, args.no_load_rng)
-    args.load, args.no_load_optim, args.no_load_rng = load_dir, True, True
-    try:
-        return load_checkpoint(model, None, None, strict=strict)
-    finally:
-        args.load, args.finetune, args.no_load_optim, args.no_load_rng = saved
+    """Load just the weights of load_dir's tracked checkpoint (for generation and
+    evaluation): no optimizer, RNG, consumed samples or run lineage; returns the
+    checkpoint's iteration."""
+    return _load_megatron_checkpoint(model, None, None, load_dir, None, strict,
+                                     LoadOptions.weights())

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List
 import torch
 
 from . import get_args, get_num_microbatches, mpu, print_rank_0
+from .initialize import require_vocabulary
 
 _MOE_LOSS_KEY = "moe loss"
 
@@ -424,6 +425,7 @@ def _build_model(model_provider_func, args):
             f"--deepspeed with --pipeline-model-parallel-size {pp} trains through DeepSpeed's "
             "pipeline engine: drop --no-pipeline-parallel"
         )
+    require_vocabulary(args)
     model = model_provider_func(pre_process=True, post_process=True)
     args.ds_pipeline_enabled = isinstance(model, PipelineModule)
     for param in model.parameters():
@@ -840,13 +842,16 @@ def _refuse_untracked(load_dir: str) -> None:
 
 
 def load_deepspeed_checkpoint(
-    model_list, optimizer, lr_scheduler, load_dir: str, strict: bool = True
+    model_list, optimizer, lr_scheduler, load_dir: str, strict: bool = True, options=None
 ) -> int:
     """engine.load_checkpoint(load_dir, tag) (a universal checkpoint with
-    --universal-checkpoint); restores consumed samples, RNG and the run's lineage;
-    returns the iteration."""
+    --universal-checkpoint); restores consumed samples, RNG and the run's lineage as
+    `options` (checkpointing.LoadOptions, default from the flags) say; returns the
+    iteration."""
     from .checkpointing import (
+        CHECKPOINT_VERSION,
         CheckpointError,
+        LoadOptions,
         adopt_lineage,
         set_checkpoint_version,
         set_rng_state,
@@ -854,6 +859,7 @@ def load_deepspeed_checkpoint(
 
     del optimizer, lr_scheduler  # restored by the engine
     args = get_args()
+    options = options or LoadOptions.from_args(args)
     engine = _engine(model_list)
     has_latest = any(
         os.path.isfile(os.path.join(load_dir, n)) for n in ("latest", "latest_universal")
@@ -865,7 +871,7 @@ def load_deepspeed_checkpoint(
             f"WARNING: no DeepSpeed checkpoint (latest file) in {load_dir}; starting from random"
         )
         return 0
-    load_optim = not (args.no_load_optim or args.finetune)
+    load_optim = options.load_optim and options.restores_run
     # bf16 without ZeRO: the engine saves BF16_Optimizer's state (fp32 master weights, Adam
     # moments) in bf16_zero_pp_rank_* files, but its load_checkpoint hands the model file's
     # copy to the optimizer in the wrong form; read the bf16_zero files instead.
@@ -891,10 +897,21 @@ def load_deepspeed_checkpoint(
             "start the optimizer afresh from the saved weights"
         )
     state = state or {}
-    set_checkpoint_version(state.get("checkpoint_version", 0))
-    iteration = 0 if args.finetune else int(state.get("iteration", engine.global_steps))
-    adopt_lineage(args, os.path.dirname(path), args.finetune)
-    if not args.finetune:
+    # (the client state of a universal checkpoint may not carry the version)
+    version = state.get("checkpoint_version", CHECKPOINT_VERSION)
+    if not 2.0 <= version <= CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint_version {version}: DeepSpeed checkpoints are read at versions "
+            f"2.0 to {CHECKPOINT_VERSION} (the [np, 3, hn] query_key_value row order)"
+        )
+    set_checkpoint_version(version)
+    restore = options.restores_run
+    iteration = int(state.get("iteration", engine.global_steps)) if restore else 0
+    if options.weights_only:
+        iteration = int(state.get("iteration", engine.global_steps))
+    else:
+        adopt_lineage(args, os.path.dirname(path), not restore)
+    if restore:
         args.consumed_train_samples = state.get("consumed_train_samples", 0)
         args.consumed_valid_samples = state.get("consumed_valid_samples", 0)
         args.consumed_train_tokens = state.get(
@@ -903,7 +920,7 @@ def load_deepspeed_checkpoint(
         from .global_vars import update_num_microbatches
 
         update_num_microbatches(args.consumed_train_samples, consistency_check=False)
-        if not args.no_load_rng and "rng_tracker_states" in state:
+        if options.load_rng and "rng_tracker_states" in state:
             set_rng_state(state)
     torch.distributed.barrier()
     print_rank_0(f"  successfully loaded checkpoint from {load_dir} at iteration {iteration}")

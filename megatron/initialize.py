@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import socket
 
 import numpy as np
 import torch
@@ -20,7 +19,9 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
     """Parse arguments, set globals, initialise torch.distributed and the model-parallel
     groups, seed every RNG, and build the fused kernels on a GPU machine.
 
-    Works with world size 1 and no launcher (a single-rank group on a free local port).
+    Works with world size 1 and no launcher (a single-rank group over an in-process store:
+    no TCP port is opened). A run without --tokenizer-type is refused: the tokenizer gives
+    the model its vocabulary (the rows of the word embedding).
     """
     from .arguments import parse_args
     from .errors import install_excepthook
@@ -28,6 +29,7 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
     install_excepthook()
     args = parse_args(extra_args_provider, args_defaults or {}, ignore_unknown_args,
                       args_list=args_list)
+    require_tokenizer_type(args)
     set_global_variables(args)
     _initialize_distributed(args)
     _set_random_seed(args.seed)
@@ -35,10 +37,43 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, ignore_unk
     return args
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def require_tokenizer_type(args) -> None:
+    """An ArgumentError when no --tokenizer-type is given (the model would have a word
+    embedding of 0 rows), naming the flags that give a vocabulary."""
+    from .arguments import ArgumentError
+
+    if getattr(args, "tokenizer_type", None):
+        return
+    raise ArgumentError(
+        "--tokenizer-type is not given: the model's vocabulary (the rows of its word "
+        "embedding) comes from the tokenizer; give --tokenizer-type with its --vocab-file "
+        "(and --merge-file) or --tokenizer-model, or --tokenizer-type NullTokenizer "
+        "--vocab-size N (or --use-checkpoint-args with a checkpoint that names one)"
+    )
+
+
+def require_vocabulary(args) -> None:
+    """An ArgumentError before a model is built with a word embedding of 0 rows (no
+    tokenizer was built, so the padded vocabulary size is unknown)."""
+    from .arguments import ArgumentError
+
+    rows = getattr(args, "padded_vocab_size", None)
+    if rows:
+        return
+    tokenizer = getattr(args, "tokenizer_type", None)
+    why = (f"--tokenizer-type {tokenizer} was given but no tokenizer was built"
+           if tokenizer else "no --tokenizer-type was given")
+    raise ArgumentError(
+        f"the model would have {rows or 0} vocabulary rows (word-embedding rows): {why}; "
+        "initialize_megatron() builds the tokenizer that sets the vocabulary size (give "
+        "--tokenizer-type with its vocabulary files, or NullTokenizer with --vocab-size N)"
+    )
+
+
+def _single_process_store():
+    """The rendezvous store of a world of one: in-process (no TCP port, so any number of
+    single-process runs can start side by side on one machine)."""
+    return torch.distributed.HashStore()
 
 
 def _initialize_distributed(args) -> None:
@@ -57,20 +92,20 @@ def _initialize_distributed(args) -> None:
             backend = "gloo"
         args.distributed_backend = backend
         if "MASTER_ADDR" in os.environ:
-            init_method = "env://"
+            rendezvous, where = {"init_method": "env://"}, ""
         else:
             if args.world_size != 1:
                 raise RuntimeError(
                     f"WORLD_SIZE={args.world_size} but MASTER_ADDR is not set: start several "
                     "ranks with torchrun or python -m torch.distributed.launch"
                 )
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            rendezvous, where = {"store": _single_process_store()}, " (in-process store)"
         torch.distributed.init_process_group(
-            backend=backend, init_method=init_method, world_size=args.world_size,
-            rank=args.rank, timeout=timeout,
+            backend=backend, world_size=args.world_size, rank=args.rank, timeout=timeout,
+            **rendezvous,
         )
         print_rank_0(f"> initialized torch.distributed with backend {backend} "
-                     f"and world size {args.world_size}")
+                     f"and world size {args.world_size}{where}")
     if mpu.model_parallel_is_initialized():
         print_rank_0("model parallel is already initialized")
     else:
@@ -139,4 +174,5 @@ def set_jit_fusion_options() -> None:
         torch._C._debug_set_autodiff_subgraph_inlining(False)
 
 
-__all__ = ["initialize_megatron", "set_jit_fusion_options", "get_args"]
+__all__ = ["initialize_megatron", "require_tokenizer_type", "require_vocabulary",
+           "set_jit_fusion_options", "get_args"]

@@ -30,7 +30,7 @@ from . import (
 from .accelerator import current_device
 from .checkpointing import check_save_folder, load_checkpoint, save_checkpoint
 from .errors import NonFiniteLossError
-from .initialize import initialize_megatron, set_jit_fusion_options
+from .initialize import initialize_megatron, require_vocabulary, set_jit_fusion_options
 from .learning_rates import AnnealingLR
 from .rank_progress import mark, named_timeouts
 from .schedules import get_forward_backward_func
@@ -142,6 +142,7 @@ def update_train_iters(args) -> None:
 def get_model(model_provider_func):
     """Build this rank's model chunk(s), move to the device, wrap for fp16/bf16 and DDP."""
     args = get_args()
+    require_vocabulary(args)
     pp = mpu.get_pipeline_model_parallel_world_size()
     if pp > 1 and args.virtual_pipeline_model_parallel_size is not None:
         model = []
