@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from megatron import mpu
+from megatron.accelerator import current_device
 from megatron.model.distributed import DistributedDataParallel, padded_buffer_numel
 from megatron.model.module import MegatronModule
 from megatron.optimizer import (
@@ -52,8 +53,8 @@ INITIAL_SCALE = 2.0**20
 def _close(actual, expected, rtol=REL_TOL, atol=1e-7, what=""):
     # torch.testing.assert_close imports torch.distributed.tensor: seconds per spawned rank.
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    diff = (actual.double() - expected.double()).abs()
-    bound = atol + rtol * expected.double().abs()
+    diff = (actual.double().cpu() - expected.double().cpu()).abs()
+    bound = atol + rtol * expected.double().cpu().abs()
     assert bool((diff <= bound).all()), (what, diff.max().item())
 
 
@@ -73,12 +74,13 @@ class _Tiny(MegatronModule):
 
 def _model(dtype, seed=0):
     torch.manual_seed(seed)
-    return _Tiny().to(dtype)
+    return _Tiny().to(dtype).to(current_device())
 
 
 def _batch(step):
     gen = torch.Generator().manual_seed(100 + step)
-    return torch.randn(GLOBAL_BATCH, 32, generator=gen), torch.randn(GLOBAL_BATCH, 8, generator=gen)
+    x = torch.randn(GLOBAL_BATCH, 32, generator=gen)
+    return x.to(current_device()), torch.randn(GLOBAL_BATCH, 8, generator=gen).to(x.device)
 
 
 def _backward(ddp, optimizer, step, dtype):
@@ -134,13 +136,17 @@ def _full_masters(opt, ddp):
         (dtype, None)]], state
 
 
-def _check_dp4_equals_ddp(dtype):
+def check_equals_ddp(dtype):
+    """Steps of the distributed optimizer equal the unsharded ones (any DP size; also
+    run on GPUs by tests/gpu/test_distrib_optimizer_nccl.py)."""
     ref, ref_opt, ddp, opt = _pair(dtype)
-    # buffer layout: padded to 128 * DP, each rank owns a quarter of it
+    # buffer layout: padded to 128 * DP, each rank owns 1/DP of it (DP=4: 2560, 640 each)
+    dp = mpu.get_data_parallel_world_size()
     numel = sum(p.numel() for p in ddp.module.parameters())
     (buffer,) = ddp.grad_buffers.values()
-    assert numel == 2072 and buffer.numel == padded_buffer_numel(numel, 4) == 2560
-    owned = min(640, max(0, numel - 640 * mpu.get_data_parallel_rank()))
+    assert numel == 2072 and buffer.numel == padded_buffer_numel(numel, dp)
+    size = buffer.numel // dp
+    owned = min(size, max(0, numel - size * mpu.get_data_parallel_rank()))
     assert sum(s.end - s.start for s in opt.shards) == owned
     skipped = 0
     for step in range(STEPS if dtype != torch.float16 else 2 * STEPS):
@@ -229,8 +235,8 @@ def _check(rank, world_size, tmp_dir):
     mpu.initialize_model_parallel(1)
     assert mpu.get_data_parallel_world_size() == 4
     for dtype in (torch.bfloat16, torch.float16):
-        _check_dp4_equals_ddp(dtype)
-    _, _, ddp, opt = _check_dp4_equals_ddp(torch.float32)
+        check_equals_ddp(dtype)
+    _, _, ddp, opt = check_equals_ddp(torch.float32)
 
     # save at DP=4, then continue one step as the reference
     path = os.path.join(tmp_dir, "distrib_optim.pt")
