@@ -261,6 +261,7 @@ def mnli_run(tmp_path_factory, pretrained, glue_dir, vocab_dir):
     return out, save
 
 
+@pytest.mark.real_vocab
 def test_mnli_learns_and_reports_each_dev_file(mnli_run):
     out, save = mnli_run
     rows = losses(out)

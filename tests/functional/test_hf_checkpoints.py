@@ -52,7 +52,7 @@ from .test_llama_generate import _preprocess as preprocess_sentencepiece
 from .test_llama_generate import _train_args as llama_train_args
 from .test_llama_training import LLAMA_FLAGS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real_vocab]  # GPT2LMHeadModel of 50257 ids
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 pytest.importorskip("sentencepiece")

@@ -294,6 +294,7 @@ def _number(name, stdout):
     return float(m.group(1))
 
 
+@pytest.mark.real_vocab
 @pytest.mark.slow
 def test_wikitext_and_lambada_like_a_user(trained):
     work, flags = trained
