@@ -122,8 +122,7 @@ def _initialize_distributed(args) -> None:
             f"{mpu.get_pipeline_model_parallel_world_size()}\n"
             f"> initialized data parallel with size {mpu.get_data_parallel_world_size()}"
         )
-    mpu.set_tensor_model_parallel_comm_overlap(getattr(args, "tp_comm_overlap", False))
-    if mpu.get_tensor_model_parallel_comm_overlap():
+    if getattr(args, "tp_comm_overlap", False):  # reaches the layers in TransformerConfig
         usable, why = mpu.symmetric_memory_available()
         if usable:
             print_rank_0("> tp-comm-overlap: sequence-parallel GEMMs overlap their all-gathers "

@@ -168,7 +168,7 @@ def get_model(model_provider_func):
     if args.fp16 or args.bf16:
         from .model import Float16Module
 
-        model = [Float16Module(chunk, args) for chunk in model]
+        model = [Float16Module(chunk, args.params_dtype) for chunk in model]
     if args.DDP_impl == "torch":
         model = [torch.nn.parallel.DistributedDataParallel(
             chunk, device_ids=[device.index] if device.type != "cpu" else None,

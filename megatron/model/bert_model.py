@@ -72,8 +72,7 @@ class BertLMHead(MegatronModule):
         self.bias = torch.nn.Parameter(torch.zeros(mpu_vocab_size, dtype=config.params_dtype))
         mpu.set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
         self.parallel_output = parallel_output
-        self.sequence_parallel = config.sequence_parallel
-        self.async_grad_allreduce = config.async_tensor_model_parallel_allreduce
+        self.parallel_config = config.parallel_config
         self.dense = get_linear_layer(hidden_size, hidden_size, init_method)
         # under sequence parallelism each rank sees s/p tokens: partial grads, summed over TP
         self.dense.weight.sequence_parallel = config.sequence_parallel
@@ -97,9 +96,8 @@ class BertLMHead(MegatronModule):
             hidden_states,
             word_embeddings_weight,
             self.parallel_output,
+            self.parallel_config,
             bias=self.bias,
-            sequence_parallel=self.sequence_parallel,
-            async_grad_allreduce=self.async_grad_allreduce,
         )  # [s, b, v/p]
 
 

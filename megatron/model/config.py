@@ -13,6 +13,7 @@ import torch
 
 from megatron.arguments import ffn_hidden_size as _ffn_hidden_size
 from megatron.arguments import swiglu_ffn_hidden_size
+from megatron.mpu.layers import ParallelConfig
 
 
 def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
@@ -34,8 +35,6 @@ class TransformerConfig:
     """Vocabulary size padded to a multiple of make-vocab-size-divisible-by x TP."""
     max_position_embeddings: int = 0
     """Number of learned position embeddings (>= seq length)."""
-    seq_length: int = 0
-    """Training sequence length."""
     ffn_hidden_size: int | None = None
     """MLP inner width; 4h when None."""
     kv_channels: int | None = None
@@ -82,24 +81,18 @@ class TransformerConfig:
     """Layers per recomputed chunk."""
     distribute_checkpointed_activations: bool = False
     """Split checkpointed activations across tensor-parallel ranks."""
-    tensor_model_parallel_size: int = 1
-    """Tensor-parallel degree."""
-    pipeline_model_parallel_size: int = 1
-    """Pipeline-parallel degree."""
-    virtual_pipeline_model_parallel_size: int | None = None
-    """Model chunks per pipeline rank (interleaved 1F1B)."""
     sequence_parallel: bool = False
     """Split layer-norm and dropout regions along the sequence in the TP group."""
     async_tensor_model_parallel_allreduce: bool = True
     """Overlap column-parallel input-gradient communication with the weight-gradient GEMM."""
+    tp_comm_overlap: bool = False
+    """With sequence parallelism, overlap each TP GEMM with its all-gather / reduce-scatter."""
     tp_comm_overlap_chunks: int = 1
     """Pieces of each row-parallel GEMM whose all-reduces overlap the next piece's GEMM."""
     use_cpu_initialization: bool = False
     """Initialise the full weight on CPU and copy this rank's shard (parity with TP=1)."""
     perform_initialization: bool = True
     """Run the init methods (off when weights will be loaded anyway)."""
-    parallel_output: bool = True
-    """Keep logits split over the vocab across TP ranks (for the parallel cross entropy)."""
     seed: int = 1234
     """Base seed (--seed): each transformer layer, the embedding and the pooler initialise
     their weights from a generator seeded from (seed, component), see model/utils.py."""
@@ -114,9 +107,13 @@ class TransformerConfig:
     moe_expert_parallel_size: int = 1
     """Expert-parallel degree."""
     moe_train_capacity_factor: float = 1.0
+    """Tokens an expert takes in training, as a multiple of an even share."""
     moe_eval_capacity_factor: float = 1.0
+    """The same in evaluation."""
     moe_min_capacity: int = 4
+    """Least number of tokens an expert takes, whatever the capacity factor."""
     moe_token_dropping: bool = True
+    """Drop the tokens over an expert's capacity (off with --disable-moe-token-dropping)."""
     use_rotary_position_embeddings: bool = False
     """Rotate q and k by their positions (RoPE) instead of learned absolute positions."""
     rope_theta: float = 10000
@@ -157,11 +154,25 @@ class TransformerConfig:
 
     @property
     def params_dtype(self) -> torch.dtype:
+        """fp16, bf16 or fp32, from the fp16 / bf16 flags."""
         if self.fp16:
             return torch.half
         if self.bf16:
             return torch.bfloat16
         return torch.float32
+
+    @property
+    def parallel_config(self) -> ParallelConfig:
+        """What the tensor-parallel layers (mpu/layers.py) take from this configuration."""
+        return ParallelConfig(
+            params_dtype=self.params_dtype,
+            use_cpu_initialization=self.use_cpu_initialization,
+            perform_initialization=self.perform_initialization,
+            sequence_parallel=self.sequence_parallel,
+            async_tensor_model_parallel_allreduce=self.async_tensor_model_parallel_allreduce,
+            tp_comm_overlap=self.tp_comm_overlap,
+            tp_comm_overlap_chunks=self.tp_comm_overlap_chunks,
+        )
 
 
 def config_from_args(args, **overrides) -> TransformerConfig:

@@ -49,17 +49,10 @@ def post_language_model_processing(
     logit_weights: torch.Tensor,
     parallel_output: bool,
     fp16_lm_cross_entropy: bool,
-    sequence_parallel: bool = False,
-    async_grad_allreduce: bool = True,
+    config: mpu.ParallelConfig,
 ) -> torch.Tensor:
     """lm_output [s, b, h] -> logits [b, s, v/p] (labels None) or loss [b, s] (fp32)."""
-    output = parallel_lm_logits(
-        lm_output,
-        logit_weights,
-        parallel_output,
-        sequence_parallel=sequence_parallel,
-        async_grad_allreduce=async_grad_allreduce,
-    )  # [s, b, v/p]
+    output = parallel_lm_logits(lm_output, logit_weights, parallel_output, config)  # [s, b, v/p]
     if labels is None:
         return output.transpose(0, 1).contiguous()  # [b, s, v/p]
     labels_sb = labels.transpose(0, 1).contiguous()  # [s, b]
@@ -95,7 +88,6 @@ class GPTModel(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.fp16_lm_cross_entropy = config.fp16_lm_cross_entropy
-        self.sequence_parallel = config.sequence_parallel
         init_method, scaled_init_method = init_methods(config)
         self.language_model, self._language_model_key = get_language_model(
             config,
@@ -166,8 +158,7 @@ class GPTModel(MegatronModule):
             self.output_weight(),
             parallel_output,
             self.fp16_lm_cross_entropy,
-            sequence_parallel=self.sequence_parallel,
-            async_grad_allreduce=self.config.async_tensor_model_parallel_allreduce,
+            self.config.parallel_config,
         )
         if get_key_value:
             output = [output, presents]

@@ -126,26 +126,19 @@ class OutputLayerPipe(torch.nn.Module):
 
     def __init__(self, config: TransformerConfig, init_method: Callable):
         super().__init__()
-        self.sequence_parallel = config.sequence_parallel
         with init_rng(config.seed, INIT_SALT_OUTPUT_LAYER):
             self.output_layer = build_output_layer(config, init_method)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return parallel_lm_logits(
-            hidden_states,
-            self.output_layer.weight,
-            parallel_output=True,
-            sequence_parallel=self.sequence_parallel,
+            hidden_states, self.output_layer.weight, True, self.output_layer.config
         )
 
 
 def lm_logits(embedding: EmbeddingPipe, hidden_states: torch.Tensor) -> torch.Tensor:
     """The tied head: hidden [s, b, h] -> logits h E^T [s, b, v/p]."""
     return parallel_lm_logits(
-        hidden_states,
-        embedding.word_embeddings_weight,
-        parallel_output=True,
-        sequence_parallel=embedding.sequence_parallel,
+        hidden_states, embedding.word_embeddings_weight, True, embedding.parallel_config
     )
 
 

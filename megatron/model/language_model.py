@@ -44,17 +44,22 @@ def parallel_lm_logits(
     input_: torch.Tensor,
     word_embeddings_weight: torch.Tensor,
     parallel_output: bool,
+    config: mpu.ParallelConfig,
     bias: torch.Tensor | None = None,
-    sequence_parallel: bool = False,
-    async_grad_allreduce: bool = True,
 ) -> torch.Tensor:
-    """Logits = input E^T (+ bias) with E [v/p, h] this rank's vocabulary rows.
+    """Logits = input E^T (+ bias) with E [v/p, h] this rank's vocabulary rows; the GEMM
+    communicates as a column-parallel layer of `config` would.
 
     input_ [s, b, h] ([s/p, b, h] under sequence parallelism: gathered first) ->
     [s, b, v/p], or [s, b, v] gathered over ranks when not parallel_output.
     """
     logits_parallel = mpu.linear_with_grad_accumulation_and_async_allreduce(
-        input_, word_embeddings_weight, bias, sequence_parallel, async_grad_allreduce
+        input_,
+        word_embeddings_weight,
+        bias,
+        config.sequence_parallel,
+        config.async_tensor_model_parallel_allreduce,
+        config.tp_comm_overlap,
     )  # [s, b, v/p]
     if parallel_output:
         return logits_parallel
@@ -69,11 +74,7 @@ def build_output_layer(config: TransformerConfig, init_method: Callable) -> torc
         bias=False,
         gather_output=False,
         init_method=init_method,
-        sequence_parallel=config.sequence_parallel,
-        async_tensor_model_parallel_allreduce=config.async_tensor_model_parallel_allreduce,
-        params_dtype=config.params_dtype,
-        use_cpu_initialization=config.use_cpu_initialization,
-        perform_initialization=config.perform_initialization,
+        config=config.parallel_config,
     )
 
 
@@ -96,13 +97,12 @@ class Embedding(MegatronModule):
         self.fp32_residual_connection = config.fp32_residual_connection
         self.sequence_parallel = config.sequence_parallel
         self.perform_initialization = config.perform_initialization
+        self.parallel_config = config.parallel_config
         self.word_embeddings = mpu.VocabParallelEmbedding(
             config.padded_vocab_size,
             config.hidden_size,
+            config=self.parallel_config,
             init_method=init_method,
-            params_dtype=config.params_dtype,
-            use_cpu_initialization=config.use_cpu_initialization,
-            perform_initialization=config.perform_initialization,
         )
         self._word_embeddings_key = "word_embeddings"
         self._position_embeddings_key = "position_embeddings"

@@ -3,6 +3,7 @@ pipeline) and Float16Module (fp16/bf16 wrapper)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict
 
 import torch
@@ -64,10 +65,8 @@ class MegatronModule(torch.nn.Module):
             self.word_embeddings = mpu.VocabParallelEmbedding(
                 config.padded_vocab_size,
                 config.hidden_size,
+                config=dataclasses.replace(config.parallel_config, perform_initialization=False),
                 init_method=torch.nn.init.zeros_,
-                params_dtype=config.params_dtype,
-                use_cpu_initialization=config.use_cpu_initialization,
-                perform_initialization=False,
             )
             with torch.no_grad():
                 self.word_embeddings.weight.zero_()
@@ -138,23 +137,23 @@ def float16_to_fp32(val: Any) -> Any:
 
 
 class Float16Module(MegatronModule):
-    """Run `module` in fp16 or bf16: its parameters are converted once; fp32 inputs are
-    converted on the first pipeline stage and outputs returned as fp32 on the last.
+    """Run `module` in `dtype` (torch.float16 or torch.bfloat16): its parameters are
+    converted once; fp32 inputs are converted on the first pipeline stage and outputs
+    returned as fp32 on the last."""
 
-    `args` is anything with boolean `fp16` and `bf16` attributes (the parsed arguments or
-    a TransformerConfig).
-    """
-
-    def __init__(self, module: torch.nn.Module, args: Any) -> None:
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
-        if getattr(args, "fp16", False):
+        if dtype == torch.float16:
             self.add_module("module", module.half())
             self.float16_convertor = _to_half
-        elif getattr(args, "bf16", False):
+        elif dtype == torch.bfloat16:
             self.add_module("module", module.bfloat16())
             self.float16_convertor = _to_bf16
         else:
-            raise ValueError("Float16Module: needs --fp16 or --bf16")
+            raise ValueError(
+                f"Float16Module: dtype must be torch.float16 or torch.bfloat16 (--fp16 or "
+                f"--bf16), got {dtype}"
+            )
 
     def set_input_tensor(self, input_tensor) -> None:
         return self.module.set_input_tensor(input_tensor)

@@ -56,16 +56,10 @@ class T5LMHead(MegatronModule):
         self,
         hidden_states: torch.Tensor,
         word_embeddings_weight: torch.Tensor,
-        sequence_parallel: bool = False,
-        async_grad_allreduce: bool = True,
+        config: mpu.ParallelConfig,
     ) -> torch.Tensor:
         return parallel_lm_logits(
-            hidden_states,
-            word_embeddings_weight,
-            self.parallel_output,
-            bias=self.bias,
-            sequence_parallel=sequence_parallel,
-            async_grad_allreduce=async_grad_allreduce,
+            hidden_states, word_embeddings_weight, self.parallel_output, config, bias=self.bias
         )
 
 
@@ -149,8 +143,7 @@ class T5Model(MegatronModule):
         lm_logits = self.lm_head(
             decoder_output,
             self.word_embeddings_weight(),
-            sequence_parallel=self.config.sequence_parallel,
-            async_grad_allreduce=self.config.async_tensor_model_parallel_allreduce,
+            self.config.parallel_config,
         )  # [sd, b, v/p]
         if lm_labels is None:
             return lm_logits.transpose(0, 1).contiguous()  # [b, sd, v/p]

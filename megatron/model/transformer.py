@@ -42,12 +42,7 @@ from .utils import (
 
 
 def _linear_kwargs(config: TransformerConfig) -> dict:
-    return dict(
-        bias=config.add_bias_linear,
-        params_dtype=config.params_dtype,
-        use_cpu_initialization=config.use_cpu_initialization,
-        perform_initialization=config.perform_initialization,
-    )
+    return dict(config=config.parallel_config, bias=config.add_bias_linear)
 
 
 def build_norm(config: TransformerConfig) -> torch.nn.Module:
@@ -105,8 +100,6 @@ class ParallelMLP(MegatronModule):
             init_method=init_method,
             stride=2 if self.swiglu else 1,
             skip_bias_add=True,
-            sequence_parallel=config.sequence_parallel,
-            async_tensor_model_parallel_allreduce=config.async_tensor_model_parallel_allreduce,
             **_linear_kwargs(config),
         )
         self.bias_gelu_fusion = config.bias_gelu_fusion and not self.swiglu
@@ -123,8 +116,6 @@ class ParallelMLP(MegatronModule):
             input_is_parallel=True,
             init_method=output_layer_init_method,
             skip_bias_add=True,
-            sequence_parallel=config.sequence_parallel,
-            tp_comm_overlap_chunks=config.tp_comm_overlap_chunks,
             **_linear_kwargs(config),
         )
 
@@ -243,8 +234,6 @@ class ParallelAttention(MegatronModule):
         common = dict(
             gather_output=False,
             init_method=init_method,
-            sequence_parallel=config.sequence_parallel,
-            async_tensor_model_parallel_allreduce=config.async_tensor_model_parallel_allreduce,
             **_linear_kwargs(config),
         )
         if attention_type == AttnType.self_attn:
@@ -280,8 +269,6 @@ class ParallelAttention(MegatronModule):
             input_is_parallel=True,
             init_method=output_layer_init_method,
             skip_bias_add=True,
-            sequence_parallel=config.sequence_parallel,
-            tp_comm_overlap_chunks=config.tp_comm_overlap_chunks,
             **_linear_kwargs(config),
         )
 

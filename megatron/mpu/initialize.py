@@ -36,8 +36,6 @@ __all__ = [
     "destroy_model_parallel",
     "clear_model_parallel_overrides",
     "model_parallel_overrides",
-    "set_tensor_model_parallel_comm_overlap",
-    "get_tensor_model_parallel_comm_overlap",
     "get_model_parallel_group",
     "get_tensor_model_parallel_group",
     "get_pipeline_model_parallel_group",
@@ -84,8 +82,6 @@ _PIPELINE_MODEL_PARALLEL_GROUP = None
 _MODEL_PARALLEL_GROUP = None
 _DATA_PARALLEL_GROUP = None
 _EMBEDDING_GROUP = None
-# --tp-comm-overlap: sequence-parallel GEMMs overlap their communication (mpu/overlap.py)
-_TENSOR_MODEL_PARALLEL_COMM_OVERLAP = False
 # Global ranks in this rank's groups.
 _TENSOR_GLOBAL_RANKS: List[int] | None = None
 _PIPELINE_GLOBAL_RANKS: List[int] | None = None
@@ -345,19 +341,7 @@ def destroy_model_parallel() -> None:
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = None
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = None
     _PIPELINE_MODEL_PARALLEL_SPLIT_RANK = None
-    set_tensor_model_parallel_comm_overlap(False)
     clear_model_parallel_overrides()
-
-
-def set_tensor_model_parallel_comm_overlap(enabled: bool) -> None:
-    """Overlap the sequence-parallel all-gathers / reduce-scatters of the tensor-parallel
-    GEMMs with the GEMMs themselves (`--tp-comm-overlap`; see mpu/overlap.py)."""
-    global _TENSOR_MODEL_PARALLEL_COMM_OVERLAP
-    _TENSOR_MODEL_PARALLEL_COMM_OVERLAP = bool(enabled)
-
-
-def get_tensor_model_parallel_comm_overlap() -> bool:
-    return _TENSOR_MODEL_PARALLEL_COMM_OVERLAP
 
 
 # --------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Every weight split across ranks carries `tensor_model_parallel=True`, `partition
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Tuple
 
 import torch
@@ -28,7 +29,6 @@ from torch.nn.parameter import Parameter
 from megatron.accelerator import current_device
 
 from .initialize import (
-    get_tensor_model_parallel_comm_overlap,
     get_tensor_model_parallel_group,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
@@ -47,6 +47,7 @@ from .overlap import column_parallel_linear_overlap, row_parallel_linear_overlap
 from .utils import VocabUtility, divide
 
 __all__ = [
+    "ParallelConfig",
     "param_is_not_tensor_parallel_duplicate",
     "set_tensor_model_parallel_attributes",
     "set_defaults_if_not_set_tensor_model_parallel_attributes",
@@ -56,6 +57,32 @@ __all__ = [
     "RowParallelLinear",
     "linear_with_grad_accumulation_and_async_allreduce",
 ]
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the tensor-parallel layers hold, initialise and communicate (one per model,
+    from TransformerConfig.parallel_config; the defaults are a plain fp32 layer)."""
+
+    params_dtype: torch.dtype = torch.float32
+    """dtype of the weights and biases."""
+    use_cpu_initialization: bool = False
+    """Create the parameters on the CPU (moved to the accelerator later) instead of on it."""
+    perform_initialization: bool = True
+    """Run init_method; off when the weights will be loaded anyway."""
+    sequence_parallel: bool = False
+    """Activations outside the layers are split along the sequence (all-gather in, reduce-
+    scatter out) instead of replicated."""
+    async_tensor_model_parallel_allreduce: bool = True
+    """Overlap the column-parallel input-gradient communication with the dW GEMM."""
+    tp_comm_overlap: bool = False
+    """With sequence_parallel, overlap each GEMM with its all-gather / reduce-scatter in
+    pieces (--tp-comm-overlap, mpu/overlap.py)."""
+    tp_comm_overlap_chunks: int = 1
+    """Pieces of each row-parallel GEMM whose all-reduces overlap the next piece's GEMM."""
+
+
+_DEFAULT_CONFIG = ParallelConfig()
 
 _MODEL_PARALLEL_ATTRIBUTE_DEFAULTS = {
     "tensor_model_parallel": False,
@@ -292,12 +319,8 @@ class _LinearAccumulatingWeightGrad(torch.autograd.Function):
         return _backward_without_communication(ctx, grad_output)
 
 
-def _overlap_sequence_parallel(sequence_parallel: bool) -> bool:
-    return (
-        sequence_parallel
-        and get_tensor_model_parallel_comm_overlap()
-        and get_tensor_model_parallel_world_size() > 1
-    )
+def _overlap_sequence_parallel(sequence_parallel: bool, tp_comm_overlap: bool) -> bool:
+    return sequence_parallel and tp_comm_overlap and get_tensor_model_parallel_world_size() > 1
 
 
 def linear_with_grad_accumulation_and_async_allreduce(
@@ -306,6 +329,7 @@ def linear_with_grad_accumulation_and_async_allreduce(
     bias: torch.Tensor | None,
     sequence_parallel: bool = False,
     async_grad_allreduce: bool = True,
+    tp_comm_overlap: bool = False,
 ) -> torch.Tensor:
     """X W^T + b with X replicated over the tensor-parallel group (or, with
     `sequence_parallel`, split along the first dimension and gathered); see
@@ -313,10 +337,10 @@ def linear_with_grad_accumulation_and_async_allreduce(
 
     Equals `F.linear(copy_to_tensor_model_parallel_region(X), W, b)` (sequence parallel:
     `gather_from_sequence_parallel_region(X)`) in value and gradient. With
-    `--tp-comm-overlap` the sequence-parallel gather (and the backward reduce-scatter)
-    overlap the GEMM in pieces (mpu/overlap.py).
+    `tp_comm_overlap` (--tp-comm-overlap) the sequence-parallel gather (and the backward
+    reduce-scatter) overlap the GEMM in pieces (mpu/overlap.py).
     """
-    if _overlap_sequence_parallel(sequence_parallel):
+    if _overlap_sequence_parallel(sequence_parallel, tp_comm_overlap):
         return column_parallel_linear_overlap(input_, weight, bias)
     return _LinearWithAsyncCommunication.apply(
         input_, weight, bias, sequence_parallel, async_grad_allreduce
@@ -337,10 +361,9 @@ class VocabParallelEmbedding(torch.nn.Module):
         self,
         num_embeddings: int,
         embedding_dim: int,
+        *,
+        config: ParallelConfig = _DEFAULT_CONFIG,
         init_method: Callable[[torch.Tensor], None] = init.xavier_normal_,
-        params_dtype: torch.dtype = torch.float32,
-        use_cpu_initialization: bool = False,
-        perform_initialization: bool = True,
     ) -> None:
         super().__init__()
         self.num_embeddings = num_embeddings
@@ -364,11 +387,11 @@ class VocabParallelEmbedding(torch.nn.Module):
             torch.empty(
                 self.num_embeddings_per_partition,
                 embedding_dim,
-                dtype=params_dtype,
-                device=_param_device(use_cpu_initialization),
+                dtype=config.params_dtype,
+                device=_param_device(config.use_cpu_initialization),
             )
         )
-        if perform_initialization:
+        if config.perform_initialization:
             _initialize_affine_weight(
                 self.weight, (num_embeddings, embedding_dim), 0, init_method, 1, False
             )
@@ -407,27 +430,25 @@ class ColumnParallelLinear(torch.nn.Module):
     rank returns its Y_i, ready for a RowParallelLinear.
 
     forward returns (output, bias): bias is None unless `skip_bias_add`, in which case
-    b_i is not added and is returned for the caller to fuse.
+    b_i is not added and is returned for the caller to fuse. `config` gives the dtype,
+    the device, whether to initialise, and the communication options (ParallelConfig).
     """
 
     def __init__(
         self,
         input_size: int,
         output_size: int,
+        *,
+        config: ParallelConfig = _DEFAULT_CONFIG,
         bias: bool = True,
         gather_output: bool = True,
         init_method: Callable[[torch.Tensor], None] = init.xavier_normal_,
         stride: int = 1,
         keep_master_weight_for_test: bool = False,
         skip_bias_add: bool = False,
-        params_dtype: torch.dtype = torch.float32,
-        use_cpu_initialization: bool = False,
-        perform_initialization: bool = True,
-        sequence_parallel: bool = False,
-        async_tensor_model_parallel_allreduce: bool = True,
     ) -> None:
         super().__init__()
-        if sequence_parallel and gather_output:
+        if config.sequence_parallel and gather_output:
             raise ValueError(
                 "megatron/mpu/layers.py: ColumnParallelLinear cannot gather_output "
                 "with sequence_parallel"
@@ -436,19 +457,17 @@ class ColumnParallelLinear(torch.nn.Module):
         self.output_size = output_size
         self.gather_output = gather_output
         self.skip_bias_add = skip_bias_add
-        self.sequence_parallel = sequence_parallel
-        self.async_tensor_model_parallel_allreduce = async_tensor_model_parallel_allreduce
+        self.config = config
         world_size = get_tensor_model_parallel_world_size()
         self.output_size_per_partition = divide(output_size, world_size)
-        device = _param_device(use_cpu_initialization)
+        device = _param_device(config.use_cpu_initialization)
+        dtype = config.params_dtype
 
         self.weight = Parameter(
-            torch.empty(
-                self.output_size_per_partition, input_size, dtype=params_dtype, device=device
-            )
+            torch.empty(self.output_size_per_partition, input_size, dtype=dtype, device=device)
         )
         self.master_weight = None
-        if perform_initialization:
+        if config.perform_initialization:
             self.master_weight = _initialize_affine_weight(
                 self.weight,
                 (output_size, input_size),
@@ -462,7 +481,7 @@ class ColumnParallelLinear(torch.nn.Module):
 
         if bias:
             self.bias = Parameter(
-                torch.zeros(self.output_size_per_partition, dtype=params_dtype, device=device)
+                torch.zeros(self.output_size_per_partition, dtype=dtype, device=device)
             )
             set_tensor_model_parallel_attributes(self.bias, True, 0, stride)
         else:
@@ -475,8 +494,9 @@ class ColumnParallelLinear(torch.nn.Module):
             input_,
             self.weight,
             bias,
-            self.sequence_parallel,
-            self.async_tensor_model_parallel_allreduce,
+            self.config.sequence_parallel,
+            self.config.async_tensor_model_parallel_allreduce,
+            self.config.tp_comm_overlap,
         )  # [s, b, out/p]
         if self.gather_output:
             output = gather_from_tensor_model_parallel_region(output_parallel)  # [s, b, out]
@@ -497,27 +517,25 @@ class RowParallelLinear(torch.nn.Module):
     replicated and added after the reduction. `input_is_parallel` says X arrives split
     (from a ColumnParallelLinear); otherwise it is split here.
 
-    forward returns (output, bias): bias is None unless `skip_bias_add`.
+    forward returns (output, bias): bias is None unless `skip_bias_add`. `config` as for
+    ColumnParallelLinear.
     """
 
     def __init__(
         self,
         input_size: int,
         output_size: int,
+        *,
+        config: ParallelConfig = _DEFAULT_CONFIG,
         bias: bool = True,
         input_is_parallel: bool = False,
         init_method: Callable[[torch.Tensor], None] = init.xavier_normal_,
         stride: int = 1,
         keep_master_weight_for_test: bool = False,
         skip_bias_add: bool = False,
-        params_dtype: torch.dtype = torch.float32,
-        use_cpu_initialization: bool = False,
-        perform_initialization: bool = True,
-        sequence_parallel: bool = False,
-        tp_comm_overlap_chunks: int = 1,
     ) -> None:
         super().__init__()
-        if sequence_parallel and not input_is_parallel:
+        if config.sequence_parallel and not input_is_parallel:
             raise ValueError(
                 "megatron/mpu/layers.py: RowParallelLinear with sequence_parallel needs "
                 "input_is_parallel=True"
@@ -526,20 +544,17 @@ class RowParallelLinear(torch.nn.Module):
         self.output_size = output_size
         self.input_is_parallel = input_is_parallel
         self.skip_bias_add = skip_bias_add
-        self.sequence_parallel = sequence_parallel
-        # >1: GEMM and all-reduce in pieces along the sequence, overlapping the two
-        self.tp_comm_overlap_chunks = tp_comm_overlap_chunks
+        self.config = config
         world_size = get_tensor_model_parallel_world_size()
         self.input_size_per_partition = divide(input_size, world_size)
-        device = _param_device(use_cpu_initialization)
+        device = _param_device(config.use_cpu_initialization)
+        dtype = config.params_dtype
 
         self.weight = Parameter(
-            torch.empty(
-                output_size, self.input_size_per_partition, dtype=params_dtype, device=device
-            )
+            torch.empty(output_size, self.input_size_per_partition, dtype=dtype, device=device)
         )
         self.master_weight = None
-        if perform_initialization:
+        if config.perform_initialization:
             self.master_weight = _initialize_affine_weight(
                 self.weight,
                 (output_size, input_size),
@@ -552,10 +567,10 @@ class RowParallelLinear(torch.nn.Module):
             set_tensor_model_parallel_attributes(self.weight, True, 1, stride)
 
         if bias:
-            self.bias = Parameter(torch.zeros(output_size, dtype=params_dtype, device=device))
+            self.bias = Parameter(torch.zeros(output_size, dtype=dtype, device=device))
             # Under sequence parallelism each rank's bias gradient covers only its
             # sequence chunk; the optimizer all-reduces params marked like this.
-            self.bias.sequence_parallel = sequence_parallel
+            self.bias.sequence_parallel = config.sequence_parallel
         else:
             self.register_parameter("bias", None)
 
@@ -565,12 +580,14 @@ class RowParallelLinear(torch.nn.Module):
             input_parallel = input_
         else:
             input_parallel = scatter_to_tensor_model_parallel_region(input_)  # [s, b, in/p]
-        chunks = self.tp_comm_overlap_chunks
-        if _overlap_sequence_parallel(self.sequence_parallel):
+        sequence_parallel = self.config.sequence_parallel
+        # chunks > 1: GEMM and all-reduce in pieces along the sequence, overlapping the two
+        chunks = self.config.tp_comm_overlap_chunks
+        if _overlap_sequence_parallel(sequence_parallel, self.config.tp_comm_overlap):
             output_ = row_parallel_linear_overlap(input_parallel, self.weight)  # [s/p, b, o]
         elif (
             chunks > 1
-            and not self.sequence_parallel
+            and not sequence_parallel
             and get_tensor_model_parallel_world_size() > 1
             and input_parallel.size(0) >= chunks
         ):
@@ -580,7 +597,7 @@ class RowParallelLinear(torch.nn.Module):
                 output_parallel = _LinearAccumulatingWeightGrad.apply(input_parallel, self.weight)
             else:
                 output_parallel = F.linear(input_parallel, self.weight)  # [s, b, out] partial
-            if self.sequence_parallel:
+            if sequence_parallel:
                 output_ = reduce_scatter_to_sequence_parallel_region(output_parallel)  # [s/p,b,o]
             else:
                 output_ = reduce_from_tensor_model_parallel_region_inplace(output_parallel)

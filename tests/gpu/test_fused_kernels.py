@@ -130,7 +130,6 @@ def _tiny_gpt_loss(use_flash_attn: bool, fusion: bool, dtype):
         num_attention_heads=4,
         padded_vocab_size=256,
         max_position_embeddings=128,
-        seq_length=128,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         use_flash_attn=use_flash_attn,
@@ -138,7 +137,7 @@ def _tiny_gpt_loss(use_flash_attn: bool, fusion: bool, dtype):
         fp16=dtype == torch.float16,
         bf16=dtype == torch.bfloat16,
     )
-    model = Float16Module(GPTModel(config).cuda(), config)
+    model = Float16Module(GPTModel(config).cuda(), dtype)
     torch.manual_seed(3)
     b, s = 4, 128
     tokens = torch.randint(0, 256, (b, s + 1), device="cuda")

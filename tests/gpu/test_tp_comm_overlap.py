@@ -2,6 +2,7 @@
 all-gather / reduce-scatter in pieces) equal the collective-then-GEMM path in value and
 gradient, in fp32 and bf16, for the sequence-parallel column -> gelu -> row MLP."""
 
+import dataclasses
 import os
 
 import pytest
@@ -77,20 +78,21 @@ def _check(rank, world_size):
             assert torch.isfinite(between)
 
         torch.manual_seed(11)
-        col = mpu.ColumnParallelLinear(
-            h, ffn, gather_output=False, sequence_parallel=True, params_dtype=dtype
-        )
-        row = mpu.RowParallelLinear(
-            ffn, h, input_is_parallel=True, sequence_parallel=True, params_dtype=dtype
-        )
+        plain_config = mpu.ParallelConfig(params_dtype=dtype, sequence_parallel=True)
+        layers = {}
+        for fused in (False, True):
+            config = dataclasses.replace(plain_config, tp_comm_overlap=fused)
+            torch.manual_seed(11)
+            layers[fused] = (
+                mpu.ColumnParallelLinear(h, ffn, config=config, gather_output=False),
+                mpu.RowParallelLinear(ffn, h, config=config, input_is_parallel=True),
+            )
+        for plain_layer, fused_layer in zip(*layers.values()):
+            fused_layer.load_state_dict(plain_layer.state_dict())
         x = torch.randn(s // 2, b, h, device=dev, dtype=dtype, generator=gen)
         grad = torch.randn(s // 2, b, h, device=dev, generator=gen)
-        plain = _mlp_run(col, row, x, grad)
-        mpu.set_tensor_model_parallel_comm_overlap(True)
-        try:
-            fused = _mlp_run(col, row, x, grad)
-        finally:
-            mpu.set_tensor_model_parallel_comm_overlap(False)
+        plain = _mlp_run(*layers[False], x, grad)
+        fused = _mlp_run(*layers[True], x, grad)
         for name, a, c in zip(
             ("output", "input grad", "column w grad", "row w grad"), fused, plain
         ):

@@ -132,7 +132,7 @@ def _tiny_config(xavier: bool):
     from megatron.model.config import TransformerConfig
 
     config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
-                               padded_vocab_size=128, max_position_embeddings=32, seq_length=32,
+                               padded_vocab_size=128, max_position_embeddings=32,
                                use_cpu_initialization=True, seed=1234)
     config.init_method_xavier_uniform = xavier
     return config
@@ -152,11 +152,12 @@ def test_init_methods_choose_xavier_uniform():
 
 def test_parallel_linear_equals_torch_xavier_uniform_under_the_same_seed():
     from megatron.model.utils import xavier_uniform_init
-    from megatron.mpu.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.mpu.layers import ColumnParallelLinear, ParallelConfig, RowParallelLinear
 
+    cpu = ParallelConfig(use_cpu_initialization=True)
     for cls in (ColumnParallelLinear, RowParallelLinear):
         torch.manual_seed(42)
-        layer = cls(48, 80, init_method=xavier_uniform_init, use_cpu_initialization=True)
+        layer = cls(48, 80, init_method=xavier_uniform_init, config=cpu)
         torch.manual_seed(42)
         expected = torch.nn.init.xavier_uniform_(torch.empty(80, 48))
         assert torch.equal(layer.weight.detach(), expected), cls.__name__

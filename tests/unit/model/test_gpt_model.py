@@ -1,5 +1,6 @@
 """Tiny GPT on CPU: shapes, loss, checkpoint keys and layouts, recompute, curriculum."""
 
+import argparse
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from megatron import mpu
 from megatron.model import Float16Module, GPTModel
+from megatron.model.config import config_from_args
 
 from .tiny import SEQ, VOCAB, batch, causal_mask, tiny_config
 
@@ -169,21 +171,52 @@ def test_incremental_decoding_matches_full_forward():
 
 def test_float16_module_bf16_returns_fp32_loss():
     config = tiny_config(bf16=True)
-    model = Float16Module(GPTModel(config), config)
+    model = Float16Module(GPTModel(config), torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     tokens, labels, position_ids = batch()
     loss = model(tokens, position_ids, causal_mask(), labels=labels)
     assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
     reference = GPTModel(tiny_config())(tokens, position_ids, causal_mask(), labels=labels)
     torch.testing.assert_close(loss.mean(), reference.mean(), atol=0.05, rtol=0.02)
+    with pytest.raises(ValueError, match="torch.float16 or torch.bfloat16"):
+        Float16Module(GPTModel(tiny_config()), torch.float32)
 
 
 def test_fp32_residual_connection_keeps_residual_stream_float():
     config = tiny_config(bf16=True, fp32_residual_connection=True)
-    model = Float16Module(GPTModel(config), config)
+    model = Float16Module(GPTModel(config), torch.bfloat16)
     seen = []
     layer = model.module.language_model.transformer.layers[0]
     layer.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     tokens, labels, position_ids = batch()
     loss = model(tokens, position_ids, causal_mask(), labels=labels)
     assert seen == [torch.float32] and torch.isfinite(loss).all()
+
+
+def test_parallel_config_reaches_every_tensor_parallel_layer():
+    """The parallel flags (--sequence-parallel, --tp-comm-overlap, ...) reach each
+    tensor-parallel layer and the logits GEMM in one ParallelConfig built from args."""
+    args = argparse.Namespace(
+        num_layers=2, hidden_size=64, num_attention_heads=4, padded_vocab_size=128,
+        max_position_embeddings=32, bf16=True, use_cpu_initialization=True,
+        sequence_parallel=True, tp_comm_overlap=True, tp_comm_overlap_chunks=2,
+        async_tensor_model_parallel_allreduce=False,
+    )  # fmt: skip
+    config = config_from_args(args)
+    want = mpu.ParallelConfig(
+        params_dtype=torch.bfloat16, use_cpu_initialization=True, sequence_parallel=True,
+        async_tensor_model_parallel_allreduce=False, tp_comm_overlap=True,
+        tp_comm_overlap_chunks=2,
+    )  # fmt: skip
+    assert config.parallel_config == want
+    with torch.device("meta"):
+        model = GPTModel(config)
+    layers = [
+        m for m in model.modules()
+        if isinstance(m, (mpu.ColumnParallelLinear, mpu.RowParallelLinear))
+    ]  # fmt: skip
+    assert len(layers) == 2 * 4  # QKV, dense, h->4h, 4h->h per layer
+    assert all(layer.config == want for layer in layers)
+    assert model.language_model.embedding.parallel_config == want  # the tied logits GEMM
+    with pytest.raises(TypeError):
+        mpu.ColumnParallelLinear(4, 4, sequence_parallel=True)  # flags travel in the config

@@ -73,7 +73,11 @@ def test_gpt3_175b_builds_on_meta_within_2gib():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(layers), str(h), str(heads), str(s), str(v)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -98,8 +102,11 @@ _CONFIGS = {
     "llama": (
         GPTModel,
         dict(
-            use_rotary_position_embeddings=True, swiglu=True, normalization="rmsnorm",
-            num_key_value_heads=2, untie_embeddings_and_output_weights=True,
+            use_rotary_position_embeddings=True,
+            swiglu=True,
+            normalization="rmsnorm",
+            num_key_value_heads=2,
+            untie_embeddings_and_output_weights=True,
             add_bias_linear=False,
         ),
     ),
@@ -110,8 +117,13 @@ _CONFIGS = {
 
 def _shapes(model: torch.nn.Module) -> dict:
     return {
-        name: (tuple(p.shape), p.dtype, getattr(p, "tensor_model_parallel", False),
-               getattr(p, "partition_dim", -1), getattr(p, "partition_stride", 1))
+        name: (
+            tuple(p.shape),
+            p.dtype,
+            getattr(p, "tensor_model_parallel", False),
+            getattr(p, "partition_dim", -1),
+            getattr(p, "partition_stride", 1),
+        )
         for name, p in model.named_parameters()
     }
 
@@ -135,7 +147,9 @@ def test_meta_build_has_the_real_parameters(name):
                 built = GPTModel(config, pre_process=stage == 0, post_process=stage == 1)
             n_stage = sum(p.numel() for p in built.parameters())
             got = count_parameters_on_meta(
-                config, tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                config,
+                tensor_model_parallel_size=2,
+                pipeline_model_parallel_size=2,
                 pipeline_model_parallel_rank=stage,
             )
             assert got == n_stage, f"stage {stage}: {got} != {n_stage}"
@@ -148,5 +162,6 @@ def test_count_parameters_on_meta_rejects_bad_input():
     with pytest.raises(ValueError, match="model must be one of"):
         count_parameters_on_meta(tiny_config(), model="gpt2")
     with pytest.raises(ValueError, match="pipeline_model_parallel_rank"):
-        count_parameters_on_meta(tiny_config(), pipeline_model_parallel_size=2,
-                                 pipeline_model_parallel_rank=2)
+        count_parameters_on_meta(
+            tiny_config(), pipeline_model_parallel_size=2, pipeline_model_parallel_rank=2
+        )

@@ -17,7 +17,6 @@ def tiny_config(**overrides) -> TransformerConfig:
         num_attention_heads=4,
         padded_vocab_size=VOCAB,
         max_position_embeddings=SEQ,
-        seq_length=SEQ,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         use_cpu_initialization=True,

@@ -7,6 +7,8 @@ from megatron import mpu
 from tests.dist_utils import run_distributed
 from tests.unit.mpu.group_checks import check_groups
 
+CPU = mpu.ParallelConfig(use_cpu_initialization=True)
+
 # Megatron's documented example: 16 GPUs, TP=2, PP=4, hence DP=2.
 EXAMPLE_16 = {
     "tensor": [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]],
@@ -97,7 +99,7 @@ def test_single_process_defaults_and_overrides():
         assert mpu.get_pipeline_model_parallel_world_size() == 2
         assert not mpu.is_pipeline_first_stage() and mpu.is_pipeline_last_stage()
         # layers built under an override take their slice without any process group
-        layer = mpu.ColumnParallelLinear(3, 8, use_cpu_initialization=True)
+        layer = mpu.ColumnParallelLinear(3, 8, config=CPU)
         assert layer.weight.shape == (2, 3)
         mpu.clear_model_parallel_overrides()
         assert mpu.get_tensor_model_parallel_world_size() == 1

@@ -126,7 +126,11 @@ def _check_row_chunked(tp, r):
     for chunks in (2, 3):
         ref = _serial(mpu.RowParallelLinear, 8, 6, input_is_parallel=True)
         par = _parallel(
-            mpu.RowParallelLinear, 8, 6, input_is_parallel=True, tp_comm_overlap_chunks=chunks
+            mpu.RowParallelLinear,
+            8,
+            6,
+            input_is_parallel=True,
+            config=mpu.ParallelConfig(tp_comm_overlap_chunks=chunks),
         )
         x_full = _data(5, 3, 8)  # [s, b, in]
         x_ref = x_full.clone().requires_grad_()
@@ -147,18 +151,16 @@ def _check_sequence_parallel_mlp(tp, r):
     GEMMs and their all-gather / reduce-scatter one after the other and through the
     --tp-comm-overlap functions (mpu/overlap.py; on gloo they run unfused)."""
     for overlap in (False, True):
-        mpu.set_tensor_model_parallel_comm_overlap(overlap)
-        try:
-            _sequence_parallel_mlp(tp, r, f"tp_comm_overlap={overlap}")
-        finally:
-            mpu.set_tensor_model_parallel_comm_overlap(False)
+        _sequence_parallel_mlp(tp, r, overlap)
 
 
-def _sequence_parallel_mlp(tp, r, what):
+def _sequence_parallel_mlp(tp, r, overlap):
+    what = f"tp_comm_overlap={overlap}"
+    config = mpu.ParallelConfig(sequence_parallel=True, tp_comm_overlap=overlap)
     col_ref = _serial(mpu.ColumnParallelLinear, 8, 16, gather_output=False)
     row_ref = _serial(mpu.RowParallelLinear, 16, 8, input_is_parallel=True)
-    col = _parallel(mpu.ColumnParallelLinear, 8, 16, gather_output=False, sequence_parallel=True)
-    row = _parallel(mpu.RowParallelLinear, 16, 8, input_is_parallel=True, sequence_parallel=True)
+    col = _parallel(mpu.ColumnParallelLinear, 8, 16, gather_output=False, config=config)
+    row = _parallel(mpu.RowParallelLinear, 16, 8, input_is_parallel=True, config=config)
     assert row.bias.sequence_parallel
     x_full = _data(8, 2, 8)  # [s, b, h]
     x_ref = x_full.clone().requires_grad_()
@@ -340,7 +342,9 @@ def _check_grad_accumulation_fusion(tp, r):
         layers = [
             mpu.ColumnParallelLinear(8, 12, gather_output=False),
             mpu.RowParallelLinear(12, 8, input_is_parallel=True),
-            mpu.RowParallelLinear(8, 6, tp_comm_overlap_chunks=2 if tp > 1 else 1),
+            mpu.RowParallelLinear(
+                8, 6, config=mpu.ParallelConfig(tp_comm_overlap_chunks=2 if tp > 1 else 1)
+            ),
         ]
         if fused:
             for layer in layers:
@@ -402,7 +406,8 @@ def test_single_process_layers_are_serial():
         pytest.skip("a process group was left initialised in this process")
     mpu.destroy_model_parallel()
     torch.manual_seed(SEED)
-    col = mpu.ColumnParallelLinear(5, 7, use_cpu_initialization=True)
+    cpu = mpu.ParallelConfig(use_cpu_initialization=True)
+    col = mpu.ColumnParallelLinear(5, 7, config=cpu)
     torch.manual_seed(SEED)
     full = torch.empty(7, 5)
     torch.nn.init.xavier_normal_(full)
@@ -411,7 +416,7 @@ def test_single_process_layers_are_serial():
     y, bias = col(x)
     assert bias is None
     _close(y, F.linear(x, full), "TP=1 column")
-    row = mpu.RowParallelLinear(7, 3, use_cpu_initialization=True, skip_bias_add=True)
+    row = mpu.RowParallelLinear(7, 3, config=cpu, skip_bias_add=True)
     y2, bias2 = row(y)
     _close(y2, F.linear(y, row.weight), "TP=1 row")
     assert bias2 is row.bias and torch.count_nonzero(row.bias) == 0
