@@ -370,9 +370,29 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int, help="Deprecated: use --micro-batch-size.")
     add("--global-batch-size", type=int, help="Samples per iteration; micro x dp if unset.")
     add("--rampup-batch-size", type=int, nargs="*", help="<start> <increment> <samples>.")
-    add("--checkpoint-activations", action=_TRUE, help="Recompute layers in the backward.")
-    add("--distribute-checkpointed-activations", action=_TRUE, help="Split them over TP ranks.")
-    add("--checkpoint-num-layers", type=int, default=1, help="Layers per checkpointed chunk.")
+    add("--checkpoint-activations", action=_TRUE,
+        help="Full recompute: = --recompute-granularity full --recompute-method uniform "
+        "--recompute-num-layers <--checkpoint-num-layers>.")
+    add("--distribute-checkpointed-activations", action=_TRUE,
+        help="= --distribute-saved-activations (the older spelling).")
+    add("--checkpoint-num-layers", type=int, default=1,
+        help="Layers per recomputed chunk with --checkpoint-activations.")
+    add("--recompute-activations", action=_TRUE,
+        help="= --recompute-granularity selective.")
+    add("--recompute-granularity", choices=["full", "selective"], default=None,
+        help="full: recompute whole transformer layers in the backward; selective: only "
+        "the attention core (scores, softmax, dropout, probabilities x V). With "
+        "--use-flash-attn the attention core keeps nothing quadratic already, so selective "
+        "stores what flash attention stores.")
+    add("--recompute-method", choices=["uniform", "block"], default=None,
+        help="With full granularity: uniform recomputes chunks of --recompute-num-layers "
+        "layers (storing each chunk's input); block recomputes only the first "
+        "--recompute-num-layers layers of each pipeline stage and stores the rest.")
+    add("--recompute-num-layers", type=int, default=None,
+        help="Layers per chunk (uniform) or recomputed layers per stage (block); default 1.")
+    add("--distribute-saved-activations", action=_TRUE,
+        help="Full recompute under TP: each tensor-parallel rank keeps 1/TP of every "
+        "stored chunk input, all-gathered for the recompute.")
     add("--train-iters", type=int, help="Iterations to train for.")
     add("--train-samples", type=int, help="Samples to train for.")
     add("--train-tokens", type=int,
@@ -1177,12 +1197,66 @@ def _check_moe(args: argparse.Namespace) -> None:
 
 
 def _check_activation_checkpointing(args: argparse.Namespace) -> None:
-    for flag, given in (
-        ("--distribute-checkpointed-activations", args.distribute_checkpointed_activations),
-        ("--deepspeed-activation-checkpointing", args.deepspeed_activation_checkpointing),
-    ):
-        if given and not args.checkpoint_activations:
-            raise ArgumentError(f"{flag} requires --checkpoint-activations")
+    """Resolve the recompute flags into recompute_granularity / recompute_method /
+    recompute_num_layers / distribute_saved_activations, as Megatron-DeepSpeed does:
+    --recompute-activations is selective, --checkpoint-activations full and uniform with
+    --checkpoint-num-layers layers per chunk; checkpoint_activations then says whether
+    whole layers are recomputed."""
+    if args.recompute_activations:
+        if args.recompute_granularity == "full":
+            raise ArgumentError(
+                "--recompute-activations (selective) contradicts --recompute-granularity full"
+            )
+        args.recompute_granularity = "selective"
+    if args.checkpoint_activations:
+        if args.recompute_granularity == "selective":
+            raise ArgumentError(
+                "--checkpoint-activations (full recompute) contradicts selective recompute "
+                "(--recompute-activations / --recompute-granularity selective)"
+            )
+        args.recompute_granularity = "full"
+        args.recompute_method = args.recompute_method or "uniform"
+        if args.recompute_num_layers is None:
+            args.recompute_num_layers = args.checkpoint_num_layers
+    if args.recompute_granularity == "full" and args.recompute_method is None:
+        raise ArgumentError(
+            "--recompute-granularity full needs --recompute-method uniform|block"
+        )
+    if args.recompute_granularity == "selective" and args.recompute_method is not None:
+        raise ArgumentError(
+            "--recompute-method applies to --recompute-granularity full, not selective"
+        )
+    if args.recompute_granularity != "full" and args.recompute_num_layers is not None:
+        raise ArgumentError("--recompute-num-layers needs --recompute-granularity full")
+    if args.recompute_num_layers is None:
+        args.recompute_num_layers = 1
+    if args.recompute_num_layers < 1:
+        raise ArgumentError(f"--recompute-num-layers must be >= 1, got {args.recompute_num_layers}")
+    args.checkpoint_activations = args.recompute_granularity == "full"
+    args.checkpoint_num_layers = args.recompute_num_layers
+    flag = "--distribute-saved-activations"
+    if args.distribute_checkpointed_activations and not args.distribute_saved_activations:
+        flag = "--distribute-checkpointed-activations"  # the older spelling: TP=1 allowed
+    args.distribute_saved_activations = (
+        args.distribute_saved_activations or args.distribute_checkpointed_activations
+    )
+    args.distribute_checkpointed_activations = args.distribute_saved_activations
+    if args.distribute_saved_activations:
+        if args.recompute_granularity != "full":
+            raise ArgumentError(
+                f"{flag} applies to full recompute (--checkpoint-activations or "
+                "--recompute-granularity full)"
+            )
+        if flag == "--distribute-saved-activations" and args.tensor_model_parallel_size == 1:
+            raise ArgumentError(
+                "--distribute-saved-activations splits over tensor-parallel ranks: it needs "
+                "--tensor-model-parallel-size > 1"
+            )
+    if args.deepspeed_activation_checkpointing and args.recompute_granularity is None:
+        raise ArgumentError(
+            "--deepspeed-activation-checkpointing requires recompute (--checkpoint-activations, "
+            "--recompute-granularity full|selective or --recompute-activations)"
+        )
 
 
 def print_args(args: argparse.Namespace) -> None:

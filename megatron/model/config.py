@@ -75,12 +75,15 @@ class TransformerConfig:
     """Keep the residual stream in fp32 under fp16/bf16."""
     fp16_lm_cross_entropy: bool = False
     """Compute the LM cross entropy on half-precision logits."""
-    checkpoint_activations: bool = False
-    """Recompute transformer layers in the backward pass."""
-    checkpoint_num_layers: int = 1
-    """Layers per recomputed chunk."""
-    distribute_checkpointed_activations: bool = False
-    """Split checkpointed activations across tensor-parallel ranks."""
+    recompute_granularity: str | None = None
+    """Activation recompute: None, "full" (whole layers) or "selective" (attention core)."""
+    recompute_method: str | None = None
+    """Full recompute: "uniform" (chunks of recompute_num_layers) or "block" (the first
+    recompute_num_layers layers of the stage, the rest stored)."""
+    recompute_num_layers: int = 1
+    """Layers per recomputed chunk (uniform) or recomputed layers per stage (block)."""
+    distribute_saved_activations: bool = False
+    """Full recompute: split each stored chunk input across tensor-parallel ranks."""
     sequence_parallel: bool = False
     """Split layer-norm and dropout regions along the sequence in the TP group."""
     async_tensor_model_parallel_allreduce: bool = True
@@ -151,6 +154,12 @@ class TransformerConfig:
                     f"--num-attention-heads ({self.num_attention_heads})"
                 )
             self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(f"recompute_granularity {self.recompute_granularity!r}")
+        if self.recompute_granularity == "full" and self.recompute_method is None:
+            self.recompute_method = "uniform"
+        if self.recompute_method not in (None, "uniform", "block"):
+            raise ValueError(f"recompute_method {self.recompute_method!r}")
 
     @property
     def params_dtype(self) -> torch.dtype:

@@ -215,14 +215,22 @@ class GPTModelPipe(PipelineModule):
             num_mp=mpu.get_tensor_model_parallel_world_size(),
             num_dp=mpu.get_data_parallel_world_size(),
         )
-        interval = config.checkpoint_num_layers if config.checkpoint_activations else 0
+        interval = 0
+        if config.recompute_granularity == "full":
+            if config.recompute_method == "block":
+                raise ValueError(
+                    "--recompute-method block is not available with DeepSpeed's pipeline "
+                    "engine (it recomputes every activation_checkpoint_interval layers): use "
+                    "--recompute-method uniform, or --no-pipeline-parallel"
+                )
+            interval = config.recompute_num_layers
         super().__init__(
             layers=specs,
             loss_fn=gpt_pipe_loss,
             topology=topology,
             partition_method="type:transformer",
             activation_checkpoint_interval=interval,
-            activation_checkpoint_func=_checkpoint_func(config.distribute_checkpointed_activations),
+            activation_checkpoint_func=_checkpoint_func(config.distribute_saved_activations),
             checkpointable_layers=["ParallelTransformerLayerPipe"],
         )
         self.config = config

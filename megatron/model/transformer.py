@@ -216,6 +216,8 @@ class ParallelAttention(MegatronModule):
         self.attention_type = attention_type
         self.attn_mask_type = attn_mask_type
         self.use_flash_attn = config.use_flash_attn
+        # selective recompute; flash attention stores no [sq, sk] tensors to begin with
+        self.recompute_core_attention = config.recompute_granularity == "selective"
         self.sequence_parallel = config.sequence_parallel
         self.attention_dropout_p = config.attention_dropout
         projection_size = config.kv_channels * config.num_attention_heads
@@ -335,6 +337,23 @@ class ParallelAttention(MegatronModule):
         context_layer = context_layer.view(b, np_, sq, hn).permute(2, 0, 1, 3).contiguous()
         return context_layer.view(sq, b, np_ * hn)  # [sq, b, hp]
 
+    def _checkpointed_core_attention(self, query_layer, key_layer, value_layer, attention_mask):
+        """Selective recompute: core_attention whose [b, np, sq, sk] scores, probabilities
+        and dropout mask are recomputed in the backward instead of stored (the same dropout
+        mask is drawn again); only q, k, v and the mask are kept."""
+
+        def forward(q, k, v, *mask):
+            return self.core_attention(q, k, v, mask[0] if mask else None)
+
+        mask = () if attention_mask is None else (attention_mask,)
+        # Megatron's own checkpoint function, also under --deepspeed-activation-checkpointing
+        # (it then saves and restores DeepSpeed's RNG tracker), as Megatron-DeepSpeed does:
+        # DeepSpeed's with partition_activations gives other gradients than the stored run
+        # here (tests/unit/model/test_moe_recompute.py).
+        return mpu.random.CheckpointFunction.apply(
+            forward, False, query_layer, key_layer, value_layer, *mask
+        )
+
     def flash_attention(
         self, query_layer, key_layer, value_layer, attention_mask, attention_mask_is_causal
     ):
@@ -413,6 +432,10 @@ class ParallelAttention(MegatronModule):
         if self.use_flash_attn:
             context_layer = self.flash_attention(
                 query_layer, key_layer, value_layer, attention_mask, attention_mask_is_causal
+            )
+        elif self.recompute_core_attention and self.training:
+            context_layer = self._checkpointed_core_attention(
+                query_layer, key_layer, value_layer, attention_mask
             )
         else:
             context_layer = self.core_attention(query_layer, key_layer, value_layer, attention_mask)
@@ -679,9 +702,10 @@ class ParallelTransformer(MegatronModule):
         self.fp32_residual_connection = config.fp32_residual_connection
         self.use_flash_attn = config.use_flash_attn
         self.sequence_parallel = config.sequence_parallel
-        self.checkpoint_activations = config.checkpoint_activations
-        self.checkpoint_num_layers = config.checkpoint_num_layers
-        self.distribute_checkpointed_activations = config.distribute_checkpointed_activations
+        self.recompute_full = config.recompute_granularity == "full"
+        self.recompute_method = config.recompute_method
+        self.recompute_num_layers = config.recompute_num_layers
+        self.distribute_saved_activations = config.distribute_saved_activations
         self.has_moe = max(config.num_experts or [1]) > 1
         self.num_layers, offset = _layers_on_this_stage(config)
         decoder = layer_type == LayerType.decoder
@@ -719,10 +743,19 @@ class ParallelTransformer(MegatronModule):
         mlps = [self._get_layer(index).mlp for index in range(start, end)]
         return [mlp for mlp in mlps if isinstance(mlp, MoEMLP)]
 
+    def _recompute_chunks(self) -> List[Tuple[int, int, bool]]:
+        """(start, end, recomputed) layer ranges of this stage: uniform recomputes chunks of
+        recompute_num_layers layers; block recomputes each of the first recompute_num_layers
+        layers alone and stores the activations of the others."""
+        n, k = self.num_layers, self.recompute_num_layers
+        if self.recompute_method == "block":
+            return [(i, i + 1, i < k) for i in range(n)]
+        return [(start, min(start + k, n), True) for start in range(0, n, k)]
+
     def _checkpointed_forward(
         self, hidden_states, attention_mask, encoder_output, enc_dec_attn_mask, is_causal
     ):
-        """Run the layers in chunks of checkpoint_num_layers, recomputed in backward.
+        """Run the layers by _recompute_chunks, the recomputed ones through mpu.checkpoint.
 
         Only tensors go through the checkpoint function (DeepSpeed's partitioned
         checkpointing cannot carry None arguments); absent inputs are closed over.
@@ -758,13 +791,14 @@ class ParallelTransformer(MegatronModule):
 
             return custom_forward
 
-        start = 0
-        while start < self.num_layers:
-            end = min(start + self.checkpoint_num_layers, self.num_layers)
+        for start, end, recomputed in self._recompute_chunks():
+            if not recomputed:
+                hidden_states = custom(start, end, [])(hidden_states, *[extras[i] for i in given])
+                continue
             moe_mlps = self._moe_mlps(start, end)
             outputs = mpu.checkpoint(
                 custom(start, end, moe_mlps),
-                self.distribute_checkpointed_activations,
+                self.distribute_saved_activations,
                 hidden_states,
                 *[extras[i] for i in given],
             )
@@ -774,7 +808,6 @@ class ParallelTransformer(MegatronModule):
                     mlp.l_aux = loss  # part of the autograd graph through the checkpoint
             else:
                 hidden_states = outputs
-            start = end
         return hidden_states
 
     def forward(
@@ -789,7 +822,7 @@ class ParallelTransformer(MegatronModule):
         """hidden_states [s, b, h] (ignored unless pre_process) -> [s, b, h]."""
         if layer_past is not None and not get_key_value:
             raise ValueError("ParallelTransformer: layer_past needs get_key_value=True")
-        if get_key_value and self.checkpoint_activations:
+        if get_key_value and self.recompute_full and self.training:
             raise ValueError("ParallelTransformer: get_key_value is not supported with recompute")
         if not self.pre_process:
             hidden_states = self.input_tensor
@@ -806,7 +839,7 @@ class ParallelTransformer(MegatronModule):
         if self.sequence_parallel and self.training:
             rng_context = mpu.get_cuda_rng_tracker().fork()
         with rng_context:
-            if self.checkpoint_activations and self.training:
+            if self.recompute_full and self.training:
                 hidden_states = self._checkpointed_forward(
                     hidden_states, attention_mask, encoder_output, enc_dec_attn_mask, is_causal
                 )

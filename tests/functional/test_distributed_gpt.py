@@ -153,6 +153,17 @@ def test_tp2_pp2_sequence_parallel(tp2_pp2_run, serial, tp2):
     _assert_close("TP=2 x PP=2 sequence parallel vs TP=2", losses, tp2)
 
 
+def test_tp2_pp2_block_recompute_distributed(data_path, vocab_dir, serial):
+    """Megatron's recompute flags at TP=2 x PP=2: on each stage (2 layers) the first layer
+    is recomputed from its input, split across the TP ranks, and the second stored."""
+    recompute = [
+        "--recompute-granularity", "full", "--recompute-method", "block",
+        "--recompute-num-layers", "1", "--distribute-saved-activations",
+    ]
+    out = _launch(4, _layout_flags(data_path, vocab_dir, tp=2, pp=2, extra=recompute))
+    _assert_close("TP=2 x PP=2 block recompute", _losses(out), serial)
+
+
 def test_tp2_pp2_dp2_torch_ddp_scatter_gather(data_path, vocab_dir, serial):
     """8 ranks, launched by torch.distributed.launch; --DDP-impl torch with 2 micro-batches
     per rank (two forwards before the first backward on stage 0) and

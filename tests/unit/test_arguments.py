@@ -553,3 +553,43 @@ def test_print_args_banner_on_rank_0_only(capsys):
     args.rank = 1
     A.print_args(args)
     assert capsys.readouterr().out == ""
+
+
+
+RECOMPUTE_CASES = [
+    # flags -> (granularity, method, num_layers, checkpoint_activations)
+    ("", (None, None, 1, False)),
+    ("--recompute-activations", ("selective", None, 1, False)),
+    ("--recompute-granularity selective", ("selective", None, 1, False)),
+    ("--checkpoint-activations --checkpoint-num-layers 2", ("full", "uniform", 2, True)),
+    ("--recompute-granularity full --recompute-method block --recompute-num-layers 3",
+     ("full", "block", 3, True)),
+]
+
+
+@pytest.mark.parametrize("flags,want", RECOMPUTE_CASES)
+def test_recompute_flags_resolve_as_megatron_deepspeed(flags, want):
+    args = _validate(f"{BASE} {flags}")
+    got = (args.recompute_granularity, args.recompute_method, args.recompute_num_layers,
+           args.checkpoint_activations)
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    "flags,world,words",
+    [
+        ("--recompute-granularity full", 1, ["--recompute-method uniform|block"]),
+        ("--recompute-activations --recompute-method block", 1, ["--recompute-method", "selec"]),
+        ("--recompute-activations --checkpoint-activations", 1, ["--checkpoint-activations"]),
+        ("--recompute-num-layers 2", 1, ["--recompute-num-layers", "full"]),
+        ("--checkpoint-activations --distribute-saved-activations", 1,
+         ["--distribute-saved-activations", "--tensor-model-parallel-size"]),
+        ("--recompute-activations --distribute-saved-activations --tensor-model-parallel-size 2",
+         2, ["--distribute-saved-activations", "full recompute"]),
+    ],
+)
+def test_recompute_flags_refused(flags, world, words):
+    with pytest.raises(ArgumentError) as err:
+        _validate(f"{BASE} {flags}", world_size=world)
+    for word in words:
+        assert word in str(err.value), str(err.value)

@@ -31,6 +31,9 @@ ALLOWED_IN_ARGUMENTS = {
     "deepscale_config": "DeepSpeed's deprecated spelling; folded into deepspeed_config",
     "no_pipeline_parallel": "validate_args turns it into ds_pipeline_enabled",
     "use_checkpoint_args": "parse_args applies the checkpoint's flags before validation",
+    "recompute_activations": "validate_args folds it into recompute_granularity",
+    "checkpoint_num_layers": "validate_args folds it into recompute_num_layers",
+    "distribute_checkpointed_activations": "folded into distribute_saved_activations",
 }
 
 SOURCE_GLOBS = ("megatron/**/*.py", "pretrain_*.py", "tools/**/*.py", "tasks/**/*.py")

@@ -110,8 +110,8 @@ def test_activation_checkpointing_matches_with_dropout():
             num_layers=3,
             hidden_dropout=0.2,
             attention_dropout=0.2,
-            checkpoint_activations=recompute,
-            checkpoint_num_layers=2,
+            recompute_granularity="full" if recompute else None,
+            recompute_num_layers=2,
         )
         model = GPTModel(config)
         model.train()

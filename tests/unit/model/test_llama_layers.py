@@ -379,7 +379,8 @@ TP_VARIANTS = [
     ({}, None),
     ({"use_flash_attn": True}, None),
     ({"sequence_parallel": True}, None),
-    ({"checkpoint_activations": True}, None),
+    ({"recompute_granularity": "full"}, None),
+    ({"recompute_granularity": "selective"}, None),
     ({"sequence_parallel": True}, 16),  # curriculum: the first 16 tokens
 ]
 

@@ -9,7 +9,10 @@ TP_VARIANTS = [
     {},
     {"use_flash_attn": True},
     {"sequence_parallel": True},
-    {"checkpoint_activations": True, "checkpoint_num_layers": 1},
+    {"recompute_granularity": "full", "recompute_num_layers": 1},
+    {"recompute_granularity": "selective"},
+    {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 1,
+     "distribute_saved_activations": True},
 ]
 
 

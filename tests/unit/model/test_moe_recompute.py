@@ -86,24 +86,31 @@ def _check_world(rank: int, world_size: int) -> None:
     no_aux = _train(rank, aux_coeff=0.0)
     # the aux loss reaches the gate: its gradient is not the routing-only one
     assert not torch.allclose(stored[0][2][GATE], no_aux[0][2][GATE], atol=1e-6, rtol=1e-4)
-    recompute = dict(checkpoint_activations=True)
-    _assert_same(_train(rank, checkpoint_num_layers=1, **recompute), stored, "1 layer/chunk")
+    recompute = dict(recompute_granularity="full")
+    _assert_same(_train(rank, recompute_num_layers=1, **recompute), stored, "1 layer/chunk")
     # one chunk holding both MoE layers: two aux outputs from one checkpoint
     _assert_same(
         _train(
-            rank, checkpoint_num_layers=4, distribute_checkpointed_activations=True, **recompute
+            rank, recompute_num_layers=4, distribute_saved_activations=True, **recompute
         ),
         stored,
         "4 layers/chunk, distributed",
     )
 
+    block = dict(recompute_granularity="full", recompute_method="block")
+    _assert_same(_train(rank, recompute_num_layers=2, **block), stored, "block, 2 of 4 layers")
+    _assert_same(_train(rank, recompute_granularity="selective"), stored, "selective")
+
     # DeepSpeed's checkpoint function (--deepspeed-activation-checkpointing); its
     # tracker seeds the streams, so its stored run is the reference.
     deepspeed.checkpointing.configure(mpu, partition_activations=True, num_checkpoints=4)
     _assert_same(
-        _train(rank, checkpoint_num_layers=2, **recompute), _train(rank), "DeepSpeed, 2/chunk"
+        _train(rank, recompute_num_layers=2, **recompute), _train(rank), "DeepSpeed, 2/chunk"
+    )
+    _assert_same(
+        _train(rank, recompute_granularity="selective"), _train(rank), "DeepSpeed, selective"
     )
 
 
 def test_moe_recompute_matches_stored_run():
-    run_distributed(_check_world, world_size=2, timeout=180)
+    run_distributed(_check_world, world_size=2, timeout=420)
