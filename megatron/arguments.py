@@ -1226,8 +1226,6 @@ def _check_activation_checkpointing(args: argparse.Namespace) -> None:
         raise ArgumentError(
             "--recompute-method applies to --recompute-granularity full, not selective"
         )
-    if args.recompute_granularity != "full" and args.recompute_num_layers is not None:
-        raise ArgumentError("--recompute-num-layers needs --recompute-granularity full")
     if args.recompute_num_layers is None:
         args.recompute_num_layers = 1
     if args.recompute_num_layers < 1:

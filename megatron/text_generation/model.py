@@ -34,6 +34,7 @@ def build_inference_model(args: argparse.Namespace) -> torch.nn.Module:
     # The key/value cache and activation recompute (a training-time memory saver) exclude
     # each other in the transformer; generation has no backward pass to save memory for.
     args.checkpoint_activations = False
+    args.recompute_granularity = None
     # Sequence parallelism splits the sequence over the tensor-parallel ranks; a cached
     # step feeds one token. It changes no weight, so a checkpoint trained with it loads.
     args.sequence_parallel = False

@@ -573,6 +573,10 @@ def test_recompute_flags_resolve_as_megatron_deepspeed(flags, want):
     got = (args.recompute_granularity, args.recompute_method, args.recompute_num_layers,
            args.checkpoint_activations)
     assert got == want
+    # validating again (tools/plan_parallelism.py does) changes nothing
+    again = validate_args(args, world_size=1, rank=0)
+    assert (again.recompute_granularity, again.recompute_method, again.recompute_num_layers,
+            again.checkpoint_activations) == want
 
 
 @pytest.mark.parametrize(
@@ -581,7 +585,6 @@ def test_recompute_flags_resolve_as_megatron_deepspeed(flags, want):
         ("--recompute-granularity full", 1, ["--recompute-method uniform|block"]),
         ("--recompute-activations --recompute-method block", 1, ["--recompute-method", "selec"]),
         ("--recompute-activations --checkpoint-activations", 1, ["--checkpoint-activations"]),
-        ("--recompute-num-layers 2", 1, ["--recompute-num-layers", "full"]),
         ("--checkpoint-activations --distribute-saved-activations", 1,
          ["--distribute-saved-activations", "--tensor-model-parallel-size"]),
         ("--recompute-activations --distribute-saved-activations --tensor-model-parallel-size 2",
