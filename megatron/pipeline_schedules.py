@@ -30,7 +30,7 @@ def get_tensor_shapes():
 
 
 def forward_backward_pipelining_without_interleaving(
-    forward_step_func, data_iterator, model, optimizer, timers, forward_only: bool
+    forward_step_func, data_iterator, model, optimizer, forward_only: bool
 ):
     """1F1B without interleaving; returns the loss dicts on the last stage."""
     if isinstance(model, list):
@@ -163,7 +163,7 @@ class _Interleaved:
 
 
 def forward_backward_pipelining_with_interleaving(
-    forward_step_func, data_iterator, model, optimizer, timers, forward_only: bool
+    forward_step_func, data_iterator, model, optimizer, forward_only: bool
 ):
     """Interleaved 1F1B over len(model) chunks per rank (data_iterator: one per chunk)."""
     if not isinstance(data_iterator, list):

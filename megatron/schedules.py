@@ -2,8 +2,7 @@
 
 Contract of every schedule returned by get_forward_backward_func():
 
-    losses = schedule(forward_step_func, data_iterator, model, optimizer, timers,
-                      forward_only)
+    losses = schedule(forward_step_func, data_iterator, model, optimizer, forward_only)
 
 * forward_step_func(data_iterator, model) -> (output_tensor, loss_func), where
   loss_func(output_tensor) -> (loss, {name: reduced value}) on the last pipeline stage;
@@ -113,7 +112,7 @@ def backward_step(optimizer, input_tensor, output_tensor, output_tensor_grad, mo
 
 
 def forward_backward_no_pipelining(
-    forward_step_func, data_iterator, model, optimizer, timers, forward_only: bool
+    forward_step_func, data_iterator, model, optimizer, forward_only: bool
 ):
     """Gradient accumulation over the micro-batches; gradient all-reduce (torch DDP) only
     on the last micro-batch."""

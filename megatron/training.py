@@ -332,7 +332,7 @@ def train_step(forward_step_func, data_iterator, model, optimizer, lr_scheduler)
     forward_backward_func = get_forward_backward_func()
     timers("forward-backward").start()
     losses_reduced = forward_backward_func(forward_step_func, data_iterator, model, optimizer,
-                                           timers, forward_only=False)
+                                           forward_only=False)
     timers("forward-backward").stop()
     _empty_unused_memory(args, 1)
     if not _loss_is_finite(losses_reduced):
@@ -796,7 +796,7 @@ def evaluate(forward_step_func, data_iterator, model, verbose=False):
                 losses = deepspeed_eval_batch(model, data_iterator)
             else:
                 losses = forward_backward_func(forward_step_func, data_iterator, model, None,
-                                               None, forward_only=True)
+                                               forward_only=True)
             _empty_unused_memory(args, 1)
             if mpu.is_pipeline_last_stage(ignore_virtual=True):
                 for d in losses:
