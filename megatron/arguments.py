@@ -166,6 +166,29 @@ def num_moe_layers(num_layers: int, expert_interval: int) -> int:
 # Parsing.
 # ----------------------------------------------------------------------------------------
 
+RECOMPUTE_METHODS = ["uniform", "block"]
+
+# Megatron-DeepSpeed's flash-attention flags (--use-flash-attn is -v1's other spelling).
+# Every one runs torch's scaled_dot_product_attention here.
+FLASH_ATTN_FLAGS = ("--use-flash-attn", "--use-flash-attn-v1", "--use-flash-attn-v2",
+                    "--use-flash-attn-triton", "--use-flash-attn-builder")
+
+_TRUE_WORDS = ("true", "t", "yes", "y", "on", "1")
+_FALSE_WORDS = ("false", "f", "no", "n", "off", "0")
+
+
+def bool_value(text: str) -> bool:
+    """The value of a flag Megatron-DeepSpeed declares type=bool (--onnx-safe True):
+    true/false, yes/no, on/off or 1/0. (type=bool there reads any word, even False, as
+    True; here False means False and another word is an error.)"""
+    word = text.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 
 class _MegatronArgumentParser(argparse.ArgumentParser):
     """argparse, but errors are one line (the usage of ~200 flags helps no one)."""
@@ -325,7 +348,9 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
     )
     add("--apply-residual-connection-post-layernorm", action=_TRUE, help="Original BERT order.")
     add("--openai-gelu", action=_TRUE, help="OpenAI's tanh GeLU approximation.")
-    add("--onnx-safe", action=_TRUE, help="ONNX-exportable GeLU.")
+    add("--onnx-safe", type=bool_value, nargs="?", const=True, default=False,
+        help="ONNX-exportable GeLU (erf form); takes a value as Megatron-DeepSpeed's "
+        "(--onnx-safe True), or none.")
     add(
         "--bert-no-binary-head",
         action=_FALSE,
@@ -384,10 +409,13 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "the attention core (scores, softmax, dropout, probabilities x V). With "
         "--use-flash-attn the attention core keeps nothing quadratic already, so selective "
         "stores what flash attention stores.")
-    add("--recompute-method", choices=["uniform", "block"], default=None,
+    add("--recompute-method", choices=RECOMPUTE_METHODS, default=None,
         help="With full granularity: uniform recomputes chunks of --recompute-num-layers "
         "layers (storing each chunk's input); block recomputes only the first "
         "--recompute-num-layers layers of each pipeline stage and stores the rest.")
+    add("--activations-checkpoint-method", choices=RECOMPUTE_METHODS, default=None,
+        help="The older spelling of --recompute-method; alone it means full recompute "
+        "(--recompute-granularity full), as it did in the release that spelled it so.")
     add("--recompute-num-layers", type=int, default=None,
         help="Layers per chunk (uniform) or recomputed layers per stage (block); default 1.")
     add("--distribute-saved-activations", action=_TRUE,
@@ -423,7 +451,13 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     add("--cpu-optimizer", action=_TRUE, help="DeepSpeed's CPU Adam.")
     add("--cpu_torch_adam", action=_TRUE, help="torch's Adam on CPU.")
     add("--no-pipeline-parallel", action=_TRUE, help="No DeepSpeed pipeline engine.")
-    add("--use-flash-attn", action=_TRUE, help="Attention via scaled_dot_product_attention.")
+    add("--use-flash-attn", "--use-flash-attn-v1", action=_TRUE, dest="use_flash_attn",
+        help="Attention via torch's scaled_dot_product_attention (flash, cuDNN or "
+        "memory-efficient kernels as the device has them).")
+    for name in FLASH_ATTN_FLAGS[2:]:
+        add(name, action=_TRUE,
+            help="Megatron-DeepSpeed's spelling of one flash-attention build; here the same "
+            "scaled_dot_product_attention as --use-flash-attn.")
     add(
         "--empty-unused-memory-level",
         type=int,
@@ -449,8 +483,9 @@ def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
     add(
         "--lr-decay-style",
         default="linear",
-        choices=["constant", "linear", "cosine"],
-        help="Learning-rate decay function after warm-up.",
+        choices=["constant", "linear", "cosine", "inverse-square-root"],
+        help="Learning-rate decay function after warm-up (inverse-square-root: "
+        "lr * sqrt(warmup) / sqrt(step), at least --min-lr).",
     )
     add("--lr-decay-iters", type=int, help="Iterations to decay over.")
     add("--lr-decay-samples", type=int, help="Samples to decay over.")
@@ -462,8 +497,13 @@ def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
     add("--lr-warmup-tokens", type=int, help="Warm-up tokens (with --lr-decay-tokens).")
     add("--warmup", type=float, help="Deprecated: use --lr-warmup-fraction.")
     add("--min-lr", type=float, default=0.0, help="Floor of the decayed learning rate.")
-    add("--override-lr-scheduler", action=_TRUE, help="Schedule from flags, not checkpoint.")
-    add("--use-checkpoint-lr-scheduler", action=_TRUE, help="Schedule from the checkpoint.")
+    add("--override-opt_param-scheduler", "--override-lr-scheduler", action=_TRUE,
+        dest="override_lr_scheduler",
+        help="Learning-rate schedule (lr, min lr, warm-up, decay span and style) from the "
+        "flags, not from the checkpoint.")
+    add("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-lr-scheduler", action=_TRUE,
+        dest="use_checkpoint_lr_scheduler",
+        help="Learning-rate schedule from the checkpoint, not from the flags.")
 
 
 def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
@@ -560,7 +600,8 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     add(
         "--local_rank", "--local-rank", type=int, dest="local_rank", help="Env LOCAL_RANK if unset."
     )
-    add("--lazy-mpu-init", action=_TRUE, default=None, help="No process groups yet.")
+    add("--lazy-mpu-init", type=bool_value, nargs="?", const=True, default=False,
+        help="No process groups yet (takes a value, as Megatron-DeepSpeed's).")
     add("--use-cpu-initialization", action=_TRUE, default=None, help="Init on CPU, then shard.")
     add("--sequence-parallel", action=_TRUE, help="Split norm/dropout regions along the sequence.")
     add(
@@ -764,6 +805,7 @@ def validate_args(
     _check_token_schedule(args)
     _check_moe(args)
     _check_activation_checkpointing(args)
+    _set_flash_attention(args)
     args.consumed_train_samples = 0
     args.consumed_train_tokens = 0
     args.consumed_valid_samples = 0
@@ -1155,7 +1197,7 @@ UNSUPPORTED_FLAGS = (
      "ADLR's cluster auto-resume (userlib)"),
     ("cpu_torch_adam", "--cpu_torch_adam", False,
      "torch's Adam on CPU; use --cpu-optimizer or DeepSpeed's offload config"),
-    ("lazy_mpu_init", "--lazy-mpu-init", None, "deferred process-group creation"),
+    ("lazy_mpu_init", "--lazy-mpu-init", False, "deferred process-group creation"),
     ("memory_centric_tiled_linear", "--memory-centric-tiled-linear", False,
      "DeepSpeed TiledLinear"),
     ("tile_factor", "--tile-factor", 1, "DeepSpeed TiledLinear"),
@@ -1201,7 +1243,21 @@ def _check_activation_checkpointing(args: argparse.Namespace) -> None:
     recompute_num_layers / distribute_saved_activations, as Megatron-DeepSpeed does:
     --recompute-activations is selective, --checkpoint-activations full and uniform with
     --checkpoint-num-layers layers per chunk; checkpoint_activations then says whether
-    whole layers are recomputed."""
+    whole layers are recomputed. --activations-checkpoint-method is --recompute-method by
+    its older name, and alone asks for full recompute."""
+    old_method = args.activations_checkpoint_method
+    if old_method is not None:
+        if args.recompute_method not in (None, old_method):
+            raise ArgumentError(
+                f"--activations-checkpoint-method ({old_method}) and --recompute-method "
+                f"({args.recompute_method}) disagree; give only --recompute-method")
+        if args.recompute_activations or args.recompute_granularity == "selective":
+            raise ArgumentError(
+                f"--activations-checkpoint-method ({old_method}) applies to full recompute, "
+                "not selective (--recompute-activations / --recompute-granularity selective)")
+        args.recompute_method = old_method
+        if args.recompute_granularity is None:
+            args.recompute_granularity = "full"
     if args.recompute_activations:
         if args.recompute_granularity == "full":
             raise ArgumentError(
@@ -1255,6 +1311,22 @@ def _check_activation_checkpointing(args: argparse.Namespace) -> None:
             "--deepspeed-activation-checkpointing requires recompute (--checkpoint-activations, "
             "--recompute-granularity full|selective or --recompute-activations)"
         )
+
+
+def _set_flash_attention(args: argparse.Namespace) -> None:
+    """Fold Megatron-DeepSpeed's flash-attention flags into use_flash_attn (once: a second
+    validation keeps what the first decided) and say on rank 0 which kernel runs."""
+    if hasattr(args, "flash_attn_flag"):
+        return
+    given = [flag for flag in FLASH_ATTN_FLAGS[2:]
+             if getattr(args, flag[2:].replace("-", "_"), False)]
+    if args.use_flash_attn:
+        given.insert(0, "--use-flash-attn")
+    args.use_flash_attn = bool(given)
+    args.flash_attn_flag = given[0] if given else None
+    if given and args.rank == 0:
+        print(f"> flash attention: {' '.join(given)} runs torch scaled_dot_product_attention "
+              "(flash/cuDNN/efficient backends as available)", flush=True)
 
 
 def print_args(args: argparse.Namespace) -> None:

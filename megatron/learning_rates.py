@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warmup, then constant, linear or cosine decay.
+"""Learning-rate schedule: linear warmup, then constant, linear, cosine or inverse-square-root
+decay.
 
 The schedule counts abstract *steps*. The training loop decides what a step is by what it
 passes to ``step(increment=...)``: the global batch size when training is measured in
@@ -21,7 +22,7 @@ from typing import Any
 
 from megatron import print_rank_0
 
-DECAY_STYLES = ("constant", "linear", "cosine")
+DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
 
 class AnnealingLR:
@@ -32,13 +33,16 @@ class AnnealingLR:
     - warmup (W > 0 and n <= W): lr = max * n / W
     - constant style: lr = max after warmup
     - n > D: lr = min
+    - inverse-square-root style: lr = max(min, max * sqrt(max(W, 1)) / sqrt(max(n, 1)))
+      (Megatron's: it equals max at the end of warm-up, then falls as 1 / sqrt(n))
     - otherwise with r = (n - W) / (D - W) in [0, 1]:
       linear: lr = min + (max - min) * (1 - r)
       cosine: lr = min + (max - min) * 0.5 * (cos(pi * r) + 1)
 
     With ``decay_tokens`` D_t, the decay counts consumed tokens t: t > D_t gives min and
     r = (t - W_t) / (D_t - W_t), where W_t is ``warmup_tokens`` (then the warm-up is
-    lr = max * t / W_t), or, for a warm-up in steps, the tokens consumed when it ended.
+    lr = max * t / W_t), or, for a warm-up in steps, the tokens consumed when it ended;
+    inverse-square-root then gives max(min, max * sqrt(max(W_t, 1)) / sqrt(max(t, 1))).
 
     A param group carrying ``'lr_mult'`` gets ``lr * lr_mult`` (the default multiplier is 1).
 
@@ -106,8 +110,8 @@ class AnnealingLR:
         self.use_checkpoint_lr_scheduler = use_checkpoint_lr_scheduler
         if self.override_lr_scheduler and self.use_checkpoint_lr_scheduler:
             raise ValueError(
-                "learning_rates.py: --override-lr-scheduler and --use-checkpoint-lr-scheduler "
-                "are mutually exclusive"
+                "learning_rates.py: --override-opt_param-scheduler and "
+                "--use-checkpoint-opt_param-scheduler are mutually exclusive"
             )
         # Apply the lr for step 0 right away, as Megatron does.
         self.step(0)
@@ -126,11 +130,15 @@ class AnnealingLR:
         if self.decay_tokens is None:
             if n > self.decay_steps:
                 return self.min_lr
+            if self.decay_style == "inverse-square-root":
+                return self._inverse_square_root(self.warmup_steps, n)
             ratio = float(n - self.warmup_steps) / float(self.decay_steps - self.warmup_steps)
         else:
             start = self._token_decay_start()
             if t > self.decay_tokens or start >= self.decay_tokens:
                 return self.min_lr
+            if self.decay_style == "inverse-square-root":
+                return self._inverse_square_root(start, t)
             ratio = float(t - start) / float(self.decay_tokens - start)
         delta = self.max_lr - self.min_lr
         if self.decay_style == "linear":
@@ -138,6 +146,11 @@ class AnnealingLR:
         else:  # cosine
             coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
         return self.min_lr + coeff * delta
+
+    def _inverse_square_root(self, warmup: int, count: int) -> float:
+        """max * sqrt(warmup) / sqrt(count), both at least 1, floored at min_lr."""
+        lr = self.max_lr * math.sqrt(max(warmup, 1)) / math.sqrt(max(count, 1))
+        return max(self.min_lr, lr)
 
     def _token_decay_start(self) -> int:
         if self.warmup_tokens is not None:
@@ -188,8 +201,8 @@ class AnnealingLR:
         if not self.use_checkpoint_lr_scheduler and cls_value != sd_value:
             raise ValueError(
                 f"learning_rates.py: AnnealingLR: class {name} value {cls_value} differs from "
-                f"checkpoint value {sd_value}; pass --override-lr-scheduler or "
-                "--use-checkpoint-lr-scheduler"
+                f"checkpoint value {sd_value}; pass --override-opt_param-scheduler or "
+                "--use-checkpoint-opt_param-scheduler"
             )
         print_rank_0(f" > using checkpoint value {sd_value} for {name}")
         return sd_value

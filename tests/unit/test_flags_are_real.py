@@ -34,6 +34,10 @@ ALLOWED_IN_ARGUMENTS = {
     "recompute_activations": "validate_args folds it into recompute_granularity",
     "checkpoint_num_layers": "validate_args folds it into recompute_num_layers",
     "distribute_checkpointed_activations": "folded into distribute_saved_activations",
+    "activations_checkpoint_method": "the older --recompute-method; folded into it",
+    "use_flash_attn_v2": "validate_args folds it into use_flash_attn",
+    "use_flash_attn_triton": "validate_args folds it into use_flash_attn",
+    "use_flash_attn_builder": "validate_args folds it into use_flash_attn",
 }
 
 SOURCE_GLOBS = ("megatron/**/*.py", "pretrain_*.py", "tools/**/*.py", "tasks/**/*.py")
