@@ -30,22 +30,15 @@ def model_provider(pre_process=True, post_process=True):
     config = config_from_args(args)
     num_tokentypes = 2 if args.bert_binary_head else 0
 
-    def build():
-        return BertModel(
-            config,
-            num_tokentypes=num_tokentypes,
-            add_binary_head=args.bert_binary_head,
-            parallel_output=True,
-            pre_process=pre_process,
-            post_process=post_process,
-        )
-
-    if args.deepspeed and args.zero_stage == 3:
-        from megatron.deepspeed_engine import zero3_init_context
-
-        with zero3_init_context(args):
-            return build()
-    return build()
+    # under --zero-stage 3 the DeepSpeed backend calls this inside deepspeed.zero.Init
+    return BertModel(
+        config,
+        num_tokentypes=num_tokentypes,
+        add_binary_head=args.bert_binary_head,
+        parallel_output=True,
+        pre_process=pre_process,
+        post_process=post_process,
+    )
 
 
 def get_batch(data_iterator):

@@ -30,12 +30,7 @@ def model_provider(pre_process=True, post_process=True):
         model = GPTModelPipe(config, num_tokentypes=0, parallel_output=True)
         model._megatron_batch_fn = get_batch_pipe
         return model
-    if args.deepspeed and args.zero_stage == 3:
-        from megatron.deepspeed_engine import zero3_init_context
-
-        with zero3_init_context(args):
-            return GPTModel(config, num_tokentypes=0, parallel_output=True,
-                            pre_process=pre_process, post_process=post_process)
+    # under --zero-stage 3 the DeepSpeed backend calls this inside deepspeed.zero.Init
     return GPTModel(config, num_tokentypes=0, parallel_output=True,
                     pre_process=pre_process, post_process=post_process)
 
@@ -69,9 +64,10 @@ def get_batch(data_iterator):
     return tokens, labels, loss_mask, attention_mask, position_ids
 
 
-def get_batch_pipe(data):
+def get_batch_pipe(data, train_state=None):
     """DeepSpeed pipeline inputs of one micro-batch: ((tokens, position_ids,
-    attention_mask), (labels, loss_mask)), cut to the curriculum length."""
+    attention_mask), (labels, loss_mask)), cut to the curriculum length (train_state's,
+    bound by the training loop)."""
     args = get_args()
     tokenizer = get_tokenizer()
     data_b = mpu.broadcast_data(["text"], data, torch.int64)
@@ -81,7 +77,7 @@ def get_batch_pipe(data):
     attention_mask, loss_mask, position_ids = get_ltor_masks_and_position_ids(
         tokens, tokenizer.eod, args.reset_position_ids, args.reset_attention_mask,
         args.eod_mask_loss)
-    seqlen = getattr(args, "curriculum_seqlen", None)
+    seqlen = train_state.curriculum_seqlen if train_state is not None else None
     if seqlen is not None and seqlen < args.seq_length:
         tokens, position_ids, labels, loss_mask = (
             t[:, :seqlen].contiguous() for t in (tokens, position_ids, labels, loss_mask))
@@ -103,14 +99,15 @@ def loss_func(loss_mask, output_tensor, moe_loss=None):
     return loss + moe_loss, {"lm loss": averaged[0], "moe loss": averaged[1]}
 
 
-def forward_step(data_iterator, model):
-    """Forward one micro-batch; returns the per-token loss and the loss function."""
+def forward_step(data_iterator, model, train_state=None):
+    """Forward one micro-batch; returns the per-token loss and the loss function. The
+    training loop binds train_state, whose curriculum length cuts the sequences."""
     timers = get_timers()
     timers("batch-generator").start()
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
     timers("batch-generator").stop()
     args = get_args()
-    curriculum_seqlen = getattr(args, "curriculum_seqlen", None)
+    curriculum_seqlen = train_state.curriculum_seqlen if train_state is not None else None
     if curriculum_seqlen is not None and curriculum_seqlen < args.seq_length:
         def cut(t):
             return None if t is None else t[:, :curriculum_seqlen].contiguous()

@@ -41,7 +41,8 @@ import torch
 from . import mpu, print_rank_0
 from .accelerator import current_device, get_accelerator, is_gpu
 from .errors import NonFiniteLossError
-from .global_vars import get_args
+from .global_vars import get_args, update_num_microbatches
+from .train_state import TrainState
 from .utils import first_non_finite, unwrap_model
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -319,6 +320,58 @@ def _refuse_untracked_checkpoints(load_dir: str) -> None:
                           "each): move them away or use another --load/--save folder")
 
 
+def _resolve_ds_tag(load_dir: str, load_tag: str) -> str:
+    """--load-tag as given (global_step4), or global_step{N} for a bare iteration."""
+    text = load_tag.strip()
+    for tag in (text, f"global_step{text}" if text.isdigit() else None):
+        if tag and os.path.isdir(os.path.join(load_dir, tag)):
+            return tag
+    raise CheckpointError(
+        f"--load-tag {load_tag}: {load_dir} has no {text}; checkpoints there: "
+        f"{list_names(checkpoint_tags(load_dir))}"
+    )
+
+
+def deepspeed_load_tag(load_dir: str, universal: bool, load_tag: str | None = None) -> str | None:
+    """The tag to load: --load-tag, else Megatron's tracker's, else DeepSpeed's latest
+    file (None)."""
+    if load_tag is not None:
+        return _resolve_ds_tag(load_dir, load_tag)
+    tracker = get_checkpoint_tracker_filename(load_dir)
+    if universal or not os.path.isfile(tracker):
+        return None
+    iteration, release = read_metadata(tracker)
+    if release:
+        return None
+    tag = f"global_step{iteration}"
+    if not os.path.isdir(os.path.join(load_dir, tag)):
+        present = [str(it) for it in sorted(iteration_folders(load_dir, DS_STEP_RE))]
+        raise CheckpointError(
+            f"{tracker} names iteration {iteration} but {os.path.join(load_dir, tag)} is "
+            f"missing; iterations present in {load_dir}: {list_names(present, 12)} (fix the "
+            "tracker or pass --load-tag)"
+        )
+    return tag
+
+
+def refuse_untracked_deepspeed(load_dir: str) -> None:
+    """global_step* folders but neither tracker nor latest file: no start from random."""
+    steps = {
+        it: name
+        for it, name in iteration_folders(load_dir, DS_STEP_RE).items()
+        if holds_checkpoint_data(os.path.join(load_dir, name))
+    }
+    if not steps:
+        return
+    newest = max(steps)
+    raise CheckpointError(
+        f"{load_dir} holds DeepSpeed checkpoints ({list_names([steps[i] for i in sorted(steps)])})"
+        " but neither latest nor latest_checkpointed_iteration.txt: refusing to start from "
+        f"random over them; resume from the newest with `echo {newest} > "
+        f"{get_checkpoint_tracker_filename(load_dir)}` or --load-tag {steps[newest]}"
+    )
+
+
 # ----------------------------------------------------------------------------------------
 # Parallel layout
 # ----------------------------------------------------------------------------------------
@@ -460,10 +513,8 @@ def checkpoint_rank0_file(args, load_arg: str = "load") -> str:
     load_dir = getattr(args, load_arg)
     load_tag = getattr(args, "load_tag", None) if load_arg == "load" else None
     if getattr(args, "deepspeed", False):
-        from .deepspeed_engine import _load_tag
-
         universal = bool(getattr(args, "universal_checkpoint", False))
-        return _deepspeed_rank0_file(load_dir, _load_tag(load_dir, universal, load_tag),
+        return _deepspeed_rank0_file(load_dir, deepspeed_load_tag(load_dir, universal, load_tag),
                                      universal)
     resolved = resolve_checkpoint(load_dir, load_tag)
     if resolved is None:
@@ -730,11 +781,11 @@ def _foreign_error(args, after: int, where: str) -> CheckpointError | None:
 
 def check_save_folder(start_iteration: int | None = None) -> None:
     """Before the first step: stop when --save holds checkpoints of another run newer than
-    the iteration this run starts at (args.iteration), which it would overwrite. All ranks."""
+    start_iteration (where this run starts), which it would overwrite. All ranks."""
     args = get_args()
     if not getattr(args, "save", None):
         return
-    start = args.iteration if start_iteration is None else start_iteration
+    start = getattr(args, "iteration", 0) if start_iteration is None else start_iteration
     error = None
     if _is_rank_0():
         error = _foreign_error(args, start, f"newer than iteration {start}, where this run "
@@ -858,21 +909,19 @@ def _model_state(model) -> dict:
     return state
 
 
-def checkpoint_header(args, iteration: int) -> dict:
-    """The run-state entries every checkpoint (Megatron's or DeepSpeed's client state)
-    starts with."""
-    return {
-        "args": args,
-        "checkpoint_version": CHECKPOINT_VERSION,
-        "iteration": iteration,
-        "consumed_train_samples": args.consumed_train_samples,
-        "consumed_valid_samples": args.consumed_valid_samples,
-        "consumed_train_tokens": getattr(args, "consumed_train_tokens", 0),
-    }
+def checkpoint_header(args, iteration: int, train_state: TrainState | None = None) -> dict:
+    """The entries every checkpoint (Megatron's or DeepSpeed's client state) starts with:
+    the args, the version and the run state (train_state at `iteration`; without one, the
+    counters a caller keeps on args)."""
+    state = train_state.copy() if train_state is not None else TrainState.from_args(args)
+    state.iteration = iteration
+    return {"args": args, "checkpoint_version": CHECKPOINT_VERSION,
+            **state.checkpoint_entries()}
 
 
-def _checkpoint_state(args, iteration: int, model, optimizer, lr_scheduler) -> dict:
-    state = checkpoint_header(args, iteration)
+def _checkpoint_state(args, iteration: int, model, optimizer, lr_scheduler,
+                      train_state: TrainState | None) -> dict:
+    state = checkpoint_header(args, iteration, train_state)
     state.update(_model_state(model))
     if not args.no_save_optim:
         if optimizer is not None:
@@ -884,16 +933,14 @@ def _checkpoint_state(args, iteration: int, model, optimizer, lr_scheduler) -> d
     return state
 
 
-def save_checkpoint(iteration: int, model, optimizer, lr_scheduler) -> None:
-    """Save this rank's model (and optimizer, scheduler, RNG unless --no-save-*) at
-    `iteration`, then, after every rank is done, point the tracker at it. Nothing is
-    written when a weight is NaN or inf or when --save's folder for `iteration` belongs
-    to another run."""
+def save_checkpoint(iteration: int, model, optimizer, lr_scheduler,
+                    train_state: TrainState | None = None) -> None:
+    """Save this rank's model (and optimizer, scheduler, RNG unless --no-save-*) and the
+    run state (train_state: consumed samples, ...) at `iteration`, then, after every rank
+    is done, point the tracker at it. Nothing is written when a weight is NaN or inf or
+    when --save's folder for `iteration` belongs to another run. (DeepSpeed engines save
+    through deepspeed_engine.DeepSpeedBackend.)"""
     args = get_args()
-    if getattr(args, "deepspeed", False):
-        from .deepspeed_engine import save_deepspeed_checkpoint
-
-        return save_deepspeed_checkpoint(iteration, model, optimizer, lr_scheduler)
     check_weights_finite(unwrap_model(model if isinstance(model, list) else [model]),
                          iteration)
     print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save}")
@@ -902,7 +949,8 @@ def save_checkpoint(iteration: int, model, optimizer, lr_scheduler) -> None:
     distrib_state = _distributed_optimizer_state(args, optimizer)  # every DP rank joins
     if mpu.get_data_parallel_rank() == 0:
         try:
-            state = _checkpoint_state(args, iteration, model, optimizer, lr_scheduler)
+            state = _checkpoint_state(args, iteration, model, optimizer, lr_scheduler,
+                                      train_state)
             path = get_checkpoint_name(args.save, iteration)
             _atomic_torch_save(state, path)
             if distrib_state is not None:
@@ -1112,20 +1160,9 @@ def check_checkpoint_version(state: dict, path: str, tp: int | None = None) -> f
     return version
 
 
-def _restore_counters(args, state: dict) -> None:
-    args.consumed_train_samples = state.get(
-        "consumed_train_samples", getattr(state["args"], "consumed_train_samples", 0))
-    args.consumed_valid_samples = state.get(
-        "consumed_valid_samples", getattr(state["args"], "consumed_valid_samples", 0))
-    args.consumed_train_tokens = state.get(
-        "consumed_train_tokens", getattr(state["args"], "consumed_train_tokens", 0))
-    from .global_vars import update_num_microbatches
-
-    update_num_microbatches(args.consumed_train_samples, consistency_check=False)
-
-
 def _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir: str, load_tag,
-                              strict: bool, options: LoadOptions) -> int:
+                              strict: bool, options: LoadOptions,
+                              train_state: TrainState | None = None) -> int:
     args = get_args()
     resolved = resolve_checkpoint(load_dir, load_tag)
     if resolved is None:
@@ -1142,8 +1179,10 @@ def _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir: str, loa
     restore = options.restores_run and not release
     if "args" in state:
         check_checkpoint_args(state["args"], args, load_dir)
-        if restore:
-            _restore_counters(args, state)
+        if restore and train_state is not None:
+            train_state.restore(state, iteration=iteration)
+            update_num_microbatches(train_state.consumed_train_samples,
+                                    consistency_check=False)
     _load_model_state(unwrap_model(model if isinstance(model, list) else [model]), state,
                       strict)
     if not options.weights_only:
@@ -1166,23 +1205,17 @@ def _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir: str, loa
 
 
 def load_checkpoint(model, optimizer, lr_scheduler, load_arg: str = "load",
-                    strict: bool = True) -> int:
-    """Load --load-tag's, else the tracker's (or release) checkpoint from args.<load_arg>;
-    return the iteration to resume from (0 for a fresh start or --finetune). A training
-    load (with an optimizer) then checks that --save holds no other run's newer
-    checkpoints."""
+                    strict: bool = True, train_state: TrainState | None = None) -> int:
+    """Load --load-tag's, else the tracker's (or release) checkpoint from args.<load_arg>
+    into the model (and optimizer, scheduler, RNG as the flags say) and its run state into
+    train_state; return the iteration to resume from (0 for a fresh start or --finetune).
+    A training load (with an optimizer) then checks that --save holds no other run's
+    newer checkpoints. (DeepSpeed engines load through deepspeed_engine.DeepSpeedBackend.)"""
     args = get_args()
     load_dir = getattr(args, load_arg)
     load_tag = getattr(args, "load_tag", None) if load_arg == "load" else None
-    options = LoadOptions.from_args(args)
-    if getattr(args, "deepspeed", False):
-        from .deepspeed_engine import load_deepspeed_checkpoint
-
-        iteration = load_deepspeed_checkpoint(model, optimizer, lr_scheduler, load_dir, strict,
-                                              options)
-    else:
-        iteration = _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir,
-                                              load_tag, strict, options)
+    iteration = _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir, load_tag,
+                                          strict, LoadOptions.from_args(args), train_state)
     if optimizer is not None:
         check_save_folder(iteration)
     return iteration

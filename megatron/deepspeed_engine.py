@@ -1,18 +1,19 @@
-"""The DeepSpeed seam: everything training.py, checkpointing.py and pretrain_gpt.py need
-from DeepSpeed under --deepspeed, and nothing else imports deepspeed for training.
+"""The DeepSpeed seam: the one module that imports deepspeed for training.
 
-* setup_deepspeed_model_and_optimizer: the model (GPTModel, or GPTModelPipe for
-  DeepSpeed's pipeline engine), Megatron's param groups in a plain torch optimizer,
-  AnnealingLR, all handed to deepspeed.initialize(model, optimizer, lr_scheduler, mpu,
-  config) with a config reconciled against Megatron's flags (deepspeed_config.py rules).
-* deepspeed_train_step / deepspeed_eval_batch: one iteration through the engine.
-  Without the pipeline engine, each of the n micro-batches runs forward, engine.backward
-  and engine.step; the engine's gradient_accumulation_steps is n, so it scales each
-  loss by 1/n and updates the weights at the n-th step (the accumulation boundary), where
-  AnnealingLR advances by the global batch in samples.
-* curriculum_seqlen, extra_log_columns, loss_scale: what the log line needs.
+* DeepSpeedBackend (megatron.backend's interface), chosen once by
+  training.setup_model_and_optimizer under --deepspeed. DeepSpeedBackend.build makes the
+  model (GPTModel, or GPTModelPipe for DeepSpeed's pipeline engine; inside
+  deepspeed.zero.Init under --zero-stage 3), Megatron's param groups in a plain torch
+  optimizer and AnnealingLR, all handed to deepspeed.initialize(model, optimizer,
+  lr_scheduler, mpu, config) with a config reconciled against Megatron's flags
+  (reconcile_deepspeed_config). Its train_step runs each of the n micro-batches through
+  forward, engine.backward and engine.step (or the pipeline engine's train_batch); the
+  engine's gradient_accumulation_steps is n, so it scales each loss by 1/n and updates the
+  weights at the n-th step, where AnnealingLR advances by the global batch in samples.
+  The MoE loss column and the curriculum scheduler belong to the backend (one per run).
 * save_deepspeed_checkpoint / load_deepspeed_checkpoint: DeepSpeed's folders
-  (global_stepN/, latest) plus Megatron's tracker, with Megatron's client state.
+  (global_stepN/, latest) plus Megatron's tracker, with Megatron's client state (the
+  run's TrainState).
 """
 
 from __future__ import annotations
@@ -28,8 +29,31 @@ from typing import Any, Callable, Dict, List
 
 import torch
 
-from . import get_args, get_num_microbatches, mpu, print_rank_0
+from . import get_args, get_num_microbatches, mpu, print_rank_0, update_num_microbatches
+from .backend import StepResult, TrainingBackend, bind_train_state, empty_unused_memory
+from .checkpointing import (
+    CHECKPOINT_VERSION,
+    DS_STEP_RE,
+    CheckpointError,
+    LoadOptions,
+    adopt_lineage,
+    agree,
+    check_save_folder,
+    check_weights_finite,
+    checkpoint_header,
+    finish_save,
+    get_rng_state,
+    out_of_space_error,
+    prepare_save_folder,
+    set_checkpoint_version,
+    set_rng_state,
+)
+from .checkpointing import deepspeed_load_tag as _load_tag  # noqa: F401 - importable here
+from .checkpointing import refuse_untracked_deepspeed as _refuse_untracked
+from .errors import NonFiniteLossError
 from .initialize import require_vocabulary
+from .optimizer import get_megatron_optimizer
+from .train_state import TrainState
 
 _MOE_LOSS_KEY = "moe loss"
 
@@ -417,8 +441,6 @@ def _is_pipe_engine(engine) -> bool:
 
 def _build_model(model_provider_func, args):
     """The bare model for the engine (the engine does precision and data parallelism)."""
-    from deepspeed.runtime.pipe.module import PipelineModule
-
     pp = mpu.get_pipeline_model_parallel_world_size()
     if pp > 1 and not args.ds_pipeline_enabled:
         raise ValueError(
@@ -426,8 +448,10 @@ def _build_model(model_provider_func, args):
             "pipeline engine: drop --no-pipeline-parallel"
         )
     require_vocabulary(args)
-    model = model_provider_func(pre_process=True, post_process=True)
-    args.ds_pipeline_enabled = isinstance(model, PipelineModule)
+    # --zero-stage 3: every parameter is partitioned as soon as its module is built
+    building = zero3_init_context(args) if args.zero_stage == 3 else contextlib.nullcontext()
+    with building:
+        model = model_provider_func(pre_process=True, post_process=True)
     for param in model.parameters():
         mpu.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
     if mpu.get_data_parallel_rank() == 0:
@@ -462,66 +486,19 @@ def _name_moe_groups(optimizer) -> None:
 
 
 def setup_deepspeed_model_and_optimizer(
-    model_provider_func: Callable, get_model: Callable, get_learning_rate_scheduler: Callable
+    model_provider_func: Callable,
+    get_learning_rate_scheduler: Callable,
+    train_state: TrainState | None = None,
 ):
     """Build the model, optimizer and AnnealingLR, wrap them in a DeepSpeed engine and
-    load --load. Returns ([engine], optimizer, lr_scheduler). `get_model` (Megatron's
-    wrapper with Float16Module and DDP) is not used: the engine does both."""
-    import deepspeed
-
-    from .optimizer import get_megatron_optimizer
-
-    del get_model
-    args = get_args()
-    prepare_deepspeed()
-    config = build_deepspeed_config(args)
-    configure_activation_checkpointing(args)
-    model = _build_model(model_provider_func, args)
-    if _has_moe(model) and not args.create_moe_param_group:
-        print_rank_0(
-            "> MoE model: expert parameters get their own param groups (--create-moe-param-group)"
-        )
-        args.create_moe_param_group = True
-    # saved by the engine with every checkpoint, for ds_to_universal
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
-
-    names = [name for name, _ in model.named_parameters()]
-    tp = mpu.get_tensor_model_parallel_world_size()
-    setattr(model, UNIVERSAL_CHECKPOINT_INFO, universal_checkpoint_info(names, tp))
-    optimizer = get_megatron_optimizer([model])
-    _name_moe_groups(optimizer)
-    lr_scheduler = get_learning_rate_scheduler(optimizer)
-    if args.ds_pipeline_enabled:
-        lr_scheduler = SamplesLR(lr_scheduler)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        mpu=None if args.ds_pipeline_enabled else mpu,
-        config=config,
-        dist_init_required=False,
-    )
-    engine._is_deepspeed_engine = True
-    if args.ds_pipeline_enabled:
-        batch_fn = getattr(model, "_megatron_batch_fn", None)
-        if batch_fn is None:
-            raise ValueError(
-                "GPTModelPipe needs _megatron_batch_fn (set by model_provider in "
-                "pretrain_gpt.py) to turn data-loader samples into pipe inputs"
-            )
-        engine.set_batch_fn(batch_fn)
-    args.curriculum_scheduler = _curriculum_scheduler(args)
-    args.iteration = 0
-    if args.load is not None:
-        from .checkpointing import load_checkpoint
-
-        args.iteration = load_checkpoint([engine], optimizer, lr_scheduler)
-    return [engine], optimizer, lr_scheduler
+    load --load into `train_state`. Returns ([engine], optimizer, lr_scheduler)."""
+    backend = DeepSpeedBackend.build(model_provider_func, get_learning_rate_scheduler,
+                                     train_state if train_state is not None else TrainState())
+    return backend.model, backend.optimizer, backend.lr_scheduler
 
 
-def _curriculum_scheduler(args):
+def _curriculum_scheduler(block: dict | None):
     """DeepSpeed's CurriculumScheduler for the config's curriculum_learning block."""
-    block = args.ds_curriculum
     if block is None:
         return None
     from deepspeed.runtime.data_pipeline.curriculum_scheduler import CurriculumScheduler
@@ -529,23 +506,38 @@ def _curriculum_scheduler(args):
     return CurriculumScheduler(block)
 
 
-def _moe_losses() -> List[float]:
-    state = _LOG_STATE.setdefault("moe", [])
-    return state
-
-
+# Kept for callers that clear it between in-process runs; the log state of a run (MoE
+# losses since the last log line, the last curriculum length) lives in its DeepSpeedBackend.
 _LOG_STATE: Dict[str, Any] = {}
 
 
-def _check_finite(loss: torch.Tensor, args) -> None:
+def _check_finite(loss: torch.Tensor, args, iteration: int) -> None:
     if torch.isfinite(loss).all() or args.fp16:
         return
-    from .training import NonFiniteLossError
-
     raise NonFiniteLossError(
-        f"iteration {args.iteration + 1}: the loss is {loss.item()}; stopping before the "
+        f"iteration {iteration + 1}: the loss is {loss.item()}; stopping before the "
         "optimizer step so that the weights stay finite"
     )
+
+
+def _sum_sequence_parallel_grads_in_backward(model) -> None:
+    """The engine reduces gradients itself (ZeRO-2 inside backward), so the partial sums
+    of the `sequence_parallel` parameters (layer norms, row-parallel biases: each TP rank
+    sees its slice of the sequence) are made where each gradient arrives: a hook adds it
+    up across the tensor group before the engine accumulates it (linear, so per
+    micro-batch is the same as once per step)."""
+    if not get_args().sequence_parallel or mpu.get_tensor_model_parallel_world_size() == 1:
+        return
+    group = mpu.get_tensor_model_parallel_group()
+
+    def summed(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=group)
+        return grad
+
+    for param in model.parameters():
+        if param.requires_grad and getattr(param, "sequence_parallel", False):
+            param.register_hook(summed)
 
 
 def _sync_batch_size(engine, args) -> int:
@@ -558,93 +550,180 @@ def _sync_batch_size(engine, args) -> int:
     return global_batch
 
 
-def deepspeed_train_step(forward_step_func, data_iterator, model_list, lr_scheduler):
-    """One iteration through the engine.
+class DeepSpeedBackend(TrainingBackend):
+    """DeepSpeed's engine (ZeRO, MoE, the pipeline engine for GPTModelPipe): it runs the
+    forward, backward and optimizer step and saves and loads DeepSpeed's folders.
 
-    Returns (loss dict averaged over micro-batches, skipped_iter, grad_norm,
-    num_zeros_in_grad (None), got_nan). A 'moe loss' entry of the loss dicts is taken
-    out for its own log column.
-    """
-    args = get_args()
-    engine = _engine(model_list)
-    global_batch = _sync_batch_size(engine, args)
-    if _is_pipe_engine(engine):
-        lr_scheduler.increment = global_batch
-        loss = engine.train_batch(data_iter=data_iterator)
-        _check_finite(loss, args)
-        losses = [{"lm loss": loss.detach()}]
-    else:
-        losses = []
-        for _ in range(get_num_microbatches()):
-            output_tensor, loss_func = forward_step_func(data_iterator, engine)
-            loss, loss_reduced = loss_func(output_tensor)
-            _check_finite(loss, args)
-            engine.backward(loss)
-            engine.step(lr_kwargs={"increment": global_batch})
-            losses.append(loss_reduced)
-    skipped_iter = 0 if engine.was_step_applied() else 1
-    got_nan = bool(
-        skipped_iter
-        and not all(torch.isfinite(torch.as_tensor(v)).all() for d in losses for v in d.values())
-    )
-    grad_norm = engine.get_global_grad_norm()
-    if torch.is_tensor(grad_norm):
-        grad_norm = grad_norm.item()
-    if grad_norm is not None and not math.isfinite(grad_norm):
-        grad_norm = None
-    averaged = {}
-    for key in losses[0]:
-        averaged[key] = sum(float(d[key]) for d in losses) / len(losses)
-    moe = averaged.pop(_MOE_LOSS_KEY, None)
-    if moe is not None and not skipped_iter:
-        _moe_losses().append(moe)
-    return averaged, skipped_iter, grad_norm, None, got_nan
+    The engine's gradient_accumulation_steps is the micro-batch count n, so it scales each
+    loss by 1/n and updates the weights at the n-th step (the accumulation boundary),
+    where AnnealingLR advances by the global batch in samples."""
 
+    name = "deepspeed"
 
-def deepspeed_eval_batch(model_list, data_iterator) -> List[Dict[str, float]]:
-    """Forward-only pipeline batch: the mean loss over the micro-batches, once per
-    micro-batch (evaluate() averages over eval iterations x micro-batches)."""
-    engine = _engine(model_list)
-    loss = engine.eval_batch(data_iter=data_iterator)
-    return [{"lm loss": float(loss)} for _ in range(get_num_microbatches())]
+    def __init__(self, engine, optimizer, lr_scheduler, curriculum=None):
+        super().__init__([engine], optimizer, lr_scheduler)
+        self.engine = engine
+        self.pipe = _is_pipe_engine(engine)
+        self.curriculum = curriculum  # DeepSpeed's CurriculumScheduler, or None
+        self.moe_losses: List[float] = []  # since the last log line
+        self.seqlen: int | None = None  # the last curriculum length given to the engine
 
+    @classmethod
+    def build(cls, model_provider_func: Callable, get_learning_rate_scheduler: Callable,
+              state: TrainState) -> DeepSpeedBackend:
+        """The model, Megatron's param groups in a plain torch optimizer and AnnealingLR,
+        handed to deepspeed.initialize with the config reconciled against the flags; then
+        --load is loaded into `state`."""
+        import deepspeed
+        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+        from deepspeed.runtime.pipe.module import PipelineModule
 
-def curriculum_seqlen(model_list, iteration: int) -> int:
-    """The sequence length of the curriculum at (1-based) `iteration`; resets the pipeline
-    engine's activation shapes when it changes."""
-    args = get_args()
-    scheduler = args.curriculum_scheduler
-    if scheduler is None:
-        return args.seq_length
-    seqlen = int(scheduler.update_difficulty(iteration))
-    engine = _engine(model_list)
-    if _is_pipe_engine(engine) and seqlen != _LOG_STATE.get("seqlen"):
-        engine.reset_activation_shape()
-    _LOG_STATE["seqlen"] = seqlen
-    return seqlen
+        args = get_args()
+        prepare_deepspeed()
+        config = build_deepspeed_config(args)
+        configure_activation_checkpointing(args)
+        model = _build_model(model_provider_func, args)
+        pipe = isinstance(model, PipelineModule)
+        moe = _has_moe(model)
+        if moe and not args.create_moe_param_group:
+            print_rank_0("> MoE model: expert parameters get their own param groups "
+                         "(as --create-moe-param-group)")
+        # saved by the engine with every checkpoint, for ds_to_universal
+        names = [name for name, _ in model.named_parameters()]
+        tp = mpu.get_tensor_model_parallel_world_size()
+        setattr(model, UNIVERSAL_CHECKPOINT_INFO, universal_checkpoint_info(names, tp))
+        optimizer = get_megatron_optimizer([model], bare=True, moe_param_groups=moe or None)
+        _name_moe_groups(optimizer)
+        lr_scheduler = get_learning_rate_scheduler(optimizer)
+        if pipe:
+            lr_scheduler = SamplesLR(lr_scheduler)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            mpu=None if pipe else mpu,
+            config=config,
+            dist_init_required=False,
+        )
+        engine._is_deepspeed_engine = True
+        if pipe:
+            batch_fn = getattr(model, "_megatron_batch_fn", None)
+            if batch_fn is None:
+                raise ValueError(
+                    "GPTModelPipe needs _megatron_batch_fn (set by model_provider in "
+                    "pretrain_gpt.py) to turn data-loader samples into pipe inputs"
+                )
+            engine.set_batch_fn(bind_train_state(batch_fn, state))
+        _sum_sequence_parallel_grads_in_backward(model)
+        backend = cls(engine, optimizer, lr_scheduler, _curriculum_scheduler(args.ds_curriculum))
+        state.iteration = 0
+        if args.load is not None:
+            state.iteration = backend.load(state)
+        return backend
 
+    def train_step(self, forward_step_func, data_iterator, state: TrainState) -> StepResult:
+        """One iteration through the engine. A 'moe loss' entry of the loss dicts is taken
+        out for its own log column."""
+        args = get_args()
+        engine = self.engine
+        global_batch = _sync_batch_size(engine, args)
+        if self.pipe:
+            self.lr_scheduler.increment = global_batch
+            loss = engine.train_batch(data_iter=data_iterator)
+            _check_finite(loss, args, state.iteration)
+            losses = [{"lm loss": loss.detach()}]
+        else:
+            losses = []
+            for _ in range(get_num_microbatches()):
+                output_tensor, loss_func = forward_step_func(data_iterator, engine)
+                loss, loss_reduced = loss_func(output_tensor)
+                _check_finite(loss, args, state.iteration)
+                engine.backward(loss)
+                engine.step(lr_kwargs={"increment": global_batch})
+                losses.append(loss_reduced)
+        empty_unused_memory(args, 1)  # the engine ran forward, backward and step
+        skipped_iter = 0 if engine.was_step_applied() else 1
+        got_nan = bool(
+            skipped_iter
+            and not all(torch.isfinite(torch.as_tensor(v)).all()
+                        for d in losses for v in d.values())
+        )
+        grad_norm = engine.get_global_grad_norm()
+        if torch.is_tensor(grad_norm):
+            grad_norm = grad_norm.item()
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            grad_norm = None
+        averaged = {}
+        for key in losses[0]:
+            averaged[key] = sum(float(d[key]) for d in losses) / len(losses)
+        moe = averaged.pop(_MOE_LOSS_KEY, None)
+        if moe is not None and not skipped_iter:
+            self.moe_losses.append(moe)
+        return StepResult(averaged, skipped_iter, grad_norm, None, got_nan)
 
-def extra_log_columns(args) -> Dict[str, str]:
-    """'moe loss' (mean since the last log line) and 'curriculum seqlen' columns."""
-    columns = {}
-    moe = _moe_losses()
-    if moe:
-        columns[_MOE_LOSS_KEY] = f"{sum(moe) / len(moe):.6E}"
-        if args.iteration % args.log_interval == 0:
-            moe.clear()
-    if getattr(args, "curriculum_scheduler", None) is not None:
-        columns["curriculum seqlen"] = str(args.curriculum_seqlen)
-    return columns
+    def eval_step(self, forward_step_func, data_iterator) -> list:
+        """The pipeline engine's forward-only batch: the mean loss over the micro-batches,
+        once per micro-batch (evaluate() averages over eval iterations x micro-batches)."""
+        if not self.pipe:
+            return super().eval_step(forward_step_func, data_iterator)
+        loss = self.engine.eval_batch(data_iter=data_iterator)
+        return [{"lm loss": float(loss)} for _ in range(get_num_microbatches())]
 
+    def begin_iteration(self, state: TrainState) -> None:
+        """The curriculum's sequence length at (1-based) iteration state.iteration + 1;
+        resets the pipeline engine's activation shapes when it changes."""
+        if not getattr(get_args(), "curriculum_learning", False):
+            state.curriculum_seqlen = None
+            return
+        if self.curriculum is None:
+            state.curriculum_seqlen = get_args().seq_length
+            return
+        seqlen = int(self.curriculum.update_difficulty(state.iteration + 1))
+        if self.pipe and seqlen != self.seqlen:
+            self.engine.reset_activation_shape()
+        self.seqlen = seqlen
+        state.curriculum_seqlen = seqlen
 
-def loss_scale(model_list) -> float:
-    """The engine's current loss scale (1.0 without fp16)."""
-    optimizer = _engine(model_list).optimizer
-    for name in ("cur_scale", "loss_scale"):
-        value = getattr(optimizer, name, None)
-        if value is not None and not callable(value):
-            return float(value)
-    return 1.0
+    def extra_log_columns(self, state: TrainState) -> Dict[str, str]:
+        """'moe loss' (mean since the last log line) and 'curriculum seqlen' columns."""
+        columns = {}
+        if self.moe_losses:
+            columns[_MOE_LOSS_KEY] = f"{sum(self.moe_losses) / len(self.moe_losses):.6E}"
+            if state.iteration % get_args().log_interval == 0:
+                self.moe_losses.clear()
+        if self.curriculum is not None:
+            columns["curriculum seqlen"] = str(state.curriculum_seqlen)
+        return columns
+
+    def loss_scale(self) -> float:
+        """The engine's current loss scale (1.0 without fp16)."""
+        optimizer = self.engine.optimizer
+        for name in ("cur_scale", "loss_scale"):
+            value = getattr(optimizer, name, None)
+            if value is not None and not callable(value):
+                return float(value)
+        return 1.0
+
+    def logging_optimizer(self):
+        return self.optimizer if self.optimizer is not None else self.engine.optimizer
+
+    def params_norm(self) -> float | None:
+        """None under ZeRO-3, where each rank holds only a partition."""
+        if (get_args().zero_stage or 0) >= 3:
+            return None
+        return super().params_norm()
+
+    def save(self, state: TrainState) -> None:
+        save_deepspeed_checkpoint(state.iteration, self.model, self.optimizer,
+                                  self.lr_scheduler, train_state=state)
+
+    def load(self, state: TrainState) -> int:
+        args = get_args()
+        iteration = load_deepspeed_checkpoint(self.model, self.optimizer, self.lr_scheduler,
+                                              args.load, train_state=state)
+        if self.optimizer is not None:
+            check_save_folder(iteration)
+        return iteration
 
 
 # ----------------------------------------------------------------------------------------
@@ -726,30 +805,20 @@ def universal_checkpoint_info(
     return info
 
 
-def _client_state(args, iteration: int) -> dict:
-    from .checkpointing import checkpoint_header, get_rng_state
-
-    state = checkpoint_header(args, iteration)
+def _client_state(args, iteration: int, train_state: TrainState | None = None) -> dict:
+    state = checkpoint_header(args, iteration, train_state)
     if not args.no_save_rng:
         state.update(get_rng_state())
     return state
 
 
-def save_deepspeed_checkpoint(iteration: int, model_list, optimizer, lr_scheduler) -> None:
+def save_deepspeed_checkpoint(iteration: int, model_list, optimizer, lr_scheduler,
+                              train_state: TrainState | None = None) -> None:
     """engine.save_checkpoint(save, tag=global_step{iteration}) with Megatron's client
-    state, then (every rank done) Megatron's tracker file. As for Megatron checkpoints:
-    nothing is written when a weight is NaN or inf or when the tag folder belongs to
-    another run; a full disk is one CheckpointSpaceError line; --keep-last-checkpoints
-    prunes the oldest global_step* folders."""
-    from .checkpointing import (
-        DS_STEP_RE,
-        agree,
-        check_weights_finite,
-        finish_save,
-        out_of_space_error,
-        prepare_save_folder,
-    )
-
+    state (train_state's counters), then (every rank done) Megatron's tracker file. As for
+    Megatron checkpoints: nothing is written when a weight is NaN or inf or when the tag
+    folder belongs to another run; a full disk is one CheckpointSpaceError line;
+    --keep-last-checkpoints prunes the oldest global_step* folders."""
     del optimizer, lr_scheduler  # saved by the engine
     args = get_args()
     engine = _engine(model_list)
@@ -760,7 +829,8 @@ def save_deepspeed_checkpoint(iteration: int, model_list, optimizer, lr_schedule
     prepare_save_folder(args, folder, iteration)
     error = None
     try:
-        engine.save_checkpoint(args.save, tag=tag, client_state=_client_state(args, iteration))
+        engine.save_checkpoint(args.save, tag=tag,
+                               client_state=_client_state(args, iteration, train_state))
     except Exception as e:  # noqa: BLE001 - every rank must learn of it
         error = out_of_space_error(e, f"checkpoint {folder}")
     agree(error)
@@ -769,94 +839,13 @@ def save_deepspeed_checkpoint(iteration: int, model_list, optimizer, lr_schedule
     print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {args.save}")
 
 
-def _resolve_ds_tag(load_dir: str, load_tag: str) -> str:
-    """--load-tag as given (global_step4), or global_step{N} for a bare iteration."""
-    from .checkpointing import CheckpointError, checkpoint_tags, list_names
-
-    text = load_tag.strip()
-    for tag in (text, f"global_step{text}" if text.isdigit() else None):
-        if tag and os.path.isdir(os.path.join(load_dir, tag)):
-            return tag
-    raise CheckpointError(
-        f"--load-tag {load_tag}: {load_dir} has no {text}; checkpoints there: "
-        f"{list_names(checkpoint_tags(load_dir))}"
-    )
-
-
-def _load_tag(load_dir: str, universal: bool, load_tag: str | None = None) -> str | None:
-    """The tag to load: --load-tag, else Megatron's tracker's, else DeepSpeed's latest
-    file (None)."""
-    from .checkpointing import (
-        DS_STEP_RE,
-        CheckpointError,
-        get_checkpoint_tracker_filename,
-        iteration_folders,
-        list_names,
-        read_metadata,
-    )
-
-    if load_tag is not None:
-        return _resolve_ds_tag(load_dir, load_tag)
-    tracker = get_checkpoint_tracker_filename(load_dir)
-    if universal or not os.path.isfile(tracker):
-        return None
-    iteration, release = read_metadata(tracker)
-    if release:
-        return None
-    tag = f"global_step{iteration}"
-    if not os.path.isdir(os.path.join(load_dir, tag)):
-        present = [str(it) for it in sorted(iteration_folders(load_dir, DS_STEP_RE))]
-        raise CheckpointError(
-            f"{tracker} names iteration {iteration} but {os.path.join(load_dir, tag)} is "
-            f"missing; iterations present in {load_dir}: {list_names(present, 12)} (fix the "
-            "tracker or pass --load-tag)"
-        )
-    return tag
-
-
-def _refuse_untracked(load_dir: str) -> None:
-    """global_step* folders but neither tracker nor latest file: no start from random."""
-    from .checkpointing import (
-        DS_STEP_RE,
-        CheckpointError,
-        get_checkpoint_tracker_filename,
-        holds_checkpoint_data,
-        iteration_folders,
-        list_names,
-    )
-
-    steps = {
-        it: name
-        for it, name in iteration_folders(load_dir, DS_STEP_RE).items()
-        if holds_checkpoint_data(os.path.join(load_dir, name))
-    }
-    if not steps:
-        return
-    newest = max(steps)
-    raise CheckpointError(
-        f"{load_dir} holds DeepSpeed checkpoints ({list_names([steps[i] for i in sorted(steps)])})"
-        " but neither latest nor latest_checkpointed_iteration.txt: refusing to start from "
-        f"random over them; resume from the newest with `echo {newest} > "
-        f"{get_checkpoint_tracker_filename(load_dir)}` or --load-tag {steps[newest]}"
-    )
-
-
 def load_deepspeed_checkpoint(
-    model_list, optimizer, lr_scheduler, load_dir: str, strict: bool = True, options=None
+    model_list, optimizer, lr_scheduler, load_dir: str, strict: bool = True,
+    options: LoadOptions | None = None, train_state: TrainState | None = None,
 ) -> int:
     """engine.load_checkpoint(load_dir, tag) (a universal checkpoint with
-    --universal-checkpoint); restores consumed samples, RNG and the run's lineage as
-    `options` (checkpointing.LoadOptions, default from the flags) say; returns the
-    iteration."""
-    from .checkpointing import (
-        CHECKPOINT_VERSION,
-        CheckpointError,
-        LoadOptions,
-        adopt_lineage,
-        set_checkpoint_version,
-        set_rng_state,
-    )
-
+    --universal-checkpoint); restores the counters into train_state, the RNG and the run's
+    lineage as `options` (default from the flags) say; returns the iteration."""
     del optimizer, lr_scheduler  # restored by the engine
     args = get_args()
     options = options or LoadOptions.from_args(args)
@@ -912,14 +901,9 @@ def load_deepspeed_checkpoint(
     else:
         adopt_lineage(args, os.path.dirname(path), not restore)
     if restore:
-        args.consumed_train_samples = state.get("consumed_train_samples", 0)
-        args.consumed_valid_samples = state.get("consumed_valid_samples", 0)
-        args.consumed_train_tokens = state.get(
-            "consumed_train_tokens", args.consumed_train_samples * args.seq_length
-        )
-        from .global_vars import update_num_microbatches
-
-        update_num_microbatches(args.consumed_train_samples, consistency_check=False)
+        train_state = train_state if train_state is not None else TrainState()
+        train_state.restore(state, args.seq_length, iteration)
+        update_num_microbatches(train_state.consumed_train_samples, consistency_check=False)
         if options.load_rng and "rng_tracker_states" in state:
             set_rng_state(state)
     torch.distributed.barrier()
@@ -930,12 +914,8 @@ def load_deepspeed_checkpoint(
 __all__ = [
     "prepare_deepspeed",
     "zero3_init_context",
+    "DeepSpeedBackend",
     "setup_deepspeed_model_and_optimizer",
-    "deepspeed_train_step",
-    "deepspeed_eval_batch",
-    "curriculum_seqlen",
-    "extra_log_columns",
-    "loss_scale",
     "save_deepspeed_checkpoint",
     "load_deepspeed_checkpoint",
     "SamplesLR",

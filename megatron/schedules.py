@@ -101,11 +101,8 @@ def backward_step(optimizer, input_tensor, output_tensor, output_tensor_grad, mo
     if input_tensor is not None:
         input_tensor.retain_grad()
     if output_tensor_grad is None:
-        if model is not None and getattr(model, "_is_deepspeed_engine", False):
-            model.backward(output_tensor)
-        else:
-            output_tensor = optimizer.scale_loss(output_tensor) if optimizer else output_tensor
-            output_tensor.backward()
+        output_tensor = optimizer.scale_loss(output_tensor) if optimizer else output_tensor
+        output_tensor.backward()
     else:
         torch.autograd.backward(output_tensor, grad_tensors=output_tensor_grad)
     return None if input_tensor is None else input_tensor.grad

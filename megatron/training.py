@@ -1,8 +1,10 @@
 """pretrain(): the training loop shared by pretrain_gpt.py, pretrain_bert.py, pretrain_t5.py.
 
-DeepSpeed stays behind one seam: `setup_model_and_optimizer` hands the model to
-megatron.deepspeed_engine when --deepspeed is given, and the few places where the engine
-steps differently call functions of that module. Everything else is one code path.
+DeepSpeed stays behind one seam: `setup_model_and_optimizer` chooses the training backend
+once (megatron.backend.MegatronBackend, or deepspeed_engine.DeepSpeedBackend under
+--deepspeed) and the loop steps, evaluates and saves through it alone. The run state
+(iteration, consumed samples, curriculum length, ...) is a TrainState the loop owns; args
+stay as validated.
 """
 
 from __future__ import annotations
@@ -28,18 +30,26 @@ from . import (
     update_num_microbatches,
 )
 from .accelerator import current_device
-from .checkpointing import check_save_folder, load_checkpoint, save_checkpoint
+from .backend import (  # noqa: F401 - _allreduce_embedding_grads: importable here
+    MegatronBackend,
+    StepResult,
+    TrainingBackend,
+    _allreduce_embedding_grads,
+    bind_train_state,
+    empty_unused_memory,
+)
+from .checkpointing import check_save_folder, load_checkpoint, save_checkpoint  # noqa: F401
+from .deepspeed_engine import DeepSpeedBackend
 from .errors import NonFiniteLossError
 from .initialize import initialize_megatron, require_vocabulary, set_jit_fusion_options
 from .learning_rates import AnnealingLR
+from .optimizer import get_megatron_optimizer
 from .rank_progress import mark, named_timeouts
-from .schedules import get_forward_backward_func
+from .train_state import TrainState
 from .utils import (
-    calc_params_l2_norm,
     first_non_finite_parameter,
     model_flops_per_iteration,
     report_memory,
-    unwrap_model,
 )
 
 _TRAIN_START_TIME = time.time()
@@ -80,41 +90,48 @@ def _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_fu
     datasets = build_train_valid_test_datasets(train_valid_test_dataset_provider)
     timers("train/valid/test-data-iterators-setup").stop()
     timers("model-and-optimizer-setup").start()
-    model, optimizer, lr_scheduler = setup_model_and_optimizer(model_provider)
+    state = TrainState()
+    backend = setup_backend(model_provider, state)
+    model = backend.model
     timers("model-and-optimizer-setup").stop()
-    check_save_folder()  # before any step: --save holds no other run's newer checkpoints
+    # before any step: --save holds no other run's newer checkpoints
+    check_save_folder(state.iteration)
     print_datetime("after model, optimizer, and learning rate scheduler are built")
 
     timers("train/valid/test-data-iterators-setup").start()
     if args.virtual_pipeline_model_parallel_size is not None:
-        iterators = [build_train_valid_test_data_iterators(datasets) for _ in range(len(model))]
+        iterators = [build_train_valid_test_data_iterators(datasets, state)
+                     for _ in range(len(model))]
         train_data_iterator = [it[0] for it in iterators]
         valid_data_iterator = [it[1] for it in iterators]
         test_data_iterator = [it[2] for it in iterators]
     else:
         train_data_iterator, valid_data_iterator, test_data_iterator = (
-            build_train_valid_test_data_iterators(datasets))
+            build_train_valid_test_data_iterators(datasets, state))
     timers("train/valid/test-data-iterators-setup").stop()
     print_datetime("after dataloaders are built")
     print_rank_0("done with setup ...")
     timers.log(["model-and-optimizer-setup", "train/valid/test-data-iterators-setup"])
     print_rank_0("training ...")
 
+    forward_step_func = bind_train_state(forward_step_func, state)
     iteration = 0
-    if args.do_train and args.train_iters > 0:
-        iteration = train(forward_step_func, model, optimizer, lr_scheduler,
-                          train_data_iterator, valid_data_iterator)
+    if state.do_train and args.train_iters > 0:
+        iteration = train(forward_step_func, backend, state, train_data_iterator,
+                          valid_data_iterator)
     print_datetime("after training is done")
 
     mark("end of training")
-    if args.do_valid:
+    if state.do_valid:
         evaluate_and_print_results("the end of training for val data", forward_step_func,
-                                   valid_data_iterator, model, iteration, False)
-    if args.save and iteration != 0 and iteration != args.last_saved_iteration:
-        save_checkpoint_and_time(iteration, model, optimizer, lr_scheduler)
-    if args.do_test:
+                                   valid_data_iterator, model, iteration, False,
+                                   backend=backend, train_state=state)
+    if args.save and iteration != 0 and iteration != state.last_saved_iteration:
+        save_checkpoint_and_time(backend, state)
+    if state.do_test:
         evaluate_and_print_results("the end of training for test data", forward_step_func,
-                                   test_data_iterator, model, 0, True)
+                                   test_data_iterator, model, 0, True,
+                                   backend=backend, train_state=state)
     writer = get_tensorboard_writer()
     if writer is not None:
         writer.flush()
@@ -216,188 +233,71 @@ def get_learning_rate_scheduler(optimizer):
     )
 
 
-def setup_model_and_optimizer(model_provider_func):
-    """Model chunks, optimizer and lr scheduler, with the checkpoint loaded."""
+def setup_backend(model_provider_func, train_state: TrainState) -> TrainingBackend:
+    """The training backend of this run, chosen once: DeepSpeed's engine under --deepspeed,
+    else Megatron's model chunks, optimizer and lr scheduler; --load is loaded into it and
+    its run state into train_state."""
     args = get_args()
     if args.deepspeed:
-        from .deepspeed_engine import setup_deepspeed_model_and_optimizer
-
-        model, optimizer, lr_scheduler = setup_deepspeed_model_and_optimizer(
-            model_provider_func, get_model, get_learning_rate_scheduler)
-        _sum_sequence_parallel_grads_in_backward(model)
-        return model, optimizer, lr_scheduler
-    from .optimizer import get_megatron_optimizer
-
+        return DeepSpeedBackend.build(model_provider_func, get_learning_rate_scheduler,
+                                      train_state)
     model = get_model(model_provider_func)
     # the DDP-wrapped chunks: the distributed optimizer shards their gradient buffers
     optimizer = get_megatron_optimizer(model)
-    lr_scheduler = get_learning_rate_scheduler(optimizer)
-    args.iteration = 0
+    backend = MegatronBackend(model, optimizer, get_learning_rate_scheduler(optimizer))
+    train_state.iteration = 0
     if args.load is not None:
         timers = get_timers()
         timers("load-checkpoint").start()
-        args.iteration = load_checkpoint(model, optimizer, lr_scheduler)
+        train_state.iteration = backend.load(train_state)
         timers("load-checkpoint").stop()
         timers.log(["load-checkpoint"])
-    return model, optimizer, lr_scheduler
+    return backend
 
 
-def _allreduce_embedding_grads(model) -> None:
-    """Sum the tied word-embedding gradients of the first and last pipeline stage."""
-    if (mpu.get_pipeline_model_parallel_world_size() == 1
-            or not mpu.is_rank_in_embedding_group(ignore_virtual=True)):
-        return
-    if mpu.is_pipeline_first_stage(ignore_virtual=True):
-        unwrapped = unwrap_model(model[0])
-    elif mpu.is_pipeline_last_stage(ignore_virtual=True):
-        unwrapped = unwrap_model(model[-1])
-    else:
-        return
-    if not getattr(unwrapped, "share_word_embeddings", True):
-        return
-    weight = unwrapped.word_embeddings_weight()
-    grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
-    if grad is not None:
-        torch.distributed.all_reduce(grad, group=mpu.get_embedding_group())
+def setup_model_and_optimizer(model_provider_func, train_state: TrainState | None = None):
+    """Model chunks (a DeepSpeed engine in a list under --deepspeed), optimizer and lr
+    scheduler, with the checkpoint loaded: its run state into train_state, or, for a
+    caller without one (a loop of its own, as tasks/ has), onto args as Megatron did
+    (args.iteration, args.consumed_train_samples, ...)."""
+    state = train_state if train_state is not None else TrainState()
+    backend = setup_backend(model_provider_func, state)
+    if train_state is None:
+        state.to_args(get_args())
+    return backend.model, backend.optimizer, backend.lr_scheduler
 
 
-def _allreduce_sequence_parallel_grads(model) -> None:
-    """Under --sequence-parallel each TP rank sees only its slice of the sequence, so the
-    gradients of the parameters replicated across TP (layer norms, row-parallel biases)
-    are partial sums: add them up across the tensor group."""
-    if not get_args().sequence_parallel or mpu.get_tensor_model_parallel_world_size() == 1:
-        return
-    grads = []
-    for chunk in model:
-        for param in unwrap_model(chunk).parameters():
-            if getattr(param, "sequence_parallel", False):
-                grad = param.main_grad if hasattr(param, "main_grad") else param.grad
-                if grad is not None:
-                    grads.append(grad)
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    torch.distributed.all_reduce(flat, group=mpu.get_tensor_model_parallel_group())
-    for buf, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        buf.copy_(synced)
+def backend_of(model, optimizer, lr_scheduler) -> TrainingBackend:
+    """The backend for model chunks built by setup_model_and_optimizer (for callers that
+    step them one at a time, like train_step)."""
+    if getattr(model[0], "_is_deepspeed_engine", False):
+        return DeepSpeedBackend(model[0], optimizer, lr_scheduler)
+    return MegatronBackend(model, optimizer, lr_scheduler)
 
 
-def _sum_sequence_parallel_grads_in_backward(model) -> None:
-    """The DeepSpeed engine reduces gradients itself (ZeRO-2 inside backward), so the
-    partial sums of `_allreduce_sequence_parallel_grads` are made where each gradient
-    arrives: a hook on every `sequence_parallel` parameter adds its gradient up across
-    the tensor group before the engine accumulates it (linear, so per micro-batch is
-    the same as once per step)."""
-    if not get_args().sequence_parallel or mpu.get_tensor_model_parallel_world_size() == 1:
-        return
-    group = mpu.get_tensor_model_parallel_group()
-
-    def summed(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad, group=group)
-        return grad
-
-    for chunk in model:
-        for param in unwrap_model(chunk).parameters():
-            if param.requires_grad and getattr(param, "sequence_parallel", False):
-                param.register_hook(summed)
+def train_step(forward_step_func, data_iterator, model, optimizer, lr_scheduler,
+               train_state: TrainState | None = None):
+    """One iteration of the model chunks setup_model_and_optimizer built (Megatron's step
+    or the DeepSpeed engine's). Returns (loss dict, skipped_iter, grad_norm,
+    num_zeros_in_grad, got_nan)."""
+    if train_state is None:  # a caller's own loop: its iteration is on args
+        train_state = TrainState(iteration=getattr(get_args(), "iteration", 0) or 0)
+    state = train_state
+    step = backend_of(model, optimizer, lr_scheduler).train_step
+    return tuple(step(bind_train_state(forward_step_func, state), data_iterator, state))
 
 
-def _loss_is_finite(losses_reduced) -> bool:
-    """All ranks agree whether every micro-batch loss was finite."""
-    finite = all(torch.isfinite(v).all().item() if torch.is_tensor(v) else math.isfinite(v)
-                 for d in losses_reduced for v in d.values())
-    flag = torch.tensor([0.0 if finite else 1.0], device=current_device())
-    torch.distributed.all_reduce(flag)
-    return flag.item() == 0.0
-
-
-def train_step(forward_step_func, data_iterator, model, optimizer, lr_scheduler):
-    """One iteration: forward-backward over the micro-batches, gradient reduction,
-    optimizer step. Returns (loss dict, skipped_iter, grad_norm, num_zeros_in_grad)."""
-    args = get_args()
-    timers = get_timers()
-    if args.deepspeed:
-        from .deepspeed_engine import deepspeed_train_step
-
-        result = deepspeed_train_step(forward_step_func, data_iterator, model, lr_scheduler)
-        _empty_unused_memory(args, 1)  # the engine ran forward, backward and step
-        return result
-
-    if args.DDP_impl == "local" and args.use_contiguous_buffers_in_local_ddp:
-        for chunk in model:
-            chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-
-    forward_backward_func = get_forward_backward_func()
-    timers("forward-backward").start()
-    losses_reduced = forward_backward_func(forward_step_func, data_iterator, model, optimizer,
-                                           forward_only=False)
-    timers("forward-backward").stop()
-    _empty_unused_memory(args, 1)
-    if not _loss_is_finite(losses_reduced):
-        if args.fp16 and args.loss_scale is None:
-            # an fp16 forward that overflowed: skip the step like a gradient overflow,
-            # and back the loss scale off as for one
-            optimizer.skip_overflowed_step()
-            return {}, 1, None, None, True
-        raise NonFiniteLossError(
-            f"iteration {args.iteration + 1}: the loss is NaN or inf "
-            f"({[{k: float(v) for k, v in d.items()} for d in losses_reduced][:4]}); "
-            "stopping before the optimizer step so that the weights stay finite"
-        )
-
-    _allreduce_sequence_parallel_grads(model)
-    timers("backward-params-all-reduce").start()
-    # the distributed optimizer reduce-scatters in step(), after the embedding all-reduce
-    if args.DDP_impl == "local" and not args.use_distributed_optimizer:
-        for chunk in model:
-            chunk.allreduce_gradients()
-    timers("backward-params-all-reduce").stop()
-    timers("backward-embedding-all-reduce").start()
-    _allreduce_embedding_grads(model)
-    timers("backward-embedding-all-reduce").stop()
-
-    timers("optimizer").start()
-    update_successful, grad_norm, num_zeros_in_grad = optimizer.step()
-    timers("optimizer").stop()
-    if update_successful:
-        increment = get_num_microbatches() * args.micro_batch_size * args.data_parallel_size
-        lr_scheduler.step(increment=increment)
-        skipped_iter = 0
-    else:
-        skipped_iter = 1
-    _empty_unused_memory(args, 2)
-
-    if mpu.is_pipeline_last_stage(ignore_virtual=True):
-        loss_reduced = {}
-        for key in losses_reduced[0]:
-            values = [d[key] for d in losses_reduced]
-            loss_reduced[key] = sum(values) / len(values)
-        return loss_reduced, skipped_iter, grad_norm, num_zeros_in_grad, False
-    return {}, skipped_iter, grad_norm, num_zeros_in_grad, False
-
-
-def _empty_unused_memory(args, level: int) -> None:
-    """--empty-unused-memory-level: give the accelerator's cached, unused blocks back
-    (level 1 after each forward-backward, in training and evaluation; level 2 also after
-    each optimizer step) to reduce fragmentation."""
-    if args.empty_unused_memory_level >= level:
-        from .accelerator import get_accelerator
-
-        get_accelerator().empty_cache()
-
-
-def _format_log_line(args, iteration, elapsed_ms, lr, batch_size, avg_losses, loss_scale,
-                     grad_norm, num_zeros, params_norm, skipped, nan, extra=None) -> str:
-    """DESIGN.md's log line."""
-    seq_len = getattr(args, "curriculum_seqlen", None) or args.seq_length
+def _format_log_line(args, state: TrainState, elapsed_ms, lr, batch_size, avg_losses,
+                     loss_scale, grad_norm, num_zeros, params_norm, skipped, nan,
+                     extra=None) -> str:
+    """DESIGN.md's log line at state.iteration."""
+    seq_len = state.seq_length(args.seq_length)
     tokens_per_sec = batch_size * seq_len / (elapsed_ms / 1000.0)
     flops = model_flops_per_iteration(args, batch_size, seq_len)
     tflops = flops / (elapsed_ms / 1000.0) / args.world_size / 1e12
-    s = f" iteration {iteration:8d}/{args.train_iters:8d} |"
-    s += f" consumed samples: {args.consumed_train_samples:12d} |"
-    s += f" consumed tokens: {args.consumed_train_tokens:12d} |"
+    s = f" iteration {state.iteration:8d}/{args.train_iters:8d} |"
+    s += f" consumed samples: {state.consumed_train_samples:12d} |"
+    s += f" consumed tokens: {state.consumed_train_tokens:12d} |"
     s += f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
     s += f" learning rate: {lr:.3E} |"
     s += f" global batch size: {batch_size:5d} |"
@@ -511,22 +411,24 @@ def optimizer_state_stats(optimizer) -> dict[str, float] | None:
     return stats
 
 
-def _write_optimizer_states(args, optimizer, writer, iteration) -> None:
+def _write_optimizer_states(args, optimizer, writer, state: TrainState) -> None:
     """--log-optimizer-states-to-tensorboard (every rank joins the reductions)."""
     if not args.log_optimizer_states_to_tensorboard or optimizer is None:
         return
     stats = optimizer_state_stats(optimizer)
     if writer is not None and stats is not None:
         for key, value in stats.items():
-            writer.add_scalar(key, value, iteration)
-            writer.add_scalar(key + " vs tokens", value, args.consumed_train_tokens)
+            writer.add_scalar(key, value, state.iteration)
+            writer.add_scalar(key + " vs tokens", value, state.consumed_train_tokens)
 
 
-def training_log(loss_dict, log_state, learning_rate, iteration, loss_scale, report_memory_flag,
-                 skipped_iter, got_nan, grad_norm, params_norm, num_zeros_in_grad,
-                 extra_columns=None, optimizer=None):
-    """Accumulate this iteration and print the log line every --log-interval iterations."""
+def training_log(loss_dict, log_state, learning_rate, state: TrainState, loss_scale,
+                 report_memory_flag, skipped_iter, got_nan, grad_norm, params_norm,
+                 num_zeros_in_grad, extra_columns=None, optimizer=None):
+    """Accumulate this iteration (state.iteration) and print the log line every
+    --log-interval iterations."""
     args = get_args()
+    iteration = state.iteration
     timers = get_timers()
     writer = get_tensorboard_writer()
     log_state.skipped += skipped_iter
@@ -536,7 +438,7 @@ def training_log(loss_dict, log_state, learning_rate, iteration, loss_scale, rep
     if iteration % args.tensorboard_log_interval == 0:
         # collectives (optimizer states) and timer resets: on every rank, writer or not
         _write_timers(args, timers, writer, iteration, log_state)
-        _write_optimizer_states(args, optimizer, writer, iteration)
+        _write_optimizer_states(args, optimizer, writer, state)
         log_state.tb_iters = 0
     if not skipped_iter:
         for key, value in loss_dict.items():
@@ -547,12 +449,12 @@ def training_log(loss_dict, log_state, learning_rate, iteration, loss_scale, rep
         if args.log_learning_rate_to_tensorboard:
             writer.add_scalar("learning-rate", learning_rate, iteration)
             writer.add_scalar("learning-rate vs samples", learning_rate,
-                              args.consumed_train_samples)
+                              state.consumed_train_samples)
         if args.log_batch_size_to_tensorboard:
             writer.add_scalar("batch-size", batch_size, iteration)
         for key, value in loss_dict.items():
             writer.add_scalar(key, float(value), iteration)
-            writer.add_scalar(key + " vs samples", float(value), args.consumed_train_samples)
+            writer.add_scalar(key + " vs samples", float(value), state.consumed_train_samples)
         if args.log_loss_scale_to_tensorboard:
             writer.add_scalar("loss-scale", loss_scale, iteration)
         if grad_norm is not None:
@@ -561,7 +463,7 @@ def training_log(loss_dict, log_state, learning_rate, iteration, loss_scale, rep
             writer.add_scalar("params-norm", params_norm, iteration)
         if args.lr_decay_tokens is not None or args.train_tokens is not None:
             writer.add_scalar("learning-rate vs tokens", learning_rate,
-                              args.consumed_train_tokens)
+                              state.consumed_train_tokens)
         if args.log_memory_to_tensorboard:
             _write_memory(writer, iteration)
 
@@ -572,7 +474,7 @@ def training_log(loss_dict, log_state, learning_rate, iteration, loss_scale, rep
             writer.add_scalar("iteration-time", elapsed_ms / 1000.0, iteration)
         counted = max(1, log_state.iters - log_state.skipped)
         avg = {k: v / counted for k, v in log_state.losses.items()}
-        line = _format_log_line(args, iteration, elapsed_ms, learning_rate, batch_size, avg,
+        line = _format_log_line(args, state, elapsed_ms, learning_rate, batch_size, avg,
                                 loss_scale, grad_norm, num_zeros_in_grad, params_norm,
                                 log_state.skipped, log_state.nan, extra_columns)
         print_rank_last(line)
@@ -583,14 +485,14 @@ def training_log(loss_dict, log_state, learning_rate, iteration, loss_scale, rep
     return report_memory_flag
 
 
-def save_checkpoint_and_time(iteration, model, optimizer, lr_scheduler) -> None:
-    args = get_args()
+def save_checkpoint_and_time(backend: TrainingBackend, state: TrainState) -> None:
+    """Save state.iteration's checkpoint through the backend, timed."""
     timers = get_timers()
     timers("save-checkpoint").start()
-    save_checkpoint(iteration, model, optimizer, lr_scheduler)
+    backend.save(state)
     timers("save-checkpoint").stop()
     timers.log(["save-checkpoint"])
-    args.last_saved_iteration = iteration
+    state.last_saved_iteration = state.iteration
 
 
 _SIGNAL_RECEIVED = None
@@ -617,8 +519,9 @@ def _any_rank_true(flag: bool) -> bool:
     return bool(t.item())
 
 
-def _should_exit(args, iteration, model, optimizer, lr_scheduler) -> bool:
+def _should_exit(args, state: TrainState, backend: TrainingBackend) -> bool:
     """Signal, duration and interval exits, each saving first."""
+    iteration = state.iteration
     reason = None
     if args.exit_signal_handler and _any_rank_true(_SIGNAL_RECEIVED is not None):
         reason = "exiting on signal"
@@ -630,74 +533,85 @@ def _should_exit(args, iteration, model, optimizer, lr_scheduler) -> bool:
         reason = f"exiting program at iteration {iteration}"
     if reason is None:
         return False
-    if args.save and iteration != args.last_saved_iteration:
-        save_checkpoint_and_time(iteration, model, optimizer, lr_scheduler)
+    if args.save and iteration != state.last_saved_iteration:
+        save_checkpoint_and_time(backend, state)
     print_datetime(reason)
     return True
 
 
-def train(forward_step_func, model, optimizer, lr_scheduler, train_data_iterator,
-          valid_data_iterator) -> int:
-    """The training loop; returns the last iteration."""
+def _publish_iteration(args, iteration: int) -> None:
+    """get_args().iteration for scripts and hooks that read it, as in Megatron-DeepSpeed
+    (nothing here reads it: the loop's TrainState is the run state)."""
+    args.iteration = iteration
+
+
+def train(forward_step_func, backend: TrainingBackend, state: TrainState,
+          train_data_iterator, valid_data_iterator) -> int:
+    """The training loop from state.iteration; returns the last iteration."""
     args = get_args()
     timers = get_timers()
+    model = backend.model
     for chunk in model:
         chunk.train()
-    iteration = args.iteration
-    if iteration > 0 and args.consumed_train_tokens == 0:
+    if state.iteration > 0 and state.consumed_train_tokens == 0:
         # a checkpoint without the token count (saved before it was kept): samples x length
-        args.consumed_train_tokens = args.consumed_train_samples * args.seq_length
-    args.last_saved_iteration = iteration if args.load else None
+        state.consumed_train_tokens = state.consumed_train_samples * args.seq_length
+    state.last_saved_iteration = state.iteration if args.load else None
     log_state = _LogState()
     timers("interval-time").start()
     print_datetime("before the start of training step")
     report_memory_flag = True
     overflow_guard = _OverflowGuard(args)
-    loss_scale = _loss_scale(args, model, optimizer)
-    while iteration < args.train_iters and not _train_tokens_reached(args):
-        update_num_microbatches(args.consumed_train_samples)
-        args.curriculum_seqlen = _curriculum_seqlen(args, iteration, model)
-        seq_len = args.curriculum_seqlen or args.seq_length
-        if hasattr(lr_scheduler, "set_tokens_per_sample"):
-            lr_scheduler.set_tokens_per_sample(seq_len)
-        mark(f"iteration {iteration + 1}: train step")
-        loss_dict, skipped_iter, grad_norm, num_zeros, got_nan = train_step(
-            forward_step_func, train_data_iterator, model, optimizer, lr_scheduler)
-        iteration += 1
-        args.iteration = iteration
+    loss_scale = backend.loss_scale()
+    _publish_iteration(args, state.iteration)
+    while state.iteration < args.train_iters and not _train_tokens_reached(args, state):
+        update_num_microbatches(state.consumed_train_samples)
+        backend.begin_iteration(state)
+        seq_len = state.seq_length(args.seq_length)
+        if hasattr(backend.lr_scheduler, "set_tokens_per_sample"):
+            backend.lr_scheduler.set_tokens_per_sample(seq_len)
+        mark(f"iteration {state.iteration + 1}: train step")
+        result = backend.train_step(forward_step_func, train_data_iterator, state)
+        state.iteration += 1
+        _publish_iteration(args, state.iteration)
         new_samples = (mpu.get_data_parallel_world_size() * args.micro_batch_size
                        * get_num_microbatches())
-        args.consumed_train_samples += new_samples
-        args.consumed_train_tokens += new_samples * seq_len
-        overflow_guard.after_step(iteration, skipped_iter, loss_scale, model)
-        loss_scale = _loss_scale(args, model, optimizer)
+        state.consumed_train_samples += new_samples
+        state.consumed_train_tokens += new_samples * seq_len
+        state.skipped_iterations += result.skipped
+        state.nan_iterations += int(result.got_nan)
+        iteration = state.iteration
+        overflow_guard.after_step(iteration, result.skipped, loss_scale, model)
+        loss_scale = backend.loss_scale()
         params_norm = None
         if args.log_params_norm or iteration % args.log_interval == 0:
-            params_norm = _params_norm(args, model)
+            params_norm = backend.params_norm()
         report_memory_flag = training_log(
-            loss_dict, log_state, _current_lr(model, optimizer), iteration, loss_scale,
-            report_memory_flag, skipped_iter, got_nan, grad_norm, params_norm, num_zeros,
-            _extra_log_columns(args), optimizer=_optimizer_for_logging(model, optimizer))
+            result.losses, log_state, backend.current_lr(), state, loss_scale,
+            report_memory_flag, result.skipped, result.got_nan, result.grad_norm,
+            params_norm, result.num_zeros, backend.extra_log_columns(state),
+            optimizer=backend.logging_optimizer())
         if params_norm is not None and not math.isfinite(params_norm):
             raise NonFiniteLossError(
                 f"iteration {iteration}: the parameter norm is {params_norm}; the run "
                 "diverged: lower --lr or resume from an earlier checkpoint")
 
-        if args.eval_interval and iteration % args.eval_interval == 0 and args.do_valid:
+        if args.eval_interval and iteration % args.eval_interval == 0 and state.do_valid:
             mark(f"iteration {iteration}: evaluation")
             evaluate_and_print_results(f"iteration {iteration}", forward_step_func,
-                                       valid_data_iterator, model, iteration, False)
+                                       valid_data_iterator, model, iteration, False,
+                                       backend=backend, train_state=state)
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             mark(f"iteration {iteration}: checkpoint save")
-            save_checkpoint_and_time(iteration, model, optimizer, lr_scheduler)
-        if _should_exit(args, iteration, model, optimizer, lr_scheduler):
+            save_checkpoint_and_time(backend, state)
+        if _should_exit(args, state, backend):
             sys.exit(0)
-    return iteration
+    return state.iteration
 
 
-def _train_tokens_reached(args) -> bool:
+def _train_tokens_reached(args, state: TrainState) -> bool:
     """--train-tokens: the run ends once the consumed tokens reach it."""
-    return args.train_tokens is not None and args.consumed_train_tokens >= args.train_tokens
+    return args.train_tokens is not None and state.consumed_train_tokens >= args.train_tokens
 
 
 class _OverflowGuard:
@@ -736,52 +650,12 @@ class _OverflowGuard:
                 "diverged (lower --lr, or resume from an earlier checkpoint)")
 
 
-def _params_norm(args, model):
-    """The parameter L2 norm (None under ZeRO-3, where each rank holds only a partition)."""
-    if args.deepspeed and (args.zero_stage or 0) >= 3:
-        return None
-    return calc_params_l2_norm(model)
-
-
-def _curriculum_seqlen(args, iteration, model):
-    if args.deepspeed and getattr(args, "curriculum_learning", False):
-        from .deepspeed_engine import curriculum_seqlen
-
-        return curriculum_seqlen(model, iteration + 1)
-    return None
-
-
-def _extra_log_columns(args):
-    if args.deepspeed:
-        from .deepspeed_engine import extra_log_columns
-
-        return extra_log_columns(args)
-    return None
-
-
-def _loss_scale(args, model, optimizer) -> float:
-    if args.deepspeed:
-        from .deepspeed_engine import loss_scale
-
-        return loss_scale(model)
-    return float(optimizer.get_loss_scale())
-
-
-def _optimizer_for_logging(model, optimizer):
-    """The optimizer holding the Adam state: Megatron's, or the DeepSpeed engine's."""
-    if optimizer is not None:
-        return optimizer
-    return getattr(model[0], "optimizer", None)
-
-
-def _current_lr(model, optimizer) -> float:
-    return float(optimizer.param_groups[0]["lr"]) if optimizer is not None else float(
-        model[0].optimizer.param_groups[0]["lr"])
-
-
-def evaluate(forward_step_func, data_iterator, model, verbose=False):
-    """Average losses over --eval-iters iterations of the global batch."""
+def evaluate(forward_step_func, data_iterator, model, verbose=False,
+             backend: TrainingBackend | None = None, train_state: TrainState | None = None):
+    """Average losses over --eval-iters iterations of the global batch (counting the
+    validation samples read into train_state)."""
     args = get_args()
+    backend = backend if backend is not None else backend_of(model, None, None)
     for chunk in model:
         chunk.eval()
     total = {}
@@ -789,21 +663,16 @@ def evaluate(forward_step_func, data_iterator, model, verbose=False):
         for it in range(args.eval_iters):
             if verbose and it % args.log_interval == 0:
                 print_rank_0(f"Evaluating iter {it}/{args.eval_iters}")
-            forward_backward_func = get_forward_backward_func()
-            if args.deepspeed and getattr(args, "ds_pipeline_enabled", False):
-                from .deepspeed_engine import deepspeed_eval_batch
-
-                losses = deepspeed_eval_batch(model, data_iterator)
-            else:
-                losses = forward_backward_func(forward_step_func, data_iterator, model, None,
-                                               forward_only=True)
-            _empty_unused_memory(args, 1)
+            losses = backend.eval_step(forward_step_func, data_iterator)
+            empty_unused_memory(args, 1)
             if mpu.is_pipeline_last_stage(ignore_virtual=True):
                 for d in losses:
                     for key, value in d.items():
                         total[key] = total.get(key, 0.0) + float(value)
-            args.consumed_valid_samples += (mpu.get_data_parallel_world_size()
-                                            * args.micro_batch_size * get_num_microbatches())
+            if train_state is not None:
+                train_state.consumed_valid_samples += (
+                    mpu.get_data_parallel_world_size() * args.micro_batch_size
+                    * get_num_microbatches())
     for chunk in model:
         chunk.train()
     n = args.eval_iters * get_num_microbatches()
@@ -811,21 +680,24 @@ def evaluate(forward_step_func, data_iterator, model, verbose=False):
 
 
 def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, iteration,
-                               verbose=False):
+                               verbose=False, backend: TrainingBackend | None = None,
+                               train_state: TrainState | None = None):
     """Print ' validation loss at {prefix} | lm loss value: ... | lm loss PPL: ... |'.
 
-    Every rank must call it (callers check args.do_valid / args.do_test): ranks without
-    a data iterator (TP rank > 0, middle pipeline stages) still join the collectives."""
+    Every rank must call it (callers check do_valid / do_test): ranks without a data
+    iterator (TP rank > 0, middle pipeline stages) still join the collectives."""
     args = get_args()
     writer = get_tensorboard_writer()
-    results = evaluate(forward_step_func, data_iterator, model, verbose)
+    results = evaluate(forward_step_func, data_iterator, model, verbose, backend, train_state)
+    samples = (train_state.consumed_train_samples if train_state is not None
+               else getattr(args, "consumed_train_samples", 0))
     string = f" validation loss at {prefix} | "
     for key, value in results.items():
         ppl = math.exp(min(20.0, value))
         string += f"{key} value: {value:.6E} | {key} PPL: {ppl:.6E} | "
         if writer is not None and is_last_rank():
             writer.add_scalar(f"{key} validation", value, iteration)
-            writer.add_scalar(f"{key} validation vs samples", value, args.consumed_train_samples)
+            writer.add_scalar(f"{key} validation vs samples", value, samples)
             if args.log_validation_ppl_to_tensorboard:
                 writer.add_scalar(f"{key} validation ppl", ppl, iteration)
     length = len(string) + 1
@@ -863,23 +735,25 @@ def build_train_valid_test_datasets(build_train_valid_test_datasets_provider):
     return build_train_valid_test_datasets_provider(num_samples)
 
 
-def build_train_valid_test_data_iterators(datasets):
-    """Data loaders over `datasets` (build_train_valid_test_datasets) resuming at the
-    consumed sample counts, and the do_train/do_valid/do_test flags on every rank."""
+def build_train_valid_test_data_iterators(datasets, train_state: TrainState | None = None):
+    """Data loaders over `datasets` (build_train_valid_test_datasets) resuming at
+    train_state's consumed sample counts; sets its do_train/do_valid/do_test flags on
+    every rank."""
     from .data.data_samplers import build_pretraining_data_loader
 
     args = get_args()
+    state = train_state if train_state is not None else TrainState()
     train_dataloader = valid_dataloader = test_dataloader = None
-    if args.iteration > 0 and args.consumed_train_samples == 0:
-        args.consumed_train_samples = args.iteration * args.global_batch_size
-    if args.iteration > 0 and args.consumed_valid_samples == 0 and args.train_samples is None:
-        args.consumed_valid_samples = ((args.iteration // args.eval_interval)
-                                       * args.eval_iters * args.global_batch_size)
+    if state.iteration > 0 and state.consumed_train_samples == 0:
+        state.consumed_train_samples = state.iteration * args.global_batch_size
+    if state.iteration > 0 and state.consumed_valid_samples == 0 and args.train_samples is None:
+        state.consumed_valid_samples = ((state.iteration // args.eval_interval)
+                                        * args.eval_iters * args.global_batch_size)
 
     if mpu.get_tensor_model_parallel_rank() == 0:
         train_ds, valid_ds, test_ds = datasets
-        train_dataloader = build_pretraining_data_loader(train_ds, args.consumed_train_samples)
-        valid_dataloader = build_pretraining_data_loader(valid_ds, args.consumed_valid_samples)
+        train_dataloader = build_pretraining_data_loader(train_ds, state.consumed_train_samples)
+        valid_dataloader = build_pretraining_data_loader(valid_ds, state.consumed_valid_samples)
         test_dataloader = build_pretraining_data_loader(test_ds, 0)
         flags = torch.tensor([
             int(train_dataloader is not None and args.train_iters > 0),
@@ -890,7 +764,7 @@ def build_train_valid_test_data_iterators(datasets):
         flags = torch.tensor([0, 0, 0], dtype=torch.long, device=current_device())
     torch.distributed.broadcast(flags, mpu.get_tensor_model_parallel_src_rank(),
                                 group=mpu.get_tensor_model_parallel_group())
-    args.do_train, args.do_valid, args.do_test = (bool(v) for v in flags.tolist())
+    state.do_train, state.do_valid, state.do_test = (bool(v) for v in flags.tolist())
 
     def _iterator(loader):
         if loader is None:
@@ -900,7 +774,7 @@ def build_train_valid_test_data_iterators(datasets):
     return _iterator(train_dataloader), _iterator(valid_dataloader), _iterator(test_dataloader)
 
 
-__all__ = ["pretrain", "train", "train_step", "evaluate", "get_model",
-           "setup_model_and_optimizer", "build_train_valid_test_datasets",
-           "build_train_valid_test_data_iterators",
-           "NonFiniteLossError"]
+__all__ = ["pretrain", "train", "train_step", "evaluate", "evaluate_and_print_results",
+           "get_model", "setup_model_and_optimizer", "setup_backend", "backend_of",
+           "build_train_valid_test_datasets", "build_train_valid_test_data_iterators",
+           "TrainState", "NonFiniteLossError"]

@@ -181,14 +181,18 @@ def get_megatron_optimizer(
     no_weight_decay_cond: ParamCond | None = None,
     scale_lr_cond: ParamCond | None = None,
     lr_mult: float = 1.0,
+    bare: bool | None = None,
+    moe_param_groups: bool | None = None,
 ):
     """The optimizer for ``model_chunks`` as the flags ask for.
 
-    Under --deepspeed the bare torch optimizer is returned (DeepSpeed's engine wraps it);
-    with --use-distributed-optimizer a :class:`DistributedOptimizer` (``model_chunks`` must
-    then be the DDP-wrapped chunks); otherwise an :class:`FP32Optimizer` or, with
-    --fp16/--bf16, a :class:`Float16OptimizerWithFloat16Params`. With the local DDP
-    (--DDP-impl local) the grads are read from ``param.main_grad``.
+    With ``bare`` (default: under --deepspeed) the torch optimizer itself (DeepSpeed's
+    engine wraps it); with --use-distributed-optimizer a :class:`DistributedOptimizer`
+    (``model_chunks`` must then be the DDP-wrapped chunks); otherwise an
+    :class:`FP32Optimizer` or, with --fp16/--bf16, a
+    :class:`Float16OptimizerWithFloat16Params`. With the local DDP (--DDP-impl local) the
+    grads are read from ``param.main_grad``. Expert parameters get their own param groups
+    with --create-moe-param-group or ``moe_param_groups``.
     """
     from megatron.utils import unwrap_model
 
@@ -197,11 +201,11 @@ def get_megatron_optimizer(
     param_groups = get_param_groups(
         unwrap_model(wrapped), no_weight_decay_cond, scale_lr_cond, lr_mult, args.weight_decay
     )
-    if getattr(args, "create_moe_param_group", False):
+    if moe_param_groups or getattr(args, "create_moe_param_group", False):
         param_groups = split_moe_param_groups(param_groups)
     optimizer = _build_inner_optimizer(args, param_groups)
 
-    if getattr(args, "deepspeed", False):
+    if bare or (bare is None and getattr(args, "deepspeed", False)):
         return optimizer
 
     params_have_main_grad = getattr(args, "DDP_impl", "local") == "local"

@@ -119,15 +119,21 @@ TINY = ["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2"
 
 def _weights_only_world(rank, world_size, save):
     """Save a tiny GPT at iteration 3 after 24 samples; a weights-only load brings back the
-    weights and nothing else; the same file rewritten as version 1.0 loads equal."""
+    weights and nothing else (args untouched), a training load the run state too; the
+    same file rewritten as version 1.0 loads equal."""
     import pretrain_gpt
     from megatron import get_args
-    from megatron.checkpointing import get_checkpoint_name, load_model_weights_only
+    from megatron.checkpointing import (
+        get_checkpoint_name,
+        load_checkpoint,
+        load_model_weights_only,
+    )
     from megatron.initialize import initialize_megatron
+    from megatron.train_state import TrainState
     from megatron.training import setup_model_and_optimizer
     from megatron.utils import unwrap_model
 
-    initialize_megatron(args_list=TINY + ["--save", save])
+    initialize_megatron(args_list=TINY + ["--save", save, "--load", save])
     args = get_args()
     model, optimizer, lr_scheduler = setup_model_and_optimizer(pretrain_gpt.model_provider)
     _save(args, model, optimizer, lr_scheduler, 3, 24)
@@ -136,11 +142,16 @@ def _weights_only_world(rank, world_size, save):
         for p in model[0].parameters():
             p.add_(1.0)
     run_id = getattr(args, "checkpoint_run_id", None)
+    before = dict(vars(args))
     assert load_model_weights_only(model, save) == 3
     now = unwrap_model(model[0]).state_dict()
     assert all(torch.equal(now[k], v) for k, v in saved.items())
-    assert _counters(args) == (0, 0), "a weights-only load restored the consumed samples"
-    assert getattr(args, "checkpoint_run_id", None) == run_id, "and adopted the lineage"
+    assert vars(args) == before, "a weights-only load changed args"
+    assert getattr(args, "checkpoint_run_id", None) == run_id, "or adopted the lineage"
+    # the file does hold the run state, which a training load restores
+    state = TrainState()
+    assert load_checkpoint(model, None, None, train_state=state) == 3
+    assert (state.iteration, state.consumed_train_samples) == (3, 24)
 
     path = get_checkpoint_name(save, 3)
     state = torch.load(path, weights_only=False)
@@ -169,14 +180,10 @@ def _qkv_entries(d: dict):
 
 def _save(args, model, optimizer, lr_scheduler, iteration, samples):
     from megatron.checkpointing import save_checkpoint
+    from megatron.train_state import TrainState
 
-    args.consumed_train_samples = samples
-    save_checkpoint(iteration, model, optimizer, lr_scheduler)
-    args.consumed_train_samples = 0
-
-
-def _counters(args):
-    return args.consumed_train_samples, args.consumed_valid_samples
+    state = TrainState(iteration=iteration, consumed_train_samples=samples)
+    save_checkpoint(iteration, model, optimizer, lr_scheduler, train_state=state)
 
 
 def test_weights_only_load_and_old_version(tmp_path):
