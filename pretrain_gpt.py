@@ -11,6 +11,7 @@ from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.mock_dataset import build_mock_train_valid_test_datasets
 from megatron.model import GPTModel
 from megatron.model.config import config_from_args
+from megatron.model.ulysses import masked_mean_over_sequence, slice_sequence
 from megatron.training import pretrain
 from megatron.utils import (
     average_losses_across_data_parallel_group,
@@ -44,10 +45,16 @@ def _stage_reads_data(args) -> bool:
 
 def get_batch(data_iterator):
     """Tokens, labels, loss mask, attention mask and position ids of one micro-batch,
-    broadcast from tensor-parallel rank 0."""
+    broadcast from tensor-parallel rank 0. Under flash attention with a plain causal mask
+    the mask is None (is_causal attention; no [s, s] tensor). With
+    --ds-sequence-parallel-size N each rank keeps its contiguous s/N slice of the tokens,
+    labels, loss mask and positions (the mask stays [s, s]: attention sees all tokens)."""
     args = get_args()
     tokenizer = get_tokenizer()
+    skip_mask = args.use_flash_attn and not args.reset_attention_mask
     if not _stage_reads_data(args):
+        if skip_mask:
+            return None, None, None, None, None
         seq = args.seq_length
         causal = torch.ones((1, 1, seq, seq), device=torch.device(current_device()))
         attention_mask = torch.tril(causal) < 0.5  # [1, 1, s, s], True = masked
@@ -60,7 +67,11 @@ def get_batch(data_iterator):
     tokens = tokens_[:, :-1].contiguous()
     attention_mask, loss_mask, position_ids = get_ltor_masks_and_position_ids(
         tokens, tokenizer.eod, args.reset_position_ids, args.reset_attention_mask,
-        args.eod_mask_loss)
+        args.eod_mask_loss, skip_mask=skip_mask)
+    if mpu.get_sequence_parallel_world_size() > 1:
+        tokens, labels, loss_mask, position_ids = slice_sequence(
+            (tokens, labels, loss_mask, position_ids), mpu.get_sequence_parallel_rank(),
+            mpu.get_sequence_parallel_world_size())  # [b, s/N] each
     return tokens, labels, loss_mask, attention_mask, position_ids
 
 
@@ -88,9 +99,13 @@ def get_batch_pipe(data, train_state=None):
 def loss_func(loss_mask, output_tensor, moe_loss=None):
     """Masked mean of the per-token losses (plus --moe-loss-coeff x the MoE aux loss);
     the data-parallel means for logging."""
-    losses = output_tensor.float()
-    loss_mask = loss_mask.view(-1).float()
-    loss = torch.sum(losses.view(-1) * loss_mask) / loss_mask.sum()
+    if mpu.get_sequence_parallel_world_size() > 1:  # the mean over all s tokens
+        loss = masked_mean_over_sequence(
+            output_tensor, loss_mask, mpu.get_sequence_parallel_group())
+    else:
+        losses = output_tensor.float()
+        loss_mask = loss_mask.view(-1).float()
+        loss = torch.sum(losses.view(-1) * loss_mask) / loss_mask.sum()
     if moe_loss is None:
         averaged_loss = average_losses_across_data_parallel_group([loss])
         return loss, {"lm loss": averaged_loss[0]}
@@ -114,7 +129,8 @@ def forward_step(data_iterator, model, train_state=None):
 
         tokens, position_ids, labels, loss_mask = (
             cut(tokens), cut(position_ids), cut(labels), cut(loss_mask))
-        attention_mask = attention_mask[:, :, :curriculum_seqlen, :curriculum_seqlen]
+        if attention_mask is not None:  # None: causal flash attention
+            attention_mask = attention_mask[:, :, :curriculum_seqlen, :curriculum_seqlen]
     output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
     moe_loss = None
     if isinstance(output_tensor, tuple):  # MoE: (per-token loss, summed aux loss)

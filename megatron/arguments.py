@@ -29,19 +29,23 @@ class ArgumentError(ValueError):
 # ----------------------------------------------------------------------------------------
 
 
-def data_parallel_size(world_size: int, tp: int, pp: int) -> int:
-    """dp = world_size / (tp * pp); every rank holds one (tp, pp, dp) coordinate."""
+def data_parallel_size(world_size: int, tp: int, pp: int, sp: int = 1) -> int:
+    """dp = world_size / (tp * pp * sp); every rank holds one (tp, sp, dp, pp) coordinate
+    (sp: the DeepSpeed-Ulysses sequence-parallel size, whose ranks share their samples)."""
     if tp < 1 or pp < 1:
         raise ArgumentError(
             f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size ({pp}) "
             "must be >= 1"
         )
-    if world_size % (tp * pp) != 0:
+    if sp < 1:
+        raise ArgumentError(f"--ds-sequence-parallel-size must be >= 1 (got {sp})")
+    if world_size % (tp * pp * sp) != 0:
+        with_sp = f" x --ds-sequence-parallel-size ({sp})" if sp > 1 else ""
         raise ArgumentError(
             f"world size ({world_size}) is not divisible by --tensor-model-parallel-size "
-            f"({tp}) x --pipeline-model-parallel-size ({pp})"
+            f"({tp}) x --pipeline-model-parallel-size ({pp}){with_sp}"
         )
-    return world_size // (tp * pp)
+    return world_size // (tp * pp * sp)
 
 
 def num_microbatches(global_batch: int, micro_batch: int, dp: int) -> int:
@@ -605,6 +609,15 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     add("--use-cpu-initialization", action=_TRUE, default=None, help="Init on CPU, then shard.")
     add("--sequence-parallel", action=_TRUE, help="Split norm/dropout regions along the sequence.")
     add(
+        "--ds-sequence-parallel-size",
+        type=int,
+        default=1,
+        help="DeepSpeed-Ulysses sequence parallelism: split every sample's tokens over this "
+        "many ranks; around the core attention an all-to-all trades the sequence split for "
+        "a split of the heads (DeepSpeed's DistributedAttention). Cannot be combined with "
+        "--sequence-parallel (Megatron's).",
+    )
+    add(
         "--no-async-tensor-model-parallel-allreduce",
         action="store_false",
         dest="async_tensor_model_parallel_allreduce",
@@ -798,6 +811,7 @@ def validate_args(
     _set_sequence_lengths(args)
     _set_parallel_layout(args)
     _set_model_shape(args)
+    check_ds_sequence_parallel(args)
     _set_batch_sizes(args)
     _set_precision(args)
     _check_distributed_optimizer(args)
@@ -948,7 +962,9 @@ def _set_sequence_lengths(args: argparse.Namespace) -> None:
 def _set_parallel_layout(args: argparse.Namespace) -> None:
     """data_parallel_size, virtual pipeline size; layers and heads must split evenly."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    args.data_parallel_size = data_parallel_size(args.world_size, tp, pp)
+    args.data_parallel_size = data_parallel_size(
+        args.world_size, tp, pp, args.ds_sequence_parallel_size
+    )
     if args.num_attention_heads % tp != 0:
         raise ArgumentError(
             f"--num-attention-heads ({args.num_attention_heads}) is not divisible by "
@@ -976,6 +992,11 @@ def _set_parallel_layout(args: argparse.Namespace) -> None:
             "--tp-comm-overlap overlaps the all-gathers and reduce-scatters of sequence "
             "parallelism with the GEMMs: add --sequence-parallel (or use "
             "--tp-comm-overlap-chunks N for the all-reduce of plain tensor parallelism)"
+        )
+    if args.sequence_parallel and args.ds_sequence_parallel_size > 1:
+        raise ArgumentError(
+            f"--ds-sequence-parallel-size ({args.ds_sequence_parallel_size}) cannot be "
+            "combined with --sequence-parallel (Megatron's sequence parallelism)"
         )
     if tp == 1 and args.sequence_parallel:
         args.sequence_parallel = False  # nothing to split the sequence across
@@ -1072,6 +1093,37 @@ def _set_precision(args: argparse.Namespace) -> None:
         args.use_contiguous_buffers_in_local_ddp = True
     if args.DDP_impl == "torch":
         args.use_contiguous_buffers_in_local_ddp = False
+
+
+def check_ds_sequence_parallel(args: argparse.Namespace) -> None:
+    """--ds-sequence-parallel-size N: each of N ranks holds seq/N tokens of every sample
+    and, inside attention, all tokens of heads/N of its tensor-parallel heads, so N must
+    divide both; the combinations it does not support are refused by name."""
+    sp = args.ds_sequence_parallel_size
+    if sp == 1:
+        return
+    flag = f"--ds-sequence-parallel-size ({sp})"
+    tp = args.tensor_model_parallel_size
+    if args.seq_length % sp != 0:
+        raise ArgumentError(f"--seq-length ({args.seq_length}) is not divisible by {flag}")
+    for heads, name in ((args.num_attention_heads, "--num-attention-heads"),
+                        (args.num_key_value_heads, "--num-key-value-heads")):
+        if (heads // tp) % sp != 0:
+            per_rank = f" / --tensor-model-parallel-size ({tp})" if tp > 1 else ""
+            raise ArgumentError(f"{name} ({heads}){per_rank} is not divisible by {flag}")
+    refused = (
+        (args.pipeline_model_parallel_size > 1,
+         f"--pipeline-model-parallel-size ({args.pipeline_model_parallel_size})"),
+        (args.decoder_seq_length is not None, "--decoder-seq-length (encoder-decoder models)"),
+        (args.DDP_impl == "torch", "--DDP-impl torch (gradients must be summed over the "
+         "sequence ranks; use --DDP-impl local)"),
+        (args.use_distributed_optimizer, "--use-distributed-optimizer (use --deepspeed with "
+         "ZeRO stage 1 or 2)"),
+        (getattr(args, "curriculum_learning", False), "--curriculum-learning"),
+    )
+    for given, other in refused:
+        if given:
+            raise ArgumentError(f"{flag} cannot be combined with {other}")
 
 
 def _check_distributed_optimizer(args: argparse.Namespace) -> None:

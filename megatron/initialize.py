@@ -114,10 +114,13 @@ def _initialize_distributed(args) -> None:
             args.pipeline_model_parallel_size,
             args.virtual_pipeline_model_parallel_size,
             timeout=timeout,
+            sequence_parallel_size=getattr(args, "ds_sequence_parallel_size", 1),
         )
         print_rank_0(
             f"> initialized tensor model parallel with size "
             f"{mpu.get_tensor_model_parallel_world_size()}\n"
+            f"> initialized DeepSpeed-Ulysses sequence parallel with size "
+            f"{mpu.get_sequence_parallel_world_size()}\n"
             f"> initialized pipeline model parallel with size "
             f"{mpu.get_pipeline_model_parallel_world_size()}\n"
             f"> initialized data parallel with size {mpu.get_data_parallel_world_size()}"

@@ -34,19 +34,26 @@ def average_losses_across_data_parallel_group(losses):
 
 
 def get_ltor_masks_and_position_ids(data, eod_token: int, reset_position_ids: bool,
-                                    reset_attention_mask: bool, eod_mask_loss: bool):
+                                    reset_attention_mask: bool, eod_mask_loss: bool,
+                                    skip_mask: bool = False):
     """Left-to-right masks and position ids for a [b, s] batch of token ids.
 
     Returns (attention_mask [b or 1, 1, s, s] bool, True = masked out; loss_mask [b, s]
     float; position_ids [b, s]). With reset_position_ids / reset_attention_mask, positions
     restart and attention is blocked after every end-of-document token, so documents packed
-    into one sample do not attend to each other.
+    into one sample do not attend to each other. `skip_mask` (plain causal attention
+    through is_causal, no reset_attention_mask) returns None for the mask: no [s, s]
+    tensor is built.
     """
     micro_batch_size, seq_length = data.size()
+    if skip_mask and reset_attention_mask:
+        raise ValueError("get_ltor_masks_and_position_ids: skip_mask with reset_attention_mask")
     att_mask_batch = micro_batch_size if reset_attention_mask else 1
-    attention_mask = torch.tril(
-        torch.ones((att_mask_batch, seq_length, seq_length), device=data.device)
-    ).view(att_mask_batch, 1, seq_length, seq_length)
+    attention_mask = None
+    if not skip_mask:
+        attention_mask = torch.tril(
+            torch.ones((att_mask_batch, seq_length, seq_length), device=data.device)
+        ).view(att_mask_batch, 1, seq_length, seq_length)
 
     loss_mask = torch.ones(data.size(), dtype=torch.float, device=data.device)
     if eod_mask_loss:
@@ -71,7 +78,8 @@ def get_ltor_masks_and_position_ids(data, eod_token: int, reset_position_ids: bo
                     position_ids[b, (i + 1):] -= i + 1 - prev_index
                     prev_index = i + 1
 
-    attention_mask = attention_mask < 0.5
+    if attention_mask is not None:
+        attention_mask = attention_mask < 0.5
     return attention_mask, loss_mask, position_ids
 
 

@@ -147,7 +147,8 @@ def _barrier() -> None:
     tensor parallelism only tensor-parallel rank 0 of each group builds them (as in
     Megatron's training loop), so those ranks meet over the data-parallel group, then
     over the pipeline group: rank (dp=i, pp=j) waits for (i, 0), which waited for
-    (0, 0) = global rank 0.
+    (0, 0) = global rank 0. (With DeepSpeed-Ulysses the sequence ranks are in that first
+    group too: the sequence-data group.)
     """
     import torch
 
@@ -156,7 +157,7 @@ def _barrier() -> None:
     from megatron import mpu
 
     if mpu.model_parallel_is_initialized() and mpu.get_tensor_model_parallel_world_size() > 1:
-        torch.distributed.barrier(group=mpu.get_data_parallel_group())
+        torch.distributed.barrier(group=mpu.get_sequence_data_parallel_group())
         torch.distributed.barrier(group=mpu.get_pipeline_model_parallel_group())
     else:
         torch.distributed.barrier()

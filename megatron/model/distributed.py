@@ -108,9 +108,11 @@ def _expert_group_name(param: torch.Tensor) -> str | None:
 
 
 def _reduction_group(group_name: str | None) -> Tuple[Any, int]:
-    """(process group, its size) that averages grads of params with this group name."""
+    """(process group to sum over, count to divide by) for grads of params with this group
+    name: dense grads are summed over the sequence-data group (the data group without
+    DeepSpeed-Ulysses) and divided by the data-parallel size (megatron/model/ulysses.py)."""
     if group_name is None:
-        return mpu.get_data_parallel_group(), mpu.get_data_parallel_world_size()
+        return mpu.get_sequence_data_parallel_group(), mpu.get_data_parallel_world_size()
     try:
         from deepspeed.utils import groups as ds_groups
 
@@ -238,8 +240,10 @@ class DistributedDataParallel(DistributedDataParallelBase):
         if self._grad_buffers is not None:
             for (_, group_name), buffer in self._grad_buffers.items():
                 group, size = _reduction_group(group_name)
-                if size > 1:  # one rank: nothing to average (a pass over every gradient)
-                    buffer.data /= size
+                # one rank: nothing to reduce (a pass over every gradient)
+                if torch.distributed.get_world_size(group=group) > 1:
+                    if size > 1:
+                        buffer.data /= size
                     torch.distributed.all_reduce(buffer.data, group=group)
             return
         buckets: Dict[BufferKey, List[torch.Tensor]] = {}

@@ -2,9 +2,12 @@
 
 Layout: activations inside the transformer are [s, b, h] (sequence, batch, hidden)
 throughout, as in Megatron; with sequence parallelism each tensor-parallel rank holds
-[s/p, b, h] outside the attention and MLP blocks. Notation below: p = tensor-parallel
-size, np = attention heads on this rank, ng = key/value heads on this rank (grouped-query
-attention; ng = np for plain multi-head attention), hn = per-head width, hp = np * hn.
+[s/p, b, h] outside the attention and MLP blocks; with DeepSpeed-Ulysses
+(--ds-sequence-parallel-size N) each rank holds [s/N, b, h] everywhere but inside the
+core attention, which sees all s tokens of np/N heads (ulysses.py). Notation below:
+p = tensor-parallel size, np = attention heads on this rank, ng = key/value heads on this
+rank (grouped-query attention; ng = np for plain multi-head attention), hn = per-head
+width, hp = np * hn.
 
 Every layer takes a TransformerConfig; nothing here reads global arguments.
 """
@@ -228,6 +231,18 @@ class ParallelAttention(MegatronModule):
         self.num_attention_heads_per_partition = mpu.divide(config.num_attention_heads, world_size)
         self.num_key_value_heads_per_partition = mpu.divide(config.num_key_value_heads, world_size)
         self.num_query_groups = mpu.divide(config.num_attention_heads, config.num_key_value_heads)
+        # DeepSpeed-Ulysses: this rank holds s/N tokens; core attention runs on all tokens
+        # of n/N heads between two all-to-alls (ulysses.py)
+        self.ulysses = None
+        if mpu.get_sequence_parallel_world_size() > 1:
+            if attention_type != AttnType.self_attn or attn_mask_type != AttnMaskType.causal:
+                raise ValueError(
+                    "megatron/model/transformer.py: --ds-sequence-parallel-size > 1 supports "
+                    "causal self-attention (GPT) only"
+                )
+            from .ulysses import UlyssesAttention
+
+            self.ulysses = UlyssesAttention(mpu.get_sequence_parallel_group())
         self.rotary_emb = None
         if config.use_rotary_position_embeddings and attention_type == AttnType.self_attn:
             self.rotary_emb = RotaryEmbedding(
@@ -412,12 +427,19 @@ class ParallelAttention(MegatronModule):
         cached keys are stored rotated).
         `attention_mask_is_causal` (flash path) saves re-checking the mask per layer.
         """
+        if self.ulysses is not None and (layer_past is not None or get_key_value):
+            raise ValueError(
+                "megatron/model/transformer.py: key/value caches (generation) are not "
+                "supported with --ds-sequence-parallel-size > 1"
+            )
         if isinstance(layer_past, LayerKVCache):
             output, bias = self._forward_with_cache(hidden_states, layer_past)
             return ([output, layer_past] if get_key_value else output), bias
         query_layer, key_layer, value_layer = self._project(hidden_states, encoder_output)
         if self.rotary_emb is not None:
             offset = 0 if layer_past is None else layer_past[0].size(0)
+            if self.ulysses is not None:  # this rank's tokens start at rank * s/N
+                offset = mpu.get_sequence_parallel_rank() * query_layer.size(0)
             query_layer, key_layer = self._rotate(query_layer, key_layer, offset)
         if layer_past is not None:
             past_key, past_value = layer_past
@@ -429,20 +451,32 @@ class ParallelAttention(MegatronModule):
             with torch.no_grad():  # the new queries are the last sq of the sk positions
                 attention_mask = attention_mask[..., sk - sq : sk, :sk]
             attention_mask_is_causal = None
-        if self.use_flash_attn:
-            context_layer = self.flash_attention(
+        if self.ulysses is not None:
+            context_layer = self.ulysses(
+                self._attend, query_layer, key_layer, value_layer, attention_mask,
+                attention_mask_is_causal,
+            )  # [s/N, b, hp]: all-to-all, attention over all s tokens of n/N heads, back
+        else:
+            context_layer = self._attend(
                 query_layer, key_layer, value_layer, attention_mask, attention_mask_is_causal
             )
-        elif self.recompute_core_attention and self.training:
-            context_layer = self._checkpointed_core_attention(
-                query_layer, key_layer, value_layer, attention_mask
-            )
-        else:
-            context_layer = self.core_attention(query_layer, key_layer, value_layer, attention_mask)
         output, bias = self.dense(context_layer)  # [sq, b, h]
         if get_key_value:
             output = [output, present]
         return output, bias
+
+    def _attend(self, query_layer, key_layer, value_layer, attention_mask, mask_is_causal):
+        """Core attention by the configured path (flash, selective recompute or plain)
+        -> [sq, b, hp]."""
+        if self.use_flash_attn:
+            return self.flash_attention(
+                query_layer, key_layer, value_layer, attention_mask, mask_is_causal
+            )
+        if self.recompute_core_attention and self.training:
+            return self._checkpointed_core_attention(
+                query_layer, key_layer, value_layer, attention_mask
+            )
+        return self.core_attention(query_layer, key_layer, value_layer, attention_mask)
 
 
     def _forward_with_cache(self, hidden_states: torch.Tensor, cache: LayerKVCache):

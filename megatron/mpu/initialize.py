@@ -12,6 +12,21 @@ data-parallel index, then the pipeline stage. With 16 GPUs, TP=2 and PP=4 (so DP
 `generate_parallel_groups` computes these lists with no process groups at all;
 `initialize_model_parallel` turns them into torch.distributed groups.
 
+DeepSpeed-Ulysses sequence parallelism (--ds-sequence-parallel-size sp) adds a fourth
+dimension between tensor and data: tp fastest, then sp, then dp, then pp, so that
+world = tp * sp * dp * pp. A sequence group holds the sp ranks that split one sample's
+tokens (same tensor, data and pipeline index); the data group keeps only the ranks that
+read other samples (it excludes the sequence ranks, as in Megatron-DeepSpeed), and the
+sequence-data group (sp x dp ranks) is the one gradients are reduced over: summed over
+the sequence ranks (each holds the gradient of its own tokens' share of the loss) and
+averaged over the data ranks. With 8 GPUs, TP=2 and SP=2 (so DP=2):
+
+    tensor groups         [0,1] [2,3] [4,5] [6,7]
+    sequence groups       [0,2] [1,3] [4,6] [5,7]
+    data groups           [0,4] [1,5] [2,6] [3,7]
+    sequence-data groups  [0,2,4,6] [1,3,5,7]
+    model groups          [0,1] [2,3] [4,5] [6,7]
+
 DeepSpeed (``deepspeed.initialize(mpu=mpu)``) reads `get_model_parallel_world_size` and
 `get_model_parallel_rank`, which are the *tensor*-parallel ones, as in Megatron-DeepSpeed,
 and `get_model_parallel_group`, the TP x PP group.
@@ -71,6 +86,14 @@ __all__ = [
     "get_pipeline_model_parallel_prev_rank",
     "get_data_parallel_world_size",
     "get_data_parallel_rank",
+    "sequence_parallel_is_initialized",
+    "get_sequence_parallel_group",
+    "get_sequence_parallel_world_size",
+    "get_sequence_parallel_rank",
+    "get_sequence_parallel_src_rank",
+    "get_sequence_data_parallel_group",
+    "get_sequence_data_parallel_world_size",
+    "get_sequence_data_parallel_rank",
 ]
 
 _GROUP_KEYS = ("tensor", "pipeline", "data", "model", "embedding")
@@ -87,6 +110,10 @@ _TENSOR_GLOBAL_RANKS: List[int] | None = None
 _PIPELINE_GLOBAL_RANKS: List[int] | None = None
 _DATA_PARALLEL_GLOBAL_RANKS: List[int] | None = None
 _EMBEDDING_GLOBAL_RANKS: List[int] | None = None
+# DeepSpeed-Ulysses sequence parallelism: None while its size is 1.
+_SEQUENCE_PARALLEL_GROUP = None
+_SEQUENCE_PARALLEL_GLOBAL_RANKS: List[int] | None = None
+_SEQUENCE_DATA_PARALLEL_GROUP = None
 # Interleaved (virtual) pipeline stages.
 _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK: int | None = None
 _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE: int | None = None
@@ -146,12 +173,14 @@ def generate_parallel_groups(
     pipeline_model_parallel_size: int,
     rank_order: str = "tp-dp-pp",
     pipeline_model_parallel_split_rank: int | None = None,
+    sequence_parallel_size: int = 1,
 ) -> Dict[str, List[List[int]]]:
     """Every process group's member ranks, for a world of `world_size` ranks.
 
-    With tp = tensor_model_parallel_size and pp = pipeline_model_parallel_size,
-    dp = world_size / (tp * pp). `rank_order` names the dimensions fastest first;
-    Megatron's layout is 'tp-dp-pp'. Returns a dict with keys
+    With tp = tensor_model_parallel_size, pp = pipeline_model_parallel_size and
+    sp = sequence_parallel_size, dp = world_size / (tp * sp * pp). `rank_order` names the
+    dimensions tp, dp and pp fastest first (Megatron's layout is 'tp-dp-pp'); the sequence
+    dimension comes right after tp. Returns a dict with keys
 
       'tensor'    dp * pp groups of tp ranks
       'data'      tp * pp groups of dp ranks
@@ -160,15 +189,22 @@ def generate_parallel_groups(
       'embedding' one group per pipeline group: its first and last stage (plus the
                   encoder/decoder split stage when `pipeline_model_parallel_split_rank`
                   is given); a single-stage pipeline gives just that rank.
+
+    and with sp > 1 also
+
+      'sequence'      tp * dp * pp groups of sp ranks
+      'sequence_data' tp * pp groups of sp * dp ranks
     """
     _check_positive("world_size", world_size)
     _check_positive("tensor_model_parallel_size", tensor_model_parallel_size)
     _check_positive("pipeline_model_parallel_size", pipeline_model_parallel_size)
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    if world_size % (tp * pp) != 0:
+    _check_positive("sequence_parallel_size", sequence_parallel_size)
+    tp, pp, sp = tensor_model_parallel_size, pipeline_model_parallel_size, sequence_parallel_size
+    if world_size % (tp * pp * sp) != 0:
         raise ValueError(
             f"megatron/mpu/initialize.py: world_size ({world_size}) is not divisible by "
             f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp})"
+            + (f" x sequence_parallel_size ({sp})" if sp > 1 else "")
         )
     split = pipeline_model_parallel_split_rank
     if split is not None and not 0 <= split < pp:
@@ -177,19 +213,24 @@ def generate_parallel_groups(
             f"must be in [0, {pp})"
         )
     order = _parse_rank_order(rank_order)
-    sizes = {"tp": tp, "dp": world_size // (tp * pp), "pp": pp}
+    order.insert(order.index("tp") + 1, "sp")
+    sizes = {"tp": tp, "sp": sp, "dp": world_size // (tp * pp * sp), "pp": pp}
     pipeline = _groups_varying(world_size, sizes, order, {"pp"})
     embedding = []
     for ranks in pipeline:
         stages = [0, pp - 1] if split is None else [0, split, pp - 1]
         embedding.append(sorted({ranks[s] for s in stages}, key=ranks.index))
-    return {
+    layout = {
         "tensor": _groups_varying(world_size, sizes, order, {"tp"}),
         "pipeline": pipeline,
         "data": _groups_varying(world_size, sizes, order, {"dp"}),
         "model": _groups_varying(world_size, sizes, order, {"tp", "pp"}),
         "embedding": embedding,
     }
+    if sp > 1:
+        layout["sequence"] = _groups_varying(world_size, sizes, order, {"sp"})
+        layout["sequence_data"] = _groups_varying(world_size, sizes, order, {"sp", "dp"})
+    return layout
 
 
 # --------------------------------------------------------------------------------------
@@ -203,8 +244,10 @@ def initialize_model_parallel(
     virtual_pipeline_model_parallel_size: int | None = None,
     pipeline_model_parallel_split_rank: int | None = None,
     timeout=None,
+    sequence_parallel_size: int = 1,
 ) -> None:
-    """Create the tensor, pipeline, data, model and embedding groups for this rank.
+    """Create the tensor, pipeline, data, model and embedding groups for this rank (and
+    the sequence and sequence-data groups when `sequence_parallel_size` > 1).
 
     torch.distributed must be initialised. Every rank creates every group, in the same
     order (torch.distributed.new_group is collective), and keeps the ones it belongs to.
@@ -217,6 +260,7 @@ def initialize_model_parallel(
     global _DATA_PARALLEL_GLOBAL_RANKS, _EMBEDDING_GLOBAL_RANKS
     global _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK, _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
     global _PIPELINE_MODEL_PARALLEL_SPLIT_RANK
+    global _SEQUENCE_PARALLEL_GROUP, _SEQUENCE_PARALLEL_GLOBAL_RANKS, _SEQUENCE_DATA_PARALLEL_GROUP
 
     if not torch.distributed.is_initialized():
         raise RuntimeError(
@@ -244,10 +288,11 @@ def initialize_model_parallel(
         tensor_model_parallel_size,
         pipeline_model_parallel_size,
         pipeline_model_parallel_split_rank=pipeline_model_parallel_split_rank,
+        sequence_parallel_size=sequence_parallel_size,
     )
 
     mine = {}
-    for key in _GROUP_KEYS:
+    for key in _GROUP_KEYS + tuple(k for k in ("sequence", "sequence_data") if k in layout):
         for ranks in layout[key]:
             group = torch.distributed.new_group(ranks, timeout=timeout)  # collective: every rank, same order
             if rank in ranks:
@@ -266,6 +311,9 @@ def initialize_model_parallel(
         _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = 0
         _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = virtual_pipeline_model_parallel_size
     _PIPELINE_MODEL_PARALLEL_SPLIT_RANK = pipeline_model_parallel_split_rank
+    if "sequence" in mine:
+        _SEQUENCE_PARALLEL_GROUP, _SEQUENCE_PARALLEL_GLOBAL_RANKS = mine["sequence"]
+        _SEQUENCE_DATA_PARALLEL_GROUP, _ = mine["sequence_data"]
 
 
 def model_parallel_is_initialized() -> bool:
@@ -334,6 +382,9 @@ def destroy_model_parallel() -> None:
     global _DATA_PARALLEL_GLOBAL_RANKS, _EMBEDDING_GLOBAL_RANKS
     global _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK, _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
     global _PIPELINE_MODEL_PARALLEL_SPLIT_RANK
+    global _SEQUENCE_PARALLEL_GROUP, _SEQUENCE_PARALLEL_GLOBAL_RANKS, _SEQUENCE_DATA_PARALLEL_GROUP
+    _SEQUENCE_PARALLEL_GROUP = _SEQUENCE_PARALLEL_GLOBAL_RANKS = None
+    _SEQUENCE_DATA_PARALLEL_GROUP = None
     _TENSOR_MODEL_PARALLEL_GROUP = _PIPELINE_MODEL_PARALLEL_GROUP = _MODEL_PARALLEL_GROUP = None
     _DATA_PARALLEL_GROUP = _EMBEDDING_GROUP = None
     _TENSOR_GLOBAL_RANKS = _PIPELINE_GLOBAL_RANKS = None
@@ -587,3 +638,59 @@ def get_data_parallel_world_size() -> int:
 
 def get_data_parallel_rank() -> int:
     return _rank_in(_DATA_PARALLEL_GROUP, "data parallel")
+
+
+# --------------------------------------------------------------------------------------
+# DeepSpeed-Ulysses sequence parallelism (DeepSpeed reads these through mpu=)
+# --------------------------------------------------------------------------------------
+
+
+def sequence_parallel_is_initialized() -> bool:
+    """True when this rank's groups include sequence groups (sequence parallel size > 1)."""
+    return _SEQUENCE_PARALLEL_GROUP is not None
+
+
+def get_sequence_parallel_group():
+    """The ranks that split this rank's samples along the sequence."""
+    return _need(_SEQUENCE_PARALLEL_GROUP, "sequence parallel (--ds-sequence-parallel-size > 1)")
+
+
+def get_sequence_parallel_world_size() -> int:
+    """Sequence-parallel size; 1 without sequence groups."""
+    if _SEQUENCE_PARALLEL_GROUP is None:
+        return 1
+    return torch.distributed.get_world_size(group=_SEQUENCE_PARALLEL_GROUP)
+
+
+def get_sequence_parallel_rank() -> int:
+    """Index of this rank's slice of the sequence; 0 without sequence groups."""
+    if _SEQUENCE_PARALLEL_GROUP is None:
+        return 0
+    return torch.distributed.get_rank(group=_SEQUENCE_PARALLEL_GROUP)
+
+
+def get_sequence_parallel_src_rank() -> int:
+    """Global rank of sequence-parallel rank 0 in this rank's sequence group."""
+    if _SEQUENCE_PARALLEL_GLOBAL_RANKS is None:
+        return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return _SEQUENCE_PARALLEL_GLOBAL_RANKS[0]
+
+
+def get_sequence_data_parallel_group():
+    """Sequence x data ranks (the gradient reduction and ZeRO partition group); the data
+    group without sequence parallelism."""
+    if _SEQUENCE_DATA_PARALLEL_GROUP is None:
+        return get_data_parallel_group()
+    return _SEQUENCE_DATA_PARALLEL_GROUP
+
+
+def get_sequence_data_parallel_world_size() -> int:
+    if _SEQUENCE_DATA_PARALLEL_GROUP is None:
+        return get_data_parallel_world_size()
+    return torch.distributed.get_world_size(group=_SEQUENCE_DATA_PARALLEL_GROUP)
+
+
+def get_sequence_data_parallel_rank() -> int:
+    if _SEQUENCE_DATA_PARALLEL_GROUP is None:
+        return get_data_parallel_rank()
+    return torch.distributed.get_rank(group=_SEQUENCE_DATA_PARALLEL_GROUP)
