@@ -279,6 +279,7 @@ def build_parser(
         _add_data_args,
         _add_autoresume_args,
         _add_logging_args,
+        _add_profiler_args,
         _add_zero_args,
         _add_activation_checkpoint_args,
         _add_curriculum_args,
@@ -735,6 +736,35 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     add("--log-validation-ppl-to-tensorboard", action=_TRUE, help="Validation perplexity.")
     add("--log-memory-to-tensorboard", action=_TRUE, help="Device memory to TensorBoard.")
     add("--log-optimizer-states-to-tensorboard", action=_TRUE, help="Optimizer state norms.")
+    add("--log-world-size-to-tensorboard", action=_TRUE,
+        help="The world size to TensorBoard (and wandb), per iteration and vs samples.")
+    add("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
+        help="Timers recorded: 0 the iteration time and the setup/load/save times (no "
+        "extra synchronisation); 1 also the step's phases (forward-backward, gradient "
+        "all-reduces, optimizer); 2 also the finest ones (batch generator).")
+    add("--timing-log-option", default="minmax", choices=["max", "minmax", "all"],
+        help="How the timers printed at each log line are reduced over the ranks: the "
+        "slowest rank, the fastest and the slowest, or every rank.")
+    add("--wandb-project", type=str, default="",
+        help="Weights & Biases project: log the TensorBoard scalars there too (last rank).")
+    add("--wandb-exp-name", type=str, default="", help="Weights & Biases run name.")
+    add("--wandb-save-dir", type=str, default="",
+        help="Folder for the wandb run files; <--save>/wandb if unset.")
+
+
+def _add_profiler_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "profiling")
+    add("--profile", choices=["pt", "pt-full"], default=None,
+        help="torch.profiler traces of the --profile_steps window (pt-full: with Python "
+        "stacks), written under --tensorboard-dir for TensorBoard or Perfetto.")
+    add("--profile_steps", type=str, default="2,3",
+        help="<first>,<last>: the steps of this run to profile (from 1, both included).")
+    add("--profile-step-start", type=int, default=None,
+        help="Megatron-LM's window: profile the iterations after this one ...")
+    add("--profile-step-end", type=int, default=None,
+        help="... up to this one (with --profile-step-start; replaces --profile_steps).")
+    add("--profile-ranks", type=int, nargs="+", default=None,
+        help="Ranks that profile (all if unset).")
 
 
 def _add_zero_args(parser: argparse.ArgumentParser) -> None:
@@ -820,6 +850,7 @@ def validate_args(
     _check_moe(args)
     _check_activation_checkpointing(args)
     _set_flash_attention(args)
+    _check_logging_and_profiling(args)
     args.consumed_train_samples = 0
     args.consumed_train_tokens = 0
     args.consumed_valid_samples = 0
@@ -1363,6 +1394,41 @@ def _check_activation_checkpointing(args: argparse.Namespace) -> None:
             "--deepspeed-activation-checkpointing requires recompute (--checkpoint-activations, "
             "--recompute-granularity full|selective or --recompute-activations)"
         )
+
+
+def _check_logging_and_profiling(args: argparse.Namespace) -> None:
+    """wandb needs a folder; --profile a window, ranks that exist and a trace folder."""
+    if (args.wandb_project or args.wandb_exp_name) and not (args.wandb_save_dir or args.save):
+        raise ArgumentError(
+            "--wandb-project / --wandb-exp-name need --wandb-save-dir or --save (the run "
+            "files go to <--save>/wandb)")
+    start, end = args.profile_step_start, args.profile_step_end
+    if (start is None) != (end is None):
+        raise ArgumentError("--profile-step-start and --profile-step-end go together")
+    if args.profile is None:
+        if start is not None or args.profile_ranks is not None:
+            flag = "--profile-step-start" if start is not None else "--profile-ranks"
+            raise ArgumentError(f"{flag} needs --profile pt|pt-full")
+        return
+    if start is not None:
+        if not 0 <= start < end:
+            raise ArgumentError(
+                f"--profile-step-start ({start}) must be >= 0 and smaller than "
+                f"--profile-step-end ({end})")
+    else:
+        parts = args.profile_steps.split(",")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not (
+                1 <= int(parts[0]) <= int(parts[1])):
+            raise ArgumentError(
+                f"--profile_steps {args.profile_steps!r}: expected <first>,<last> with "
+                "1 <= first <= last (e.g. 2,3)")
+    for rank in args.profile_ranks or ():
+        if not 0 <= rank < args.world_size:
+            raise ArgumentError(
+                f"--profile-ranks {rank}: no such rank (world size {args.world_size})")
+    if not args.tensorboard_dir:
+        raise ArgumentError(f"--profile {args.profile} writes its traces under "
+                            "--tensorboard-dir: give one")
 
 
 def _set_flash_attention(args: argparse.Namespace) -> None:

@@ -4,7 +4,8 @@ TensorBoard writer and the micro-batch calculator."""
 from __future__ import annotations
 
 import os
-import time
+
+from .timers import Timers
 
 _GLOBAL_ARGS = None
 _GLOBAL_NUM_MICROBATCHES_CALCULATOR = None
@@ -38,7 +39,8 @@ def get_tokenizer():
 
 
 def get_tensorboard_writer():
-    """The TensorBoard writer on the last rank when --tensorboard-dir is set, else None."""
+    """The TensorBoard writer on the last rank when --tensorboard-dir is set, else None;
+    with --wandb-project it writes to wandb as well."""
     return _GLOBAL_TENSORBOARD_WRITER
 
 
@@ -58,7 +60,8 @@ def set_global_variables(args, build_tokenizer: bool = True) -> None:
     if build_tokenizer and getattr(args, "tokenizer_type", None):
         _build_tokenizer(args)
     _set_tensorboard_writer(args)
-    _set_timers()
+    _set_wandb_writer(args)
+    _set_timers(args)
 
 
 def set_args(args) -> None:
@@ -98,9 +101,19 @@ def _set_tensorboard_writer(args) -> None:
         )
 
 
-def _set_timers() -> None:
+def _set_wandb_writer(args) -> None:
+    """--wandb-project: the writer sends its scalars to wandb too (megatron/wandb_utils.py)."""
+    from .wandb_utils import wandb_writer
+
+    global _GLOBAL_TENSORBOARD_WRITER
+    _GLOBAL_TENSORBOARD_WRITER = wandb_writer(args, _GLOBAL_TENSORBOARD_WRITER)
+
+
+def _set_timers(args) -> None:
+    """Timers of --timing-log-level and --timing-log-option (megatron/timers.py)."""
     global _GLOBAL_TIMERS
-    _GLOBAL_TIMERS = Timers()
+    _GLOBAL_TIMERS = Timers(getattr(args, "timing_log_level", 0),
+                            getattr(args, "timing_log_option", "minmax"))
 
 
 def reset_global_variables() -> None:
@@ -116,75 +129,3 @@ def reset_global_variables() -> None:
 def _ensure_var_is_initialized(var, name: str) -> None:
     if var is None:
         raise RuntimeError(f"{name} is not initialized; call initialize_megatron() first")
-
-
-class _Timer:
-    def __init__(self, name: str):
-        self.name_ = name
-        self.elapsed_ = 0.0
-        self.started_ = False
-        self.start_time = time.time()
-
-    def start(self) -> None:
-        assert not self.started_, f"timer {self.name_} has already been started"
-        from .accelerator import synchronize
-
-        synchronize()
-        self.start_time = time.time()
-        self.started_ = True
-
-    def stop(self) -> None:
-        assert self.started_, f"timer {self.name_} is not started"
-        from .accelerator import synchronize
-
-        synchronize()
-        self.elapsed_ += time.time() - self.start_time
-        self.started_ = False
-
-    def reset(self) -> None:
-        self.elapsed_ = 0.0
-        self.started_ = False
-
-    def elapsed(self, reset: bool = True) -> float:
-        started = self.started_
-        if started:
-            self.stop()
-        elapsed = self.elapsed_
-        if reset:
-            self.reset()
-        if started:
-            self.start()
-        return elapsed
-
-
-class Timers:
-    """Named wall-clock timers that synchronise the device at start and stop."""
-
-    def __init__(self):
-        self.timers: dict[str, _Timer] = {}
-
-    def __call__(self, name: str) -> _Timer:
-        if name not in self.timers:
-            self.timers[name] = _Timer(name)
-        return self.timers[name]
-
-    def write(self, names, writer, iteration, normalizer=1.0, reset=False) -> None:
-        assert normalizer > 0.0
-        for name in names:
-            if name in self.timers:
-                value = self.timers[name].elapsed(reset=reset) / normalizer
-                writer.add_scalar(name + "-time", value, iteration)
-
-    def log(self, names, normalizer=1.0, reset=True) -> str:
-        """Print 'time (ms) | name: x | ...' from the last rank; returns the string."""
-        assert normalizer > 0.0
-        parts = []
-        for name in names:
-            if name in self.timers:
-                ms = self.timers[name].elapsed(reset=reset) * 1000.0 / normalizer
-                parts.append(f"{name}: {ms:.2f}")
-        string = "time (ms) | " + " | ".join(parts)
-        from . import print_rank_last
-
-        print_rank_last(string)
-        return string

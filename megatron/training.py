@@ -44,7 +44,9 @@ from .errors import NonFiniteLossError
 from .initialize import initialize_megatron, require_vocabulary, set_jit_fusion_options
 from .learning_rates import AnnealingLR
 from .optimizer import get_megatron_optimizer
+from .profiling import step_profiler
 from .rank_progress import mark, named_timeouts
+from .timers import STEP_TIMERS
 from .train_state import TrainState
 from .utils import (
     first_non_finite_parameter,
@@ -334,18 +336,13 @@ class _LogState:
         self.nan = 0
 
 
-# The step timers --log-timers-to-tensorboard writes (as "<name>-time", seconds per iteration).
-_TIMERS_TO_LOG = ("forward-backward", "backward-params-all-reduce",
-                  "backward-embedding-all-reduce", "optimizer")
-
-
 def _write_timers(args, timers, writer, iteration, log_state) -> None:
-    """--log-timers-to-tensorboard: the step timers, averaged over the iterations since
-    the last write (the timers restart at each write)."""
-    if not args.log_timers_to_tensorboard or writer is None:
+    """--log-timers-to-tensorboard: the step timers of --timing-log-level (as
+    "<name>-time", the slowest rank's seconds per iteration since the last log line; the
+    timers restart at each log line). Every rank joins the reduction."""
+    if not args.log_timers_to_tensorboard:
         return
-    timers.write(_TIMERS_TO_LOG, writer, iteration,
-                 normalizer=max(1, log_state.tb_iters), reset=True)
+    timers.write(STEP_TIMERS, writer, iteration, normalizer=max(1, log_state.iters))
 
 
 def _write_memory(writer, iteration) -> None:
@@ -452,6 +449,10 @@ def training_log(loss_dict, log_state, learning_rate, state: TrainState, loss_sc
                               state.consumed_train_samples)
         if args.log_batch_size_to_tensorboard:
             writer.add_scalar("batch-size", batch_size, iteration)
+        if args.log_world_size_to_tensorboard:
+            writer.add_scalar("world-size", args.world_size, iteration)
+            writer.add_scalar("world-size vs samples", args.world_size,
+                              state.consumed_train_samples)
         for key, value in loss_dict.items():
             writer.add_scalar(key, float(value), iteration)
             writer.add_scalar(key + " vs samples", float(value), state.consumed_train_samples)
@@ -478,6 +479,7 @@ def training_log(loss_dict, log_state, learning_rate, state: TrainState, loss_sc
                                 loss_scale, grad_norm, num_zeros_in_grad, params_norm,
                                 log_state.skipped, log_state.nan, extra_columns)
         print_rank_last(line)
+        timers.log(STEP_TIMERS, normalizer=log_state.iters)  # --timing-log-level/-option
         if report_memory_flag:
             report_memory(f"(after {iteration} iterations)")
             report_memory_flag = False
@@ -563,6 +565,7 @@ def train(forward_step_func, backend: TrainingBackend, state: TrainState,
     report_memory_flag = True
     overflow_guard = _OverflowGuard(args)
     loss_scale = backend.loss_scale()
+    profiler = step_profiler(args)
     _publish_iteration(args, state.iteration)
     while state.iteration < args.train_iters and not _train_tokens_reached(args, state):
         update_num_microbatches(state.consumed_train_samples)
@@ -571,7 +574,9 @@ def train(forward_step_func, backend: TrainingBackend, state: TrainState,
         if hasattr(backend.lr_scheduler, "set_tokens_per_sample"):
             backend.lr_scheduler.set_tokens_per_sample(seq_len)
         mark(f"iteration {state.iteration + 1}: train step")
+        profiler.begin(state.iteration + 1)  # --profile
         result = backend.train_step(forward_step_func, train_data_iterator, state)
+        profiler.end()
         state.iteration += 1
         _publish_iteration(args, state.iteration)
         new_samples = (mpu.get_data_parallel_world_size() * args.micro_batch_size
@@ -605,7 +610,9 @@ def train(forward_step_func, backend: TrainingBackend, state: TrainState,
             mark(f"iteration {iteration}: checkpoint save")
             save_checkpoint_and_time(backend, state)
         if _should_exit(args, state, backend):
+            profiler.finish()
             sys.exit(0)
+    profiler.finish()  # a --profile window that training ended inside
     return state.iteration
 
 

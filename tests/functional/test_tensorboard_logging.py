@@ -35,7 +35,8 @@ def _args(data: str, level: int, tb: str | None) -> list[str]:
     args += ["--vocab-size", "100", "--eval-interval", "2", "--eval-iters", "1",
              "--empty-unused-memory-level", str(level), "--log-params-norm"]
     if tb is not None:
-        args += ["--tensorboard-dir", tb, "--log-timers-to-tensorboard",
+        # the step timers are level 1 (--timing-log-level 0, the default, records none)
+        args += ["--tensorboard-dir", tb, "--log-timers-to-tensorboard", "--timing-log-level", "1",
                  "--log-memory-to-tensorboard", "--log-optimizer-states-to-tensorboard"]
     return args
 
