@@ -7,7 +7,8 @@ dropout 0, global batch 8 (2 micro-batches of 4 in the serial run), 10 iteration
 one validation pass. Launches: the serial run, SP=2 under torchrun, and one spawned world
 of 4 ranks that runs pretrain() of pretrain_gpt.py four times: SP=4 (with --use-flash-attn:
 SDPA's is_causal, no mask tensor), SP=2 x TP=2, SP=2 x DP=2 (local DDP), and SP=2 x DP=2
-under --deepspeed with ZeRO stage 2. Splitting the sequence changes only the order of
+under --deepspeed with ZeRO stage 2 and full activation recompute through DeepSpeed's
+checkpointing (as Megatron-DeepSpeed's 32k-token sequence-parallel script runs). Splitting the sequence changes only the order of
 floating-point sums (gradient sums over the sequence ranks, the all-reduced loss), so the
 printed 7-digit losses must agree within REL_TOL relative, as for TP/PP/DP
 (tests/functional/test_distributed_gpt.py). Bad flag combinations are one-line errors.
@@ -64,8 +65,9 @@ def _four_rank_runs(tmp: str, data_path: str, vocab_dir: str) -> list[tuple[str,
         ("SP=4 flash", _flags(data_path, vocab_dir, sp=4, extra=["--use-flash-attn"])),
         ("SP=2 x TP=2", _flags(data_path, vocab_dir, sp=2, tp=2)),
         ("SP=2 x DP=2", _flags(data_path, vocab_dir, sp=2, extra=["--DDP-impl", "local"])),
-        ("SP=2 x DP=2 ZeRO-2", _flags(data_path, vocab_dir, sp=2, extra=[
-            "--deepspeed", "--no-pipeline-parallel", "--deepspeed_config", zero2])),
+        ("SP=2 x DP=2 ZeRO-2 recompute", _flags(data_path, vocab_dir, sp=2, extra=[
+            "--deepspeed", "--no-pipeline-parallel", "--deepspeed_config", zero2,
+            "--checkpoint-activations", "--deepspeed-activation-checkpointing"])),
     ]
 
 
@@ -101,6 +103,29 @@ def test_sequence_parallel_equals_serial(tmp_path, vocab_dir):
         _assert_close(name, _losses(logs[3][name]), serial)
 
 
+# The flags of Megatron-DeepSpeed's examples_deepspeed/sequence_parallel/
+# ds_pretrain_gpt_1.3B_seq_parallel_32k.sh (SP=4, ZeRO-1), here on 8 ranks.
+SCRIPT_32K = (
+    "--override-opt_param-scheduler --adam-beta1 0.9 --adam-beta2 0.95 "
+    "--tensor-model-parallel-size 1 --ds-sequence-parallel-size 4 --init-method-std 0.013 "
+    "--lr-decay-tokens 300000000000 --lr-warmup-tokens 3000000000 --micro-batch-size 1 "
+    "--exit-duration-in-mins 30000000 --global-batch-size 2 --num-layers 24 "
+    "--hidden-size 2048 --num-attention-heads 16 --seq-length 32768 "
+    "--max-position-embeddings 32768 --train-tokens 300000000000 --train-samples 18310546 "
+    "--lr 2.0e-4 --min-lr 1.0e-6 --lr-decay-style cosine --split 949,50,1 --log-interval 10 "
+    "--eval-interval 100 --eval-iters 10 --save-interval 100 --weight-decay 0.1 "
+    "--clip-grad 1.0 --hysteresis 2 --num-workers 0 --fp16 --seed 1234 --load ckpt "
+    "--save ckpt --no-async-tensor-model-parallel-allreduce --use-flash-attn-triton "
+    "--tensorboard-queue-size 1 --log-timers-to-tensorboard --log-batch-size-to-tensorboard "
+    "--log-validation-ppl-to-tensorboard --tensorboard-dir tb --checkpoint-activations "
+    "--log-optimizer-states-to-tensorboard --vocab-file gpt2-vocab.json "
+    "--merge-file gpt2-merges.txt --data-path BookCorpusDataset_text_document "
+    "--data-impl mmap --deepspeed --deepspeed_config ds_config.json --zero-stage 1 "
+    "--pipeline-model-parallel-size 1 --no-pipeline-parallel "
+    "--deepspeed-activation-checkpointing"
+)
+
+
 def _validate(flags: str, world_size: int):
     args = build_parser().parse_args(
         ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
@@ -114,6 +139,9 @@ def test_sequence_parallel_layout_and_errors(monkeypatch):
     args = _validate("--ds-sequence-parallel-size 2 --tensor-model-parallel-size 2", 8)
     assert args.data_parallel_size == 2  # 8 = TP 2 x SP 2 x DP 2; SP ranks share samples
     assert args.global_batch_size == 4  # micro-batch 2 x DP 2
+    args = validate_args(build_parser().parse_args(SCRIPT_32K.split()), world_size=8, rank=1)
+    assert (args.data_parallel_size, args.ds_sequence_parallel_size) == (2, 4)
+    assert args.use_flash_attn  # its causal attention then builds no [s, s] mask
     bad = [
         ("--ds-sequence-parallel-size 3", 3, r"--seq-length \(32\) .* --ds-sequence-parallel"),
         ("--ds-sequence-parallel-size 8", 8, r"--num-attention-heads \(4\) is not divisible"),
