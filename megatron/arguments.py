@@ -456,6 +456,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     add("--cpu-optimizer", action=_TRUE, help="DeepSpeed's CPU Adam.")
     add("--cpu_torch_adam", action=_TRUE, help="torch's Adam on CPU.")
     add("--no-pipeline-parallel", action=_TRUE, help="No DeepSpeed pipeline engine.")
+    add("--random-ltd", action=_TRUE, help="Random layer-token drop (refused: not here).")
     add("--use-flash-attn", "--use-flash-attn-v1", action=_TRUE, dest="use_flash_attn",
         help="Attention via torch's scaled_dot_product_attention (flash, cuDNN or "
         "memory-efficient kernels as the device has them).")
@@ -608,6 +609,10 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     add("--lazy-mpu-init", type=bool_value, nargs="?", const=True, default=False,
         help="No process groups yet (takes a value, as Megatron-DeepSpeed's).")
     add("--use-cpu-initialization", action=_TRUE, default=None, help="Init on CPU, then shard.")
+    add("--enable-zbh1-pipeline", action=_TRUE,
+        help="Zero-bubble pipeline schedule (refused: not here).")
+    add("--enable-zbh1-exact-semantics", action=_TRUE,
+        help="Zero-bubble schedule's exact semantics (refused: not here).")
     add("--sequence-parallel", action=_TRUE, help="Split norm/dropout regions along the sequence.")
     add(
         "--ds-sequence-parallel-size",
@@ -704,6 +709,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     add("--reset-position-ids", action=_TRUE, help="Restart positions after end-of-document.")
     add("--reset-attention-mask", action=_TRUE, help="No attention across documents.")
     add("--eod-mask-loss", action=_TRUE, help="No loss on end-of-document tokens.")
+    add("--data-efficiency-curriculum-learning", action=_TRUE,
+        help="DeepSpeed data-efficiency curriculum (refused: not here).")
 
 
 def _add_autoresume_args(parser: argparse.ArgumentParser) -> None:
@@ -1289,6 +1296,22 @@ UNSUPPORTED_FLAGS = (
     ("profile_backward", "--profile-backward", False, "profiling the recomputation"),
     ("retriever_seq_length", "--retriever-seq-length", 256, "the ICT/REALM retriever"),
     ("sample_rate", "--sample-rate", 1.0, "data sub-sampling"),
+    ("enable_zbh1_pipeline", "--enable-zbh1-pipeline", False,
+     "the zero-bubble (ZB-H1) pipeline schedule; use the 1F1B or interleaved schedule"),
+    ("enable_zbh1_exact_semantics", "--enable-zbh1-exact-semantics", False,
+     "the zero-bubble (ZB-H1) pipeline schedule"),
+    ("random_ltd", "--random-ltd", False,
+     "random layer-token drop (random-LTD, DeepSpeed's data-efficiency library)"),
+    ("data_efficiency_curriculum_learning", "--data-efficiency-curriculum-learning", False,
+     "DeepSpeed's data-efficiency library curriculum learning; use --curriculum-learning "
+     "(the sequence-length curriculum of the DeepSpeed config)"),
+)
+
+# Sections of a --deepspeed_config that select features this implementation does not have.
+UNSUPPORTED_DEEPSPEED_CONFIG = (
+    ("compression_training", "DeepSpeed compression (compression_training)"),
+    ("data_efficiency", "DeepSpeed's data-efficiency library (data_efficiency: data "
+     "sampling, random-LTD)"),
 )
 
 
@@ -1297,6 +1320,28 @@ def _refuse_unsupported(args: argparse.Namespace) -> None:
         value = getattr(args, dest, inert)
         if value is not None and value != inert:
             raise ArgumentError(f"{flag}: {feature} is not supported here")
+    _refuse_unsupported_deepspeed_config(args)
+
+
+def _refuse_unsupported_deepspeed_config(args: argparse.Namespace) -> None:
+    """A --deepspeed_config that enables compression or the data-efficiency library."""
+    import json
+
+    path = getattr(args, "deepspeed_config", None)
+    if not getattr(args, "deepspeed", False) or not isinstance(path, str) or not os.path.isfile(
+            path):
+        return  # no file yet: the engine reports a missing config
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ArgumentError(f"--deepspeed_config {path}: not a JSON file ({exc})") from None
+    for key, feature in UNSUPPORTED_DEEPSPEED_CONFIG:
+        section = config.get(key) if isinstance(config, dict) else None
+        if section and (not isinstance(section, dict) or section.get("enabled", True)):
+            raise ArgumentError(
+                f"--deepspeed_config {path}: {feature} is not supported here (remove "
+                f"the {key!r} section)")
 
 
 def _check_moe(args: argparse.Namespace) -> None:
