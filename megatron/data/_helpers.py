@@ -35,6 +35,41 @@ def _import() -> ModuleType | None:
         return None
 
 
+# pybind11 learnt NumPy 2's dtype layout in 2.12: an extension built with an older pybind11
+# reads NumPy 2 descriptors at the wrong offsets (item sizes, strides) and the index builders
+# then write out of bounds and crash the process with a segmentation fault.
+_PYBIND11_FOR_NUMPY2 = (2, 12)
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = [int("".join(c for c in p if c.isdigit()) or 0) for p in version.split(".")[:2]]
+    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+
+
+def numpy_abi_problem(pybind11_version: str, numpy_version: str) -> str | None:
+    """Why an extension built with `pybind11_version` cannot run under `numpy_version`, or
+    None when the pair works."""
+    if _major_minor(numpy_version)[0] < 2:
+        return None
+    if _major_minor(pybind11_version) >= _PYBIND11_FOR_NUMPY2:
+        return None
+    return (
+        f"{_SOURCE} is built with pybind11 {pybind11_version}, which predates NumPy 2 "
+        f"support (pybind11 >= 2.12), and NumPy {numpy_version} is installed: the index "
+        "builders would read NumPy 2 arrays with a wrong layout and crash. Install "
+        "'pybind11>=2.12' (pip install -U 'pybind11>=2.12') and rebuild the extension "
+        "(pip install -e . or delete megatron/data/helpers*.so)"
+    )
+
+
+def _check_numpy_abi(pybind11_version: str) -> None:
+    import numpy
+
+    problem = numpy_abi_problem(pybind11_version, numpy.__version__)
+    if problem is not None:
+        raise RuntimeError(problem)
+
+
 def _compile_command(target: str) -> list[str]:
     import pybind11
 
@@ -59,6 +94,9 @@ def _build_in_place() -> None:
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     target = os.path.join(_HERE, "helpers" + suffix)
     tmp = f"{target}.tmp{os.getpid()}"
+    import pybind11
+
+    _check_numpy_abi(pybind11.__version__)
     print(f"> compiling {_SOURCE} -> {target} (not built by pip install)", flush=True)
     proc = subprocess.run(_compile_command(tmp), capture_output=True, text=True)
     if proc.returncode != 0:
@@ -94,6 +132,14 @@ def get_helpers() -> ModuleType:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         if module is None:
             raise ImportError(f"built {_SOURCE} but {_MODULE} still does not import")
+    # the pybind11 the extension was compiled with (older builds do not say: then the one
+    # installed now, which built it unless the environment changed since)
+    built_with = getattr(module, "pybind11_version", None)
+    if built_with is None:
+        import pybind11
+
+        built_with = pybind11.__version__
+    _check_numpy_abi(built_with)
     _helpers = module
     return module
 

@@ -432,6 +432,9 @@ py::array build_blocks_mapping(const in_array<int64_t>& docs, const in_array<int
 
 PYBIND11_MODULE(helpers, m) {
   m.doc() = "Index builders for Megatron datasets (sample index, blending, BERT/ICT mappings).";
+  // Checked against the running NumPy by megatron/data/_helpers.py (NumPy 2 needs >= 2.12).
+  m.attr("pybind11_version") =
+      std::to_string(PYBIND11_VERSION_MAJOR) + "." + std::to_string(PYBIND11_VERSION_MINOR);
   m.def("build_sample_idx", &build_sample_idx_impl<int32_t>, py::arg("sizes"), py::arg("doc_idx"),
         py::arg("seq_length"), py::arg("num_epochs"), py::arg("tokens_per_epoch"),
         "GPT sample index: int32 [num_samples + 1, 2] of (index into doc_idx, token offset).");

@@ -294,3 +294,30 @@ def test_get_helpers_builds_when_import_fails(monkeypatch):
 def test_compile_command_targets_this_source():
     cmd = _helpers._compile_command("/tmp/out.so")
     assert cmd[-3:] == [_helpers._SOURCE, "-o", "/tmp/out.so"] and "-shared" in cmd
+
+
+@pytest.mark.parametrize(
+    "pybind11_version,numpy_version,broken",
+    [("2.11.1", "2.0.0", True), ("2.10.4", "2.5.2", True), ("2.12.0", "2.0.0", False),
+     ("3.0.1", "2.5.2", False), ("2.10.4", "1.26.4", False), ("2.13.6", "2.3.0rc1", False)],
+)
+def test_numpy2_needs_pybind11_2_12(pybind11_version, numpy_version, broken):
+    """An extension built with pybind11 < 2.12 reads NumPy 2 arrays with NumPy 1's layout
+    and crashes in the index builders (a segmentation fault while building the BERT samples
+    mapping); the pair is refused with a message that says what to install."""
+    problem = _helpers.numpy_abi_problem(pybind11_version, numpy_version)
+    assert (problem is not None) == broken
+    if broken:
+        assert "pybind11>=2.12" in problem and pybind11_version in problem
+
+
+def test_the_extension_records_its_pybind11_and_get_helpers_checks_it(monkeypatch):
+    import pybind11
+
+    built = helpers.pybind11_version
+    assert built == ".".join(pybind11.__version__.split(".")[:2])
+    monkeypatch.setattr(_helpers, "_helpers", None)
+    monkeypatch.setattr(helpers, "pybind11_version", "2.10", raising=False)
+    monkeypatch.setattr(np, "__version__", "2.1.0")
+    with pytest.raises(RuntimeError, match="pybind11 2.10, which predates NumPy 2"):
+        _helpers.get_helpers()
