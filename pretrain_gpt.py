@@ -9,6 +9,7 @@ from megatron.accelerator import current_device
 from megatron.data.dataset_utils import DataPathError
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.mock_dataset import build_mock_train_valid_test_datasets
+from megatron.distillation import distillation_loss, get_teacher, kd_log_key, teacher_logits
 from megatron.model import GPTModel
 from megatron.model.config import config_from_args
 from megatron.model.ulysses import masked_mean_over_sequence, slice_sequence
@@ -96,9 +97,10 @@ def get_batch_pipe(data, train_state=None):
     return (tokens, position_ids, attention_mask), (labels, loss_mask)
 
 
-def loss_func(loss_mask, output_tensor, moe_loss=None):
-    """Masked mean of the per-token losses (plus --moe-loss-coeff x the MoE aux loss);
-    the data-parallel means for logging."""
+def loss_func(loss_mask, output_tensor, moe_loss=None, kd_loss=None):
+    """Masked mean of the per-token losses (plus --moe-loss-coeff x the MoE aux loss;
+    under --kd / --mos, --kd-alpha-ce x that mean plus the distillation term); the
+    data-parallel means for logging."""
     if mpu.get_sequence_parallel_world_size() > 1:  # the mean over all s tokens
         loss = masked_mean_over_sequence(
             output_tensor, loss_mask, mpu.get_sequence_parallel_group())
@@ -106,12 +108,25 @@ def loss_func(loss_mask, output_tensor, moe_loss=None):
         losses = output_tensor.float()
         loss_mask = loss_mask.view(-1).float()
         loss = torch.sum(losses.view(-1) * loss_mask) / loss_mask.sum()
+    if kd_loss is not None:
+        return _distillation_total(loss, moe_loss, kd_loss)
     if moe_loss is None:
         averaged_loss = average_losses_across_data_parallel_group([loss])
         return loss, {"lm loss": averaged_loss[0]}
     moe_loss = moe_loss * get_args().moe_loss_coeff
     averaged = average_losses_across_data_parallel_group([loss, moe_loss])
     return loss + moe_loss, {"lm loss": averaged[0], "moe loss": averaged[1]}
+
+
+def _distillation_total(loss, moe_loss, kd_loss):
+    """alpha_ce x LM + moe + the KD term; "kd loss" (or "mos loss") is its own column."""
+    args = get_args()
+    moe_loss = torch.zeros_like(loss) if moe_loss is None else moe_loss * args.moe_loss_coeff
+    averaged = average_losses_across_data_parallel_group([loss, moe_loss, kd_loss])
+    logged = {"lm loss": averaged[0], kd_log_key(args): averaged[2]}
+    if max(args.num_experts) > 1:
+        logged["moe loss"] = averaged[1]
+    return args.kd_alpha_ce * loss + moe_loss + kd_loss, logged
 
 
 def forward_step(data_iterator, model, train_state=None):
@@ -131,11 +146,30 @@ def forward_step(data_iterator, model, train_state=None):
             cut(tokens), cut(position_ids), cut(labels), cut(loss_mask))
         if attention_mask is not None:  # None: causal flash attention
             attention_mask = attention_mask[:, :, :curriculum_seqlen, :curriculum_seqlen]
+    if (args.kd or args.mos) and model.training:
+        return _distillation_forward(args, model, tokens, labels, loss_mask, attention_mask,
+                                     position_ids)
     output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
     moe_loss = None
     if isinstance(output_tensor, tuple):  # MoE: (per-token loss, summed aux loss)
         output_tensor, moe_loss = output_tensor
     return output_tensor, partial(loss_func, loss_mask, moe_loss=moe_loss)
+
+
+def _distillation_forward(args, model, tokens, labels, loss_mask, attention_mask,
+                          position_ids):
+    """--kd / --mos training step: the student's logits give both its LM loss and, with
+    the teacher's logits on the same tokens, the distillation term."""
+    output = model(tokens, position_ids, attention_mask)  # [b, s, V/p]
+    moe_loss = None
+    if isinstance(output, tuple):
+        output, moe_loss = output
+    output_tensor = mpu.vocab_parallel_cross_entropy(output.float(), labels)  # [b, s]
+    teacher = get_teacher(args)
+    kd_loss = distillation_loss(output, teacher_logits(teacher, tokens, position_ids,
+                                                       attention_mask),
+                                args.kd_temp, args.kd_beta_ce)
+    return output_tensor, partial(loss_func, loss_mask, moe_loss=moe_loss, kd_loss=kd_loss)
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples):

@@ -284,6 +284,7 @@ def build_parser(
         _add_activation_checkpoint_args,
         _add_curriculum_args,
         _add_universal_checkpoint_args,
+        _add_distillation_args,
     ):
         add_group(parser)
     if extra_args_provider is not None:
@@ -809,6 +810,57 @@ def _add_universal_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     add("--universal-checkpoint", action=_TRUE, help="Load a DeepSpeed universal checkpoint.")
 
 
+def _add_distillation_args(parser: argparse.ArgumentParser) -> None:
+    add = _group(parser, "knowledge distillation")
+    add("--kd", action=_TRUE, help="Knowledge distillation from the --load-teacher model.")
+    add("--mos", action=_TRUE,
+        help="Mixture-of-Students: distillation from an (MoE) teacher, logged as mos loss.")
+    add("--kd-alpha-ce", type=float, default=1.0, help="Weight of the student's LM loss.")
+    add("--kd-beta-ce", type=float, default=1.0, help="Weight of the distillation KL term.")
+    add("--kd-temp", type=float, default=1.0, help="Softmax temperature T of the KL (x T^2).")
+    add("--load-teacher", type=str, help="Folder of the teacher's Megatron checkpoint.")
+    add("--num-layers-teacher", type=int, help="Transformer layers of the teacher.")
+    add("--hidden-size-teacher", type=int, help="Hidden size of the teacher.")
+    add("--num-attention-heads-teacher", type=int, help="Attention heads of the teacher.")
+    add("--num-experts-teacher", type=int, nargs="+", default=[1],
+        help="Experts of the teacher's MoE layers (one value, or one per MoE layer).")
+
+
+def check_distillation(args: argparse.Namespace) -> None:
+    """--kd / --mos: the teacher's checkpoint and shape flags, and a layout it runs in."""
+    flag = "--mos" if getattr(args, "mos", False) else "--kd"
+    if not (getattr(args, "kd", False) or getattr(args, "mos", False)):
+        return
+    if args.load_teacher is None:
+        raise ArgumentError(f"{flag} needs --load-teacher (the teacher's checkpoint folder)")
+    shape = (("num_layers_teacher", "--num-layers-teacher"),
+             ("hidden_size_teacher", "--hidden-size-teacher"),
+             ("num_attention_heads_teacher", "--num-attention-heads-teacher"))
+    missing = [f for dest, f in shape if getattr(args, dest) is None]
+    if missing:
+        raise ArgumentError(f"{flag} needs the teacher's shape: give {', '.join(missing)}")
+    hidden, heads = args.hidden_size_teacher, args.num_attention_heads_teacher
+    if hidden % heads != 0:
+        raise ArgumentError(f"--hidden-size-teacher ({hidden}) is not a multiple of "
+                            f"--num-attention-heads-teacher ({heads})")
+    tp = args.tensor_model_parallel_size
+    if heads % tp != 0:
+        raise ArgumentError(f"--num-attention-heads-teacher ({heads}) is not divisible by "
+                            f"--tensor-model-parallel-size ({tp})")
+    moe_layers = num_moe_layers(args.num_layers_teacher, args.expert_interval)
+    if len(args.num_experts_teacher) not in (1, moe_layers):
+        raise ArgumentError(
+            f"--num-experts-teacher has {len(args.num_experts_teacher)} values; give 1 or one "
+            f"per MoE layer of the teacher ({moe_layers})")
+    if args.kd_temp <= 0:
+        raise ArgumentError(f"--kd-temp must be > 0 (got {args.kd_temp})")
+    if args.pipeline_model_parallel_size > 1:
+        raise ArgumentError(f"{flag} with --pipeline-model-parallel-size > 1 is not "
+                            "supported: the teacher runs whole on each rank")
+    if getattr(args, "ds_sequence_parallel_size", 1) > 1:
+        raise ArgumentError(f"{flag} with --ds-sequence-parallel-size > 1 is not supported")
+
+
 # ----------------------------------------------------------------------------------------
 # Validation.
 # ----------------------------------------------------------------------------------------
@@ -855,6 +907,7 @@ def validate_args(
     _check_training_schedule(args)
     _check_token_schedule(args)
     _check_moe(args)
+    check_distillation(args)
     _check_activation_checkpointing(args)
     _set_flash_attention(args)
     _check_logging_and_profiling(args)

@@ -1162,7 +1162,7 @@ def check_checkpoint_version(state: dict, path: str, tp: int | None = None) -> f
 
 def _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir: str, load_tag,
                               strict: bool, options: LoadOptions,
-                              train_state: TrainState | None = None) -> int:
+                              train_state: TrainState | None = None, model_args=None) -> int:
     args = get_args()
     resolved = resolve_checkpoint(load_dir, load_tag)
     if resolved is None:
@@ -1178,7 +1178,7 @@ def _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir: str, loa
     set_checkpoint_version(check_checkpoint_version(state, path))
     restore = options.restores_run and not release
     if "args" in state:
-        check_checkpoint_args(state["args"], args, load_dir)
+        check_checkpoint_args(state["args"], model_args or args, load_dir)
         if restore and train_state is not None:
             train_state.restore(state, iteration=iteration)
             update_num_microbatches(train_state.consumed_train_samples,
@@ -1221,9 +1221,11 @@ def load_checkpoint(model, optimizer, lr_scheduler, load_arg: str = "load",
     return iteration
 
 
-def load_model_weights_only(model, load_dir: str, strict: bool = True) -> int:
+def load_model_weights_only(model, load_dir: str, strict: bool = True,
+                            model_args=None) -> int:
     """Load just the weights of load_dir's tracked checkpoint (for generation and
     evaluation): no optimizer, RNG, consumed samples or run lineage; returns the
-    checkpoint's iteration."""
+    checkpoint's iteration. model_args (default: the run's args) holds the shape the
+    checkpoint must have (a distillation teacher has its own)."""
     return _load_megatron_checkpoint(model, None, None, load_dir, None, strict,
-                                     LoadOptions.weights())
+                                     LoadOptions.weights(), model_args=model_args)

@@ -222,7 +222,8 @@ NOT_YET_HERE = [
     ("examples_deepspeed/sequence_parallel/ds_pretrain_gpt_1.3B_seq_parallel_32k.sh",
      "--ds-sequence-parallel-size 4"),
     ("examples_deepspeed/compression/ds_pretrain_gpt_125M_dense_kd.sh",
-     "--kd --kd-alpha-ce 1 --kd-beta-ce 1 --kd-temp 1.0 --load-teacher TEACHER"),
+     "--kd --kd-alpha-ce 1 --kd-beta-ce 1 --kd-temp 1.0 --load-teacher TEACHER "
+     "--num-layers-teacher 12 --hidden-size-teacher 768 --num-attention-heads-teacher 12"),
     ("examples_deepspeed/finetune_hf_llama/finetune_llama.sh", "--no-load-lr-state"),
 ]
 

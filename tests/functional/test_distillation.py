@@ -1,0 +1,71 @@
+"""pretrain_gpt.py --kd: a smaller student learns from a tiny teacher checkpoint that
+pretrain_gpt.py trained first; the KD term (its own log column) falls."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from .gpt_runs import parse_log, preprocess, run_pretrain, tiny_gpt_args
+
+VOCAB_DIR = os.environ.get("MEGATRON_VOCAB_DIR")
+pytestmark = pytest.mark.skipif(
+    not VOCAB_DIR or not os.path.isfile(os.path.join(VOCAB_DIR or "", "gpt2-vocab.json")),
+    reason="MEGATRON_VOCAB_DIR with the GPT-2 vocabulary is not set",
+)
+
+KD_RE = re.compile(r"iteration\s+(\d+)/.*?\| lm loss: ([0-9.E+-]+) \|.*?kd loss: ([0-9.E+-]+) \|")
+
+
+def _with(args: list[str], **flags) -> list[str]:
+    """args with flags (dest-style names) replaced or added."""
+    out = list(args)
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in out:
+            out[out.index(flag) + 1] = str(value)
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def test_student_learns_from_teacher_checkpoint(tmp_path):
+    data = preprocess(str(tmp_path), VOCAB_DIR)
+    teacher_dir = str(tmp_path / "teacher")
+    teacher = _with(tiny_gpt_args(data, VOCAB_DIR, train_iters=30), save=teacher_dir,
+                    save_interval=30, eval_interval=100, hidden_dropout=0.0,
+                    attention_dropout=0.0)
+    run_pretrain(teacher)
+    assert os.path.isfile(os.path.join(teacher_dir, "latest_checkpointed_iteration.txt"))
+
+    # student: 1 layer of width 32; the teacher is the 2 x 64 model above
+    student = _with(tiny_gpt_args(data, VOCAB_DIR, train_iters=30), num_layers=1,
+                    hidden_size=32, num_attention_heads=2, eval_interval=100, lr=0.003)
+    student += ["--kd", "--load-teacher", teacher_dir, "--num-layers-teacher", "2",
+                "--hidden-size-teacher", "64", "--num-attention-heads-teacher", "4",
+                "--kd-temp", "2.0", "--kd-beta-ce", "1.0", "--kd-alpha-ce", "0.5"]
+    proc = run_pretrain(student)
+    out = proc.stdout
+    assert "distillation teacher loaded at iteration 30" in out
+    rows = {int(i): (float(lm), float(kd)) for i, lm, kd in KD_RE.findall(out)}
+    assert sorted(rows) == list(range(1, 31)), out[-3000:]
+    kd = [rows[i][1] for i in range(1, 31)]
+    assert all(v > 0 for v in kd)
+    first, last = sum(kd[:5]) / 5, sum(kd[-5:]) / 5
+    assert last < 0.7 * first, kd
+    # the LM loss of the student falls too; validation runs the student alone
+    assert rows[30][0] < rows[1][0]
+    assert re.search(r"validation loss at the end of training for val data \| lm loss value: ",
+                     out)
+    assert "kd loss value" not in out
+    assert parse_log(out)[30]["nan"] == 0
+
+    # a shape that does not match the teacher's checkpoint is an error naming the flag
+    bad = _with(student, num_layers_teacher=3, train_iters=1)
+    proc = run_pretrain(bad, check=False)
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert f"--load-teacher {teacher_dir}: " in err
+    assert "--num-layers-teacher: checkpoint has 2, this run has 3" in err
