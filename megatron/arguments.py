@@ -285,6 +285,7 @@ def build_parser(
         _add_curriculum_args,
         _add_universal_checkpoint_args,
         _add_distillation_args,
+        _add_run_control_args,
     ):
         add_group(parser)
     if extra_args_provider is not None:
@@ -664,6 +665,29 @@ _TOKENIZERS = [
     "HFTokenizer",
     "NullTokenizer",
 ]
+
+
+def _add_run_control_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron-DeepSpeed's checkpoint-loading and run-control switches."""
+    add = _group(parser, "run control")
+    add("--no-load-lr-state", action=_TRUE,
+        help="Load the checkpoint but not its learning-rate scheduler state: the schedule "
+        "starts over (warmup included) from the loaded iteration.")
+    add("--reset-iteration", action=_TRUE,
+        help="Load the checkpoint (weights, optimizer, lr state, RNG) but count from "
+        "iteration 0 with no consumed samples or tokens, as a new run.")
+    add("--exit-on-missing-checkpoint", action=_TRUE,
+        help="With --load given and no checkpoint there (e.g. a typo in the path), stop "
+        "with an error instead of starting from random.")
+    add("--skip-train", action=_TRUE,
+        help="No training: load, evaluate on the validation and test splits, and exit.")
+    add("--kill-switch-file", type=str,
+        help="When this file exists (checked at start-up and after every iteration), "
+        "save a checkpoint (with --save) and exit.")
+    add("--data-cache-path", type=str,
+        help="Folder for the datasets' index caches (.npy) instead of beside the data.")
+    add("--repeated-dataloader", action=_TRUE,
+        help="Start the training data loader over when it runs out, instead of ending.")
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:

@@ -1038,11 +1038,12 @@ def _load_model_state(models, state: dict, strict: bool) -> None:
         m.load_state_dict(state[f"model{i}"], strict=strict)
 
 
-def _load_optimizer_state(optimizer, lr_scheduler, state: dict, path: str) -> None:
+def _load_optimizer_state(optimizer, lr_scheduler, state: dict, path: str,
+                          load_lr: bool = True) -> None:
     try:
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
-        if lr_scheduler is not None:
+        if lr_scheduler is not None and load_lr:
             lr_scheduler.load_state_dict(state["lr_scheduler"])
     except KeyError as e:
         raise CheckpointError(
@@ -1068,12 +1069,21 @@ class LoadOptions(NamedTuple):
     load_optim: bool = True  # optimizer and lr scheduler (not --no-load-optim)
     load_rng: bool = True  # RNG states (not --no-load-rng)
     weights_only: bool = False  # the weights and nothing else: no counters, no lineage
+    load_lr: bool = True  # the lr scheduler's state (not --no-load-lr-state)
+    # --reset-iteration: everything loads but the counters (iteration, consumed samples
+    # and tokens) start at 0, as a new run lineage
+    reset_iteration: bool = False
+    # --exit-on-missing-checkpoint: a --load folder without a checkpoint is an error
+    require_checkpoint: bool = False
 
     @classmethod
     def from_args(cls, args) -> LoadOptions:
         return cls(finetune=bool(getattr(args, "finetune", False)),
                    load_optim=not getattr(args, "no_load_optim", False),
-                   load_rng=not getattr(args, "no_load_rng", False))
+                   load_rng=not getattr(args, "no_load_rng", False),
+                   load_lr=not getattr(args, "no_load_lr_state", False),
+                   reset_iteration=bool(getattr(args, "reset_iteration", False)),
+                   require_checkpoint=bool(getattr(args, "exit_on_missing_checkpoint", False)))
 
     @classmethod
     def weights(cls) -> LoadOptions:
@@ -1083,6 +1093,19 @@ class LoadOptions(NamedTuple):
     def restores_run(self) -> bool:
         """Whether the iteration, consumed samples and lineage come from the checkpoint."""
         return not (self.finetune or self.weights_only)
+
+    @property
+    def restores_counters(self) -> bool:
+        """Whether the iteration and consumed samples/tokens come from the checkpoint."""
+        return self.restores_run and not self.reset_iteration
+
+
+def missing_checkpoint_error(load_dir: str, what: str) -> CheckpointError:
+    """--exit-on-missing-checkpoint with nothing to load in load_dir."""
+    where = load_dir if os.path.isdir(load_dir) else f"{load_dir} (no such folder)"
+    return CheckpointError(
+        f"--load {where}: {what}; --exit-on-missing-checkpoint is set, so the run stops "
+        "instead of starting from random (check the path, or drop the flag)")
 
 
 # QKV row order of the self-attention's query_key_value, by checkpoint version: versions
@@ -1166,6 +1189,9 @@ def _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir: str, loa
     args = get_args()
     resolved = resolve_checkpoint(load_dir, load_tag)
     if resolved is None:
+        if options.require_checkpoint:
+            raise missing_checkpoint_error(
+                load_dir, f"no checkpoint there ({TRACKER_FILENAME} not found)")
         print_rank_0(f"WARNING: could not find the metadata file "
                      f"{get_checkpoint_tracker_filename(load_dir)}\n"
                      "    will not load any checkpoints and will start from random")
@@ -1177,21 +1203,25 @@ def _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir: str, loa
     state = _read_state(path)
     set_checkpoint_version(check_checkpoint_version(state, path))
     restore = options.restores_run and not release
+    counters = options.restores_counters and not release
     if "args" in state:
         check_checkpoint_args(state["args"], model_args or args, load_dir)
-        if restore and train_state is not None:
+        if counters and train_state is not None:
             train_state.restore(state, iteration=iteration)
             update_num_microbatches(train_state.consumed_train_samples,
                                     consistency_check=False)
     _load_model_state(unwrap_model(model if isinstance(model, list) else [model]), state,
                       strict)
     if not options.weights_only:
-        adopt_lineage(args, os.path.dirname(os.path.dirname(path)), not restore)
+        adopt_lineage(args, os.path.dirname(os.path.dirname(path)), not counters)
     if options.finetune or release:
         iteration = 0
+    elif restore and not counters:
+        iteration = 0
+        print_rank_0(" > --reset-iteration: the iteration and consumed samples start at 0")
     if restore and options.load_optim:
         sharded = optimizer is not None and _check_optimizer_sharding(args, state, path)
-        _load_optimizer_state(optimizer, lr_scheduler, state, path)
+        _load_optimizer_state(optimizer, lr_scheduler, state, path, options.load_lr)
         if sharded:
             _load_distributed_optimizer_state(optimizer, path)
     elif optimizer is not None:

@@ -43,6 +43,7 @@ from .checkpointing import (
     checkpoint_header,
     finish_save,
     get_rng_state,
+    missing_checkpoint_error,
     out_of_space_error,
     prepare_save_folder,
     set_checkpoint_version,
@@ -856,6 +857,9 @@ def load_deepspeed_checkpoint(
     tag = _load_tag(load_dir, args.universal_checkpoint, getattr(args, "load_tag", None))
     if tag is None and not has_latest:
         _refuse_untracked(load_dir)
+        if options.require_checkpoint:
+            raise missing_checkpoint_error(load_dir, "no DeepSpeed checkpoint there (no "
+                                           "latest file, no tracker)")
         print_rank_0(
             f"WARNING: no DeepSpeed checkpoint (latest file) in {load_dir}; starting from random"
         )
@@ -870,7 +874,7 @@ def load_deepspeed_checkpoint(
         tag=tag,
         load_module_strict=strict,
         load_optimizer_states=load_optim and not bf16_states,
-        load_lr_scheduler_states=load_optim,
+        load_lr_scheduler_states=load_optim and options.load_lr,
         load_module_only=not load_optim,
     )
     if path is None:
@@ -894,12 +898,17 @@ def load_deepspeed_checkpoint(
             f"2.0 to {CHECKPOINT_VERSION} (the [np, 3, hn] query_key_value row order)"
         )
     set_checkpoint_version(version)
-    restore = options.restores_run
+    restore = options.restores_counters
     iteration = int(state.get("iteration", engine.global_steps)) if restore else 0
     if options.weights_only:
         iteration = int(state.get("iteration", engine.global_steps))
     else:
         adopt_lineage(args, os.path.dirname(path), not restore)
+    if options.reset_iteration and options.restores_run:
+        # the engine counts from 0 too (its step count drives its own lr schedule)
+        engine.global_steps = 0
+        engine.global_samples = 0
+        print_rank_0(" > --reset-iteration: the iteration and consumed samples start at 0")
     if restore:
         train_state = train_state if train_state is not None else TrainState()
         train_state.restore(state, args.seq_length, iteration)

@@ -10,6 +10,7 @@ stay as validated.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -85,6 +86,9 @@ def _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_fu
     update_train_iters(args)
     check_data_paths(args)  # data files, blend weights, train split: before anything is built
     print_datetime("after megatron is initialized")
+    if _kill_switch_found(args):
+        print_datetime(f"found the kill switch file {args.kill_switch_file}: exiting")
+        sys.exit(0)
     timers = get_timers()
     _install_signal_handler(args)
 
@@ -118,7 +122,11 @@ def _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_fu
 
     forward_step_func = bind_train_state(forward_step_func, state)
     iteration = 0
-    if state.do_train and args.train_iters > 0:
+    if args.skip_train:
+        # --skip-train: evaluate the loaded model at its iteration; nothing is saved
+        print_rank_0("skipping training (--skip-train): evaluation only")
+        iteration = state.iteration
+    elif state.do_train and args.train_iters > 0:
         iteration = train(forward_step_func, backend, state, train_data_iterator,
                           valid_data_iterator)
     print_datetime("after training is done")
@@ -128,7 +136,8 @@ def _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_fu
         evaluate_and_print_results("the end of training for val data", forward_step_func,
                                    valid_data_iterator, model, iteration, False,
                                    backend=backend, train_state=state)
-    if args.save and iteration != 0 and iteration != state.last_saved_iteration:
+    if (args.save and iteration != 0 and iteration != state.last_saved_iteration
+            and not args.skip_train):
         save_checkpoint_and_time(backend, state)
     if state.do_test:
         evaluate_and_print_results("the end of training for test data", forward_step_func,
@@ -533,12 +542,20 @@ def _should_exit(args, state: TrainState, backend: TrainingBackend) -> bool:
             reason = f"exiting program after {minutes:.1f} minutes"
     if reason is None and args.exit_interval and iteration % args.exit_interval == 0:
         reason = f"exiting program at iteration {iteration}"
+    if reason is None and args.kill_switch_file and _any_rank_true(_kill_switch_found(args)):
+        reason = f"found the kill switch file {args.kill_switch_file} at iteration {iteration}"
     if reason is None:
         return False
     if args.save and iteration != state.last_saved_iteration:
         save_checkpoint_and_time(backend, state)
     print_datetime(reason)
     return True
+
+
+def _kill_switch_found(args) -> bool:
+    """--kill-switch-file: whether the file exists (checked after every iteration; every
+    rank's answer is combined by the caller, so all ranks stop at the same iteration)."""
+    return bool(args.kill_switch_file) and os.path.exists(args.kill_switch_file)
 
 
 def _publish_iteration(args, iteration: int) -> None:
@@ -739,7 +756,10 @@ def build_train_valid_test_datasets(build_train_valid_test_datasets_provider):
     print_rank_0(f"    train:      {num_samples[0]}")
     print_rank_0(f"    validation: {num_samples[1]}")
     print_rank_0(f"    test:       {num_samples[2]}")
-    return build_train_valid_test_datasets_provider(num_samples)
+    from .data.dataset_utils import index_cache_dir
+
+    with index_cache_dir(args.data_cache_path):  # --data-cache-path
+        return build_train_valid_test_datasets_provider(num_samples)
 
 
 def build_train_valid_test_data_iterators(datasets, train_state: TrainState | None = None):
@@ -753,7 +773,12 @@ def build_train_valid_test_data_iterators(datasets, train_state: TrainState | No
     train_dataloader = valid_dataloader = test_dataloader = None
     if state.iteration > 0 and state.consumed_train_samples == 0:
         state.consumed_train_samples = state.iteration * args.global_batch_size
-    if state.iteration > 0 and state.consumed_valid_samples == 0 and args.train_samples is None:
+    if args.skip_train:
+        # evaluation only: the first --eval-iters batches of the validation split, whatever
+        # the checkpoint had read of it
+        state.consumed_valid_samples = 0
+    elif (state.iteration > 0 and state.consumed_valid_samples == 0
+          and args.train_samples is None):
         state.consumed_valid_samples = ((state.iteration // args.eval_interval)
                                         * args.eval_iters * args.global_batch_size)
 

@@ -26,13 +26,18 @@ def build_pretraining_data_loader(dataset, consumed_samples: int):
         data_parallel_size=mpu.get_data_parallel_world_size(),
     )
     dataloader_type = getattr(args, "dataloader_type", "single") or "single"
+    repeated = bool(getattr(args, "repeated_dataloader", False))
+    if repeated and dataloader_type == "single":
+        # a resumed run continues inside the current pass over the data
+        common["consumed_samples"] = consumed_samples % _samples_per_pass(
+            len(dataset), common["micro_batch_size"] * common["data_parallel_size"])
     if dataloader_type == "single":
         batch_sampler = MegatronPretrainingSampler(**common)
     elif dataloader_type == "cyclic":
         batch_sampler = MegatronPretrainingRandomSampler(**common)
     else:
         raise ValueError(f"--dataloader-type must be 'single' or 'cyclic', got {dataloader_type!r}")
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=args.num_workers,
@@ -42,6 +47,46 @@ def build_pretraining_data_loader(dataset, consumed_samples: int):
         # was restored leaves the training RNG (dropout) exactly where it was saved.
         generator=torch.Generator().manual_seed(getattr(args, "seed", 1234)),
     )
+    return RepeatingLoader(loader) if repeated else loader
+
+
+def _samples_per_pass(total_samples: int, batch: int) -> int:
+    """Samples one pass of the in-order sampler reads (the last incomplete batch dropped)."""
+    per_pass = (total_samples // batch) * batch
+    if per_pass == 0:
+        raise ValueError(f"--repeated-dataloader: the dataset holds {total_samples} samples, "
+                         f"fewer than one micro-batch over the data-parallel ranks ({batch})")
+    return per_pass
+
+
+class RepeatingLoader:
+    """--repeated-dataloader: a data loader that starts over when it runs out.
+
+    Each pass after the first reads the whole dataset again from its first sample (the
+    in-order sampler's start is reset to 0; the random sampler moves to its next epoch).
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+        self.batch_sampler = loader.batch_sampler
+        self.passes = 0  # passes started after the first
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        while True:
+            yielded = False
+            for batch in self.loader:
+                yielded = True
+                yield batch
+            if not yielded:
+                raise ValueError("--repeated-dataloader: a pass over the dataset gave no "
+                                 "batch (the dataset is smaller than one micro-batch)")
+            self.passes += 1
+            # (the random sampler counts its consumed samples itself: its next epoch)
+            if isinstance(self.batch_sampler, MegatronPretrainingSampler):
+                self.batch_sampler.consumed_samples = 0
 
 
 def _check(total_samples, micro_batch_size, data_parallel_rank, data_parallel_size) -> None:

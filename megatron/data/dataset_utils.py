@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import hashlib
 import math
 import os
 import time
@@ -163,6 +165,32 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+_CACHE_DIR: list[str | None] = [None]  # --data-cache-path of the datasets being built
+
+
+@contextlib.contextmanager
+def index_cache_dir(path: str | None):
+    """Build the datasets inside this block with their index caches in ``path``
+    (--data-cache-path) instead of beside the data; None: beside the data."""
+    previous = _CACHE_DIR[0]
+    _CACHE_DIR[0] = os.path.abspath(path) if path else None
+    try:
+        yield
+    finally:
+        _CACHE_DIR[0] = previous
+
+
+def cache_prefix(data_prefix: str) -> str:
+    """Where the index caches of ``data_prefix`` go: beside the data, or in the
+    --data-cache-path folder under the data's name and a hash of its full path (two
+    corpora of the same name in different folders do not share caches)."""
+    folder = _CACHE_DIR[0]
+    if folder is None:
+        return data_prefix
+    digest = hashlib.md5(os.path.abspath(data_prefix).encode("utf-8")).hexdigest()[:10]
+    return os.path.join(folder, f"{os.path.basename(data_prefix)}_{digest}")
+
+
 def save_npy_atomically(path: str, array: np.ndarray) -> None:
     """Write ``array`` to ``path`` through a temporary file and a rename, so that a reader
     never sees a half-written cache."""
@@ -220,6 +248,11 @@ def build_or_load_caches(
             if need_build:
                 start = time.time()
                 arrays = build()
+                for folder in {os.path.dirname(path) for path in paths}:
+                    try:
+                        os.makedirs(folder or ".", exist_ok=True)
+                    except OSError as err:
+                        raise OSError(f"index cache folder {folder}: {err}") from err
                 for path, array in zip(paths, arrays):
                     save_npy_atomically(path, array)
                 print_rank_0(
@@ -619,8 +652,9 @@ def samples_mapping_filename(
     short_seq_prob: float,
     seed: int,
 ) -> str:
-    """``{prefix}_{name}_indexmap[_{E}ep][_{N}mns]_{L}msl_{p:.2f}ssp_{seed}s.npy``."""
-    filename = f"{data_prefix}_{name}_indexmap"
+    """``{prefix}_{name}_indexmap[_{E}ep][_{N}mns]_{L}msl_{p:.2f}ssp_{seed}s.npy`` (prefix:
+    ``cache_prefix(data_prefix)``)."""
+    filename = f"{cache_prefix(data_prefix)}_{name}_indexmap"
     if num_epochs != _NO_EPOCH_LIMIT:
         filename += f"_{num_epochs}ep"
     if max_num_samples != _NO_SAMPLE_LIMIT:

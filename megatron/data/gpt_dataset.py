@@ -19,6 +19,7 @@ from megatron import print_rank_0
 from megatron.data.dataset_utils import (
     DataPathError,
     build_or_load_caches,
+    cache_prefix,
     get_datasets_weights_and_num_samples,
     get_indexed_dataset_,
     get_train_valid_test_split_,
@@ -305,7 +306,7 @@ def index_cache_paths(
     data_prefix: str, name: str, num_samples: int, seq_length: int, seed: int
 ) -> list[str]:
     """The doc/sample/shuffle index cache files of one GPT dataset."""
-    base = f"{data_prefix}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s"
+    base = f"{cache_prefix(data_prefix)}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s"
     return [f"{base}_doc_idx.npy", f"{base}_sample_idx.npy", f"{base}_shuffle_idx.npy"]
 
 

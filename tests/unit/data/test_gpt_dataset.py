@@ -8,9 +8,11 @@ import pytest
 from megatron.data import gpt_dataset
 from megatron.data.blendable_dataset import BlendableDataset
 from megatron.data.dataset_utils import (
+    cache_prefix,
     get_datasets_weights_and_num_samples,
     get_samples_mapping,
     get_train_valid_test_split_,
+    index_cache_dir,
 )
 from megatron.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets
 from megatron.data.indexed_dataset import (
@@ -136,6 +138,25 @@ def test_caches_are_reused_and_rebuilt_when_corrupt(corpus, monkeypatch, capsys)
     for a, b in zip(original, (rebuilt.doc_idx, rebuilt.sample_idx, rebuilt.shuffle_idx)):
         assert np.array_equal(a, b)
     assert not [f for f in os.listdir(os.path.dirname(prefix)) if ".tmp" in f]
+
+
+def test_index_cache_dir_moves_the_caches(corpus, tmp_path):
+    """--data-cache-path: GPT and BERT/T5 index caches go to that folder (created when
+    missing) under the corpus name and a hash of its path; beside the data otherwise."""
+    prefix, _, indexed = corpus
+    cache = tmp_path / "caches" / "nested"
+    with index_cache_dir(str(cache)):
+        ds = GPTDataset("train", prefix, np.arange(12, dtype=np.int32), indexed, 20, 8, seed=3)
+        mapping = get_samples_mapping(indexed, prefix, None, 10, 16, 0.1, 3, "train", False)
+        moved = cache_files(prefix, "train", 20, 8, 3)
+        same_name = cache_prefix(str(tmp_path / "elsewhere" / os.path.basename(prefix)))
+        here = cache_prefix(prefix)
+    assert len(ds) >= 20 and mapping.shape[1] == 3
+    assert all(os.path.dirname(p) == str(cache) and os.path.exists(p) for p in moved)
+    assert len(os.listdir(cache)) == 4  # doc, sample, shuffle + the samples mapping
+    assert same_name != here and os.path.dirname(same_name) == os.path.dirname(here)
+    assert not [f for f in os.listdir(os.path.dirname(prefix)) if f.endswith(".npy")]
+    assert cache_prefix(prefix) == prefix  # outside the block: beside the data
 
 
 def _two_rank_build(rank, world_size, tmp_dir):

@@ -121,3 +121,48 @@ def test_build_pretraining_data_loader(monkeypatch):
     with pytest.raises(ValueError, match="--dataloader-type"):
         build_pretraining_data_loader(dataset, 0)
     assert build_pretraining_data_loader(None, 0) is None
+
+
+def test_repeated_dataloader_starts_over(monkeypatch):
+    """--repeated-dataloader: after the last full batch the loader reads the dataset again
+    from its first sample (in order) or its next epoch (cyclic); a resumed run continues
+    inside the current pass."""
+    import itertools
+
+    import megatron
+    from megatron import global_vars
+    from megatron.data.data_samplers import RepeatingLoader
+
+    class FakeMpu:
+        @staticmethod
+        def get_data_parallel_rank():
+            return 0
+
+        @staticmethod
+        def get_data_parallel_world_size():
+            return 2
+
+    monkeypatch.setattr(megatron, "mpu", FakeMpu, raising=False)
+    dataset = [{"text": i} for i in range(10)]  # a pass: 2 batches of 2 x 2 (2 dropped)
+    args = SimpleNamespace(dataloader_type="single", micro_batch_size=2, num_workers=0,
+                           repeated_dataloader=True)
+    monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", args)
+    loader = build_pretraining_data_loader(dataset, consumed_samples=0)
+    assert isinstance(loader, RepeatingLoader)
+    got = [b["text"].tolist() for b in itertools.islice(loader, 5)]
+    assert got == [[0, 1], [4, 5], [0, 1], [4, 5], [0, 1]]
+    assert loader.passes == 2
+    # 12 consumed = one pass of 8 and one batch of 4: the second batch of a pass is next
+    resumed = build_pretraining_data_loader(dataset, consumed_samples=12)
+    assert [b["text"].tolist() for b in itertools.islice(resumed, 2)] == [[4, 5], [0, 1]]
+    args.dataloader_type = "cyclic"
+    cyclic = build_pretraining_data_loader(dataset, consumed_samples=0)
+    epochs = [b["text"].tolist() for b in itertools.islice(cyclic, 6)]
+    assert all(0 <= i < 4 for b in epochs for i in b)  # rank 0's bucket, every epoch
+    assert sorted(sum(epochs[:2], [])) == [0, 1, 2, 3] == sorted(sum(epochs[2:4], []))
+    args.repeated_dataloader = False
+    args.dataloader_type = "single"
+    assert len(list(build_pretraining_data_loader(dataset, 0))) == 2  # ends after a pass
+    args.repeated_dataloader = True
+    with pytest.raises(ValueError, match="--repeated-dataloader: the dataset holds 3"):
+        build_pretraining_data_loader(dataset[:3], 0)
