@@ -146,7 +146,8 @@ def forward_step(data_iterator, model, train_state=None):
             cut(tokens), cut(position_ids), cut(labels), cut(loss_mask))
         if attention_mask is not None:  # None: causal flash attention
             attention_mask = attention_mask[:, :, :curriculum_seqlen, :curriculum_seqlen]
-    if (args.kd or args.mos) and model.training:
+    # distillation in training steps only (evaluation runs without gradients)
+    if (args.kd or args.mos) and model.training and torch.is_grad_enabled():
         return _distillation_forward(args, model, tokens, labels, loss_mask, attention_mask,
                                      position_ids)
     output_tensor = model(tokens, position_ids, attention_mask, labels=labels)

@@ -26,6 +26,7 @@ and the gradient with respect to the local student logits is (p_s - p_t)[f_r:l_r
 from __future__ import annotations
 
 import copy
+import os
 import re
 
 import torch
@@ -129,8 +130,9 @@ def teacher_args(args):
 
 
 def build_teacher(args) -> torch.nn.Module:
-    """The teacher GPT of the teacher shape, loaded from --load-teacher, in eval mode,
-    frozen, on this rank's device (fp16/bf16 as the student)."""
+    """The teacher GPT of the teacher shape, loaded from --load-teacher (a Megatron
+    checkpoint, or a DeepSpeed one), in eval mode, frozen, on this rank's device
+    (fp16/bf16 as the student)."""
     from .accelerator import current_device
     from .checkpointing import CheckpointError, load_model_weights_only
     from .model import GPTModel
@@ -140,7 +142,9 @@ def build_teacher(args) -> torch.nn.Module:
     print_rank_0(f"building the distillation teacher ({args.num_layers_teacher} layers, "
                  f"hidden {args.hidden_size_teacher}, {args.num_attention_heads_teacher} "
                  f"heads, experts {args.num_experts_teacher}) from {args.load_teacher} ...")
-    config = config_from_args(args, **_teacher_shape(args))
+    # no gradients flow through the teacher: nothing to recompute
+    config = config_from_args(args, **_teacher_shape(args), recompute_granularity=None,
+                              recompute_method=None)
     teacher = GPTModel(config, num_tokentypes=0, parallel_output=True)
     for param in teacher.parameters():
         mpu.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
@@ -150,8 +154,11 @@ def build_teacher(args) -> torch.nn.Module:
 
         teacher = Float16Module(teacher, args.params_dtype)
     try:
-        iteration = load_model_weights_only(teacher, args.load_teacher,
-                                            model_args=teacher_args(args))
+        if _is_deepspeed_checkpoint(args.load_teacher):
+            iteration = _load_deepspeed_teacher(teacher, args.load_teacher, teacher_args(args))
+        else:
+            iteration = load_model_weights_only(teacher, args.load_teacher,
+                                                model_args=teacher_args(args))
     except CheckpointError as exc:
         # the shape flags of the teacher are the *-teacher ones
         text = re.sub(r"(--num-layers|--hidden-size|--num-attention-heads)\b(?!-)",
@@ -161,6 +168,50 @@ def build_teacher(args) -> torch.nn.Module:
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
+
+
+def _is_deepspeed_checkpoint(load_dir: str) -> bool:
+    """A DeepSpeed save folder (a `latest` tag file, no Megatron iter_* folders)."""
+    from .checkpointing import iteration_folders
+
+    return (os.path.isfile(os.path.join(load_dir, "latest"))
+            and not iteration_folders(load_dir))
+
+
+def _load_deepspeed_teacher(teacher: torch.nn.Module, load_dir: str, t_args) -> int:
+    """The weights of the DeepSpeed checkpoint `latest` names (the experts of an MoE
+    teacher from their own files, as DeepSpeed's engine reads them); returns its
+    iteration."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from .checkpointing import CheckpointError, check_checkpoint_args
+    from .model.moe import moe_layers
+    from .utils import unwrap_model
+
+    with open(os.path.join(load_dir, "latest"), encoding="utf-8") as f:
+        tag = f.read().strip()
+    path = os.path.join(load_dir, tag,
+                        f"mp_rank_{mpu.get_tensor_model_parallel_rank():02d}_model_states.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{os.path.join(load_dir, 'latest')} names {tag!r} but {path} "
+                              "is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - name the file whatever went wrong
+        raise CheckpointError(f"could not read checkpoint file {path}: {exc}") from exc
+    if "args" in state:
+        check_checkpoint_args(state["args"], t_args, load_dir)
+    module = unwrap_model([teacher])[0]
+    weights = dict(state["module"])
+    layers = moe_layers(module)
+    if layers:
+        for layer in layers:  # expert groups, as the engine sets them up for its model
+            layer.set_deepspeed_parallelism()
+        DeepSpeedEngine.load_moe_state_dict(load_dir, tag, state_dict=weights,
+                                            old_moe_load=False, model=module, mpu=mpu,
+                                            num_experts=list(t_args.num_experts))
+    module.load_state_dict(weights, strict=True)
+    return int(state.get("iteration", state.get("global_steps", 0)) or 0)
 
 
 _TEACHER: list[torch.nn.Module] = []

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from .gpt_runs import preprocess, run_pretrain, tiny_gpt_args
+from .gpt_runs import ROOT, preprocess, run_pretrain, tiny_gpt_args
 
 VOCAB_DIR = os.environ.get("MEGATRON_VOCAB_DIR")
 pytestmark = pytest.mark.skipif(
@@ -69,3 +69,31 @@ def test_student_learns_from_teacher_checkpoint(tmp_path):
     err = proc.stdout + proc.stderr
     assert f"--load-teacher {teacher_dir}: " in err
     assert "--num-layers-teacher: checkpoint has 2, this run has 3" in err
+
+
+MOS_RE = re.compile(r"iteration\s+(\d+)/.*?\| mos loss: ([0-9.E+-]+) \|.*?moe loss: ([0-9.E+-]+) \|")
+
+
+def test_mixture_of_students_from_deepspeed_moe_teacher(tmp_path):
+    """--mos as examples_deepspeed/MoE/*_MoS.sh: an MoE student under DeepSpeed learns from
+    an MoE teacher saved by DeepSpeed (experts in their own files)."""
+    data = preprocess(str(tmp_path), VOCAB_DIR)
+    ds = ["--deepspeed", "--deepspeed_config",
+          os.path.join(ROOT, "examples", "ds_config_gpt_zero1.json"), "--zero-stage", "1",
+          "--no-pipeline-parallel", "--expert-interval", "2", "--topk", "1",
+          "--disable-moe-token-dropping", "--eval-interval", "100"]
+    teacher_dir = str(tmp_path / "teacher")
+    run_pretrain(_with(tiny_gpt_args(data, VOCAB_DIR, train_iters=4), save=teacher_dir,
+                       save_interval=4) + ds + ["--num-experts", "4"])
+    assert any("expert" in name for name in os.listdir(os.path.join(teacher_dir,
+                                                                     "global_step4")))
+    student = _with(tiny_gpt_args(data, VOCAB_DIR, train_iters=3), hidden_size=32,
+                    num_attention_heads=2) + ds
+    student += ["--num-experts", "2", "--mos", "--load-teacher", teacher_dir,
+                "--num-layers-teacher", "2", "--hidden-size-teacher", "64",
+                "--num-attention-heads-teacher", "4", "--num-experts-teacher", "4"]
+    out = run_pretrain(student).stdout
+    assert "distillation teacher loaded at iteration 4" in out
+    rows = {int(i): (float(mos), float(moe)) for i, mos, moe in MOS_RE.findall(out)}
+    assert sorted(rows) == [1, 2, 3] and all(mos > 0 for mos, _ in rows.values()), out[-3000:]
+    assert "kd loss" not in out and "mos loss value" not in out
