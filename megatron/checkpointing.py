@@ -429,6 +429,9 @@ def check_checkpoint_args(checkpoint_args, args=None, load_dir: str | None = Non
     load_dir = load_dir if load_dir is not None else args.load
     problems = []
     for name, flag in MODEL_ARGS_TO_CHECK:
+        if (name == "max_position_embeddings"
+                and getattr(checkpoint_args, "add_position_embedding", True) is False):
+            continue  # no position-embedding table (RoPE): any length loads the weights
         ours = getattr(args, name, None)
         theirs = getattr(checkpoint_args, name, None)
         if theirs is not None and ours is not None and ours != theirs:

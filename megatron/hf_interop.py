@@ -586,6 +586,7 @@ def read_hf_model(
     tokenizer: str = "auto",
     tokenizer_dir: str | None = None,
     dtype: torch.dtype | None = None,
+    weights: Dict[str, torch.Tensor] | None = None,
 ) -> HFImport:
     """Read a GPT2LMHeadModel or LlamaForCausalLM folder into the canonical form.
 
@@ -593,7 +594,8 @@ def read_hf_model(
     make_vocab_size_divisible_by, tensor_model_parallel_size), the size a Megatron run with
     that tokenizer builds. `tokenizer` picks among several tokenizer files (see
     find_tokenizer); `tokenizer_dir` looks for them elsewhere; `dtype` casts the weights
-    (else they keep the file's dtype)."""
+    (else they keep the file's dtype); `weights` are the model's tensors already read
+    (else read_hf_weights reads them)."""
     config_path = os.path.join(hf_dir, "config.json")
     config = _read_json(config_path, "model config")
     arch = _arch_of(config, config_path)
@@ -604,7 +606,7 @@ def read_hf_model(
     tied = bool(config.get("tie_word_embeddings", arch.tie_default))
     args["untie_embeddings_and_output_weights"] = not tied
     args["init_method_std"] = float(config.get("initializer_range", 0.02))
-    state = _strip_prefix(read_hf_weights(hf_dir), arch)
+    state = _strip_prefix(weights if weights is not None else read_hf_weights(hf_dir), arch)
     canonical = _to_canonical(state, arch, args["num_layers"], tied, dims, hf_dir)
     rows = canonical[WORD].size(0)
     _check_shapes(canonical, dims, args, rows, hf_dir)

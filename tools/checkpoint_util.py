@@ -215,6 +215,7 @@ def hf_to_megatron(args) -> dict:
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by or 128,
         tensor_model_parallel_size=tp,
         tokenizer=args.tokenizer,
+        weights=getattr(args, "hf_weights", None),  # read by the caller (finetune_llama.py)
     )
     if imp.tokenizer is None:
         # no tokenizer files beside the model: ids in, ids out (NullTokenizer's last id is eod)
