@@ -139,3 +139,23 @@ def test_kill_switch_file_saves_and_exits(first_run, tmp_path):
     again = run_pretrain(cmd[2:], script=cmd[:2]).stdout
     assert f"found the kill switch file {switch}: exiting" in again
     assert parse_log(again) == {} and "building GPT model" not in again
+
+
+def test_deepspeed_load_tag_and_reset_iteration(first_run, tmp_path):
+    """Under --deepspeed: --load-tag global_step3 with --reset-iteration loads the engine's
+    weights, optimizer and lr scheduler of step 3 and counts from 0 (the engine too: its
+    next checkpoint is global_step2)."""
+    _, data, _, _, _ = first_run
+    ds = ["--deepspeed", "--zero-stage", "1"]
+    save, save2 = tmp_path / "ds", tmp_path / "ds_reset"
+    first = parse_log(run_pretrain(_args(data, 6) + ds + [
+        "--save", str(save), "--save-interval", "3"]).stdout)
+    assert sorted(first) == list(range(1, 7))
+    out = run_pretrain(_args(data, 2) + ds + [
+        "--load", str(save), "--load-tag", "global_step3", "--reset-iteration",
+        "--save", str(save2)]).stdout
+    reset = parse_log(out)
+    assert sorted(reset) == [1, 2]
+    assert [reset[i]["consumed"] for i in (1, 2)] == [8, 16]
+    assert reset[1]["lr"] == first[4]["lr"] != first[1]["lr"]
+    assert (save2 / "latest").read_text().strip() == "global_step2"
