@@ -97,3 +97,41 @@ def test_mixture_of_students_from_deepspeed_moe_teacher(tmp_path):
     rows = {int(i): (float(mos), float(moe)) for i, mos, moe in MOS_RE.findall(out)}
     assert sorted(rows) == [1, 2, 3] and all(mos > 0 for mos, _ in rows.values()), out[-3000:]
     assert "kd loss" not in out and "mos loss value" not in out
+
+
+def test_tensor_parallel_student_equals_serial(tmp_path):
+    """The teacher checkpoint reshaped to TP=2 by tools/checkpoint_util.py: a TP=2 student
+    (torchrun, 2 CPU ranks) logs the LM and KD losses of the TP=1 student (rel 1e-5: the
+    printed digits and the order of the vocabulary sums)."""
+    import subprocess
+    import sys
+
+    from .gpt_runs import launch
+
+    data = preprocess(str(tmp_path), VOCAB_DIR)
+    tp1, tp2 = str(tmp_path / "teacher"), str(tmp_path / "teacher_tp2")
+    # vocabulary padded to 50304 at TP=1 and TP=2 alike
+    common = ["--make-vocab-size-divisible-by", "64", "--use-cpu-initialization"]
+    run_pretrain(_with(tiny_gpt_args(data, VOCAB_DIR, train_iters=4), save=tp1,
+                       save_interval=4, eval_interval=100) + common)
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint_util.py"),
+                    "--model-type", "GPT", "--load-dir", tp1, "--save-dir", tp2,
+                    "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size",
+                    "1"], check=True, capture_output=True, cwd=ROOT)
+
+    def student(teacher: str, tp: int) -> list[str]:
+        return _with(tiny_gpt_args(data, VOCAB_DIR, train_iters=3), num_layers=1,
+                     hidden_size=32, num_attention_heads=2, eval_interval=100,
+                     hidden_dropout=0.0, attention_dropout=0.0) + common + [
+            "--kd", "--load-teacher", teacher, "--num-layers-teacher", "2",
+            "--hidden-size-teacher", "64", "--num-attention-heads-teacher", "4",
+            "--kd-temp", "2.0", "--tensor-model-parallel-size", str(tp)]
+
+    serial = {int(i): (float(lm), float(kd))
+              for i, lm, kd in KD_RE.findall(run_pretrain(student(tp1, 1)).stdout)}
+    parallel = {int(i): (float(lm), float(kd))
+                for i, lm, kd in KD_RE.findall(launch(2, student(tp2, 2)))}
+    assert sorted(serial) == sorted(parallel) == [1, 2, 3]
+    for i in serial:
+        for a, b in zip(parallel[i], serial[i]):
+            assert abs(a - b) <= 1e-5 * abs(b), (i, parallel[i], serial[i])
