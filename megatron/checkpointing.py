@@ -738,8 +738,13 @@ def check_weights_finite(models, iteration: int) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def _run_id(args) -> str:
-    """This run's lineage id: the loaded checkpoint's, else a fresh random one."""
+def _run_id(args, train_state: TrainState | None = None) -> str:
+    """This run's lineage id: the loaded checkpoint's, else a fresh random one; kept in
+    train_state (a caller without one keeps it on args.checkpoint_run_id)."""
+    if train_state is not None:
+        if not train_state.run_id:
+            train_state.run_id = uuid.uuid4().hex
+        return train_state.run_id
     run_id = getattr(args, "checkpoint_run_id", None)
     if not run_id:
         run_id = uuid.uuid4().hex
@@ -772,8 +777,9 @@ def foreign_checkpoints(save_dir: str, after_iteration: int, run_id: str) -> lis
     return names
 
 
-def _foreign_error(args, after: int, where: str) -> CheckpointError | None:
-    found = foreign_checkpoints(args.save, after, _run_id(args))
+def _foreign_error(args, after: int, where: str,
+                   train_state: TrainState | None = None) -> CheckpointError | None:
+    found = foreign_checkpoints(args.save, after, _run_id(args, train_state))
     if not found:
         return None
     return CheckpointError(
@@ -782,9 +788,11 @@ def _foreign_error(args, after: int, where: str) -> CheckpointError | None:
         f"--load {args.save}, or save to another folder")
 
 
-def check_save_folder(start_iteration: int | None = None) -> None:
-    """Before the first step: stop when --save holds checkpoints of another run newer than
-    start_iteration (where this run starts), which it would overwrite. All ranks."""
+def check_save_folder(start_iteration: int | None = None,
+                      train_state: TrainState | None = None) -> None:
+    """Before the first step: stop when --save holds checkpoints of another run (than
+    train_state's lineage) newer than start_iteration (where this run starts), which it
+    would overwrite. All ranks."""
     args = get_args()
     if not getattr(args, "save", None):
         return
@@ -792,17 +800,23 @@ def check_save_folder(start_iteration: int | None = None) -> None:
     error = None
     if _is_rank_0():
         error = _foreign_error(args, start, f"newer than iteration {start}, where this run "
-                               "starts")
+                               "starts", train_state)
     agree(error)
 
 
-def adopt_lineage(args, folder: str, new_lineage: bool) -> None:
-    """A resume carries on the loaded checkpoint's run id; --finetune and release start a
-    new one."""
-    args.checkpoint_run_id = None if new_lineage else read_run_id(folder)
+def adopt_lineage(args, folder: str, new_lineage: bool,
+                  train_state: TrainState | None = None) -> None:
+    """A resume carries on the loaded checkpoint's run id (into train_state, else onto
+    args for a caller without one); --finetune and release start a new one."""
+    run_id = None if new_lineage else read_run_id(folder)
+    if train_state is not None:
+        train_state.run_id = run_id
+    else:
+        args.checkpoint_run_id = run_id
 
 
-def prepare_save_folder(args, folder: str, iteration: int) -> None:
+def prepare_save_folder(args, folder: str, iteration: int,
+                        train_state: TrainState | None = None) -> None:
     """Rank 0, before `iteration` is saved into folder: drop stale temporary files, refuse
     when another run's checkpoints are at `iteration` or later, write run_id.txt."""
     error = None
@@ -810,10 +824,12 @@ def prepare_save_folder(args, folder: str, iteration: int) -> None:
         try:
             for path in remove_stale_temp_files(args.save):
                 print(f"removed {path}: left by a save that was killed", flush=True)
-            foreign = _foreign_error(args, iteration - 1, f"at iteration {iteration} or later")
+            foreign = _foreign_error(args, iteration - 1, f"at iteration {iteration} or later",
+                                     train_state)
             if foreign is not None:
                 raise foreign
-            _atomic_write_text(os.path.join(folder, RUN_ID_FILENAME), _run_id(args) + "\n")
+            _atomic_write_text(os.path.join(folder, RUN_ID_FILENAME),
+                               _run_id(args, train_state) + "\n")
         except Exception as e:  # noqa: BLE001 - every rank must learn of it
             error = e
     agree(error)
@@ -851,7 +867,8 @@ def prune_checkpoints(save_dir: str, tracked: int, keep: int | None, run_id: str
     return removed
 
 
-def finish_save(args, iteration: int, pattern: re.Pattern = ITER_RE) -> None:
+def finish_save(args, iteration: int, pattern: re.Pattern = ITER_RE,
+                train_state: TrainState | None = None) -> None:
     """All ranks, once every rank file is in place: rank 0 points the tracker at
     `iteration`, then applies --keep-last-checkpoints."""
     error = None
@@ -863,7 +880,8 @@ def finish_save(args, iteration: int, pattern: re.Pattern = ITER_RE) -> None:
     agree(error)
     keep = getattr(args, "keep_last_checkpoints", None)
     if keep and _is_rank_0():
-        for name in prune_checkpoints(args.save, iteration, keep, _run_id(args), pattern):
+        run_id = _run_id(args, train_state)
+        for name in prune_checkpoints(args.save, iteration, keep, run_id, pattern):
             print(f"removed old checkpoint {name} (--keep-last-checkpoints {keep})", flush=True)
 
 
@@ -947,7 +965,8 @@ def save_checkpoint(iteration: int, model, optimizer, lr_scheduler,
     check_weights_finite(unwrap_model(model if isinstance(model, list) else [model]),
                          iteration)
     print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save}")
-    prepare_save_folder(args, os.path.join(args.save, _folder_name(iteration)), iteration)
+    prepare_save_folder(args, os.path.join(args.save, _folder_name(iteration)), iteration,
+                        train_state)
     error = None
     distrib_state = _distributed_optimizer_state(args, optimizer)  # every DP rank joins
     if mpu.get_data_parallel_rank() == 0:
@@ -961,7 +980,7 @@ def save_checkpoint(iteration: int, model, optimizer, lr_scheduler,
         except Exception as e:  # noqa: BLE001 - every rank must learn of it
             error = e
     agree(error)
-    finish_save(args, iteration)
+    finish_save(args, iteration, train_state=train_state)
     print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {args.save}")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -1216,7 +1235,7 @@ def _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir: str, loa
     _load_model_state(unwrap_model(model if isinstance(model, list) else [model]), state,
                       strict)
     if not options.weights_only:
-        adopt_lineage(args, os.path.dirname(os.path.dirname(path)), not counters)
+        adopt_lineage(args, os.path.dirname(os.path.dirname(path)), not counters, train_state)
     if options.finetune or release:
         iteration = 0
     elif restore and not counters:
@@ -1250,7 +1269,7 @@ def load_checkpoint(model, optimizer, lr_scheduler, load_arg: str = "load",
     iteration = _load_megatron_checkpoint(model, optimizer, lr_scheduler, load_dir, load_tag,
                                           strict, LoadOptions.from_args(args), train_state)
     if optimizer is not None:
-        check_save_folder(iteration)
+        check_save_folder(iteration, train_state)
     return iteration
 
 

@@ -723,7 +723,7 @@ class DeepSpeedBackend(TrainingBackend):
         iteration = load_deepspeed_checkpoint(self.model, self.optimizer, self.lr_scheduler,
                                               args.load, train_state=state)
         if self.optimizer is not None:
-            check_save_folder(iteration)
+            check_save_folder(iteration, state)
         return iteration
 
 
@@ -827,7 +827,7 @@ def save_deepspeed_checkpoint(iteration: int, model_list, optimizer, lr_schedule
     tag = f"global_step{iteration}"
     print_rank_0(f"saving checkpoint at iteration {iteration:7d} to {args.save}")
     folder = os.path.join(args.save, tag)
-    prepare_save_folder(args, folder, iteration)
+    prepare_save_folder(args, folder, iteration, train_state)
     error = None
     try:
         engine.save_checkpoint(args.save, tag=tag,
@@ -835,7 +835,7 @@ def save_deepspeed_checkpoint(iteration: int, model_list, optimizer, lr_schedule
     except Exception as e:  # noqa: BLE001 - every rank must learn of it
         error = out_of_space_error(e, f"checkpoint {folder}")
     agree(error)
-    finish_save(args, iteration, DS_STEP_RE)
+    finish_save(args, iteration, DS_STEP_RE, train_state)
     torch.distributed.barrier()
     print_rank_0(f"  successfully saved checkpoint at iteration {iteration:7d} to {args.save}")
 
@@ -903,7 +903,7 @@ def load_deepspeed_checkpoint(
     if options.weights_only:
         iteration = int(state.get("iteration", engine.global_steps))
     else:
-        adopt_lineage(args, os.path.dirname(path), not restore)
+        adopt_lineage(args, os.path.dirname(path), not restore, train_state)
     if options.reset_iteration and options.restores_run:
         # the engine counts from 0 too (its step count drives its own lr schedule)
         engine.global_steps = 0

@@ -31,7 +31,8 @@ class TrainState:
     curriculum_seqlen: int | None = None  # the curriculum's sequence length (None: full)
     skipped_iterations: int = 0  # steps skipped for an fp16 overflow, since the first run
     nan_iterations: int = 0  # of those, steps whose loss was NaN or inf
-    # not saved: facts of this process
+    # not saved in the state dict: facts of this process
+    run_id: str | None = field(default=None, compare=False)  # lineage (run_id.txt)
     last_saved_iteration: int | None = field(default=None, compare=False)
     do_train: bool = field(default=False, compare=False)  # a train split with iterations
     do_valid: bool = field(default=False, compare=False)  # a validation split to evaluate
@@ -84,14 +85,18 @@ class TrainState:
     def from_args(cls, args) -> TrainState:
         """The counters of a caller that keeps them on args (a loop of its own over
         train_step, as tasks/ has): what save_checkpoint stores for it."""
-        return cls(**{name: getattr(args, name) for name in _LEGACY_KEYS
-                      if getattr(args, name, None) is not None})
+        state = cls(**{name: getattr(args, name) for name in _LEGACY_KEYS
+                       if getattr(args, name, None) is not None})
+        state.run_id = getattr(args, "checkpoint_run_id", None)
+        return state
 
     def to_args(self, args) -> None:
-        """Hand the counters to such a caller, as Megatron's setup_model_and_optimizer
-        did (pretrain() keeps its TrainState and never calls this)."""
+        """Hand the counters and the run lineage to such a caller, as Megatron's
+        setup_model_and_optimizer did (pretrain() keeps its TrainState and never calls
+        this)."""
         for name in _LEGACY_KEYS:
             setattr(args, name, getattr(self, name))
+        args.checkpoint_run_id = self.run_id
 
 
 __all__ = ["TrainState", "STATE_KEY"]

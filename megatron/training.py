@@ -101,7 +101,7 @@ def _pretrain(train_valid_test_dataset_provider, model_provider, forward_step_fu
     model = backend.model
     timers("model-and-optimizer-setup").stop()
     # before any step: --save holds no other run's newer checkpoints
-    check_save_folder(state.iteration)
+    check_save_folder(state.iteration, state)
     print_datetime("after model, optimizer, and learning rate scheduler are built")
 
     timers("train/valid/test-data-iterators-setup").start()

@@ -127,6 +127,7 @@ def _weights_only_world(rank, world_size, save):
         get_checkpoint_name,
         load_checkpoint,
         load_model_weights_only,
+        read_run_id,
     )
     from megatron.initialize import initialize_megatron
     from megatron.train_state import TrainState
@@ -148,10 +149,13 @@ def _weights_only_world(rank, world_size, save):
     assert all(torch.equal(now[k], v) for k, v in saved.items())
     assert vars(args) == before, "a weights-only load changed args"
     assert getattr(args, "checkpoint_run_id", None) == run_id, "or adopted the lineage"
-    # the file does hold the run state, which a training load restores
+    # the file does hold the run state, which a training load restores into its
+    # TrainState (the run lineage too), leaving args as they are
     state = TrainState()
     assert load_checkpoint(model, None, None, train_state=state) == 3
     assert (state.iteration, state.consumed_train_samples) == (3, 24)
+    assert state.run_id == read_run_id(os.path.join(save, "iter_0000003")) is not None
+    assert vars(args) == before, "a training load with a TrainState changed args"
 
     path = get_checkpoint_name(save, 3)
     state = torch.load(path, weights_only=False)
