@@ -51,6 +51,7 @@ from .checkpointing import (
 )
 from .checkpointing import deepspeed_load_tag as _load_tag  # noqa: F401 - importable here
 from .checkpointing import refuse_untracked_deepspeed as _refuse_untracked
+from .deepspeed_comm import prepare_deepspeed
 from .errors import NonFiniteLossError
 from .initialize import require_vocabulary
 from .optimizer import get_megatron_optimizer
@@ -363,36 +364,6 @@ def configure_activation_checkpointing(args) -> None:
         profile=False,
     )
     mpu.model_parallel_manual_seed(args.seed + 100 * mpu.get_pipeline_model_parallel_rank())
-
-
-def prepare_deepspeed() -> None:
-    """Import DeepSpeed and keep its CPU communication on plain gloo.
-
-    DeepSpeed's CPU backend otherwise JIT-compiles a shared-memory all-reduce op on the
-    first deepspeed.initialize (minutes on a small machine, and a stale build lock hangs
-    every later run); gloo does the same collectives. MEGATRON_DS_SHM_COMM=1 keeps it.
-    """
-    import deepspeed
-
-    from .accelerator import is_gpu
-
-    if not is_gpu() and os.environ.get("MEGATRON_DS_SHM_COMM", "0") != "1":
-        ops = deepspeed.ops
-        if "__compatible_ops__" not in vars(ops):
-            ops.__compatible_ops__ = {}
-        ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    # DeepSpeed reads LOCAL_RANK, which only launchers set (not a plain `python` run)
-    os.environ.setdefault(
-        "LOCAL_RANK",
-        str(
-            int(os.environ.get("RANK", "0"))
-            % max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
-        ),
-    )
-    if not deepspeed.comm.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False
-        )
 
 
 def zero3_init_context(args) -> contextlib.AbstractContextManager:

@@ -104,7 +104,7 @@ class UlyssesAttention(torch.nn.Module):
         super().__init__()
         from deepspeed.sequence.layer import DistributedAttention
 
-        from megatron.deepspeed_engine import prepare_deepspeed
+        from megatron.deepspeed_comm import prepare_deepspeed
 
         prepare_deepspeed()  # DistributedAttention communicates through deepspeed.comm
         self.group = group

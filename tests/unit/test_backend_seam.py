@@ -31,11 +31,13 @@ SEAM = ("megatron.training", "megatron.backend", "megatron.deepspeed_engine",
 # Files that may import deepspeed, and why.
 DEEPSPEED_IMPORTERS = {
     "megatron/deepspeed_engine.py": "the seam: DeepSpeed's engine, config and checkpoints",
+    "megatron/deepspeed_comm.py": "deepspeed.comm on the run's process group",
     "megatron/accelerator.py": "the device layer is DeepSpeed's accelerator abstraction",
     "megatron/arguments.py": "deepspeed.add_config_arguments: DeepSpeed's own flags",
     "megatron/optimizer/__init__.py": "DeepSpeedCPUAdam for --cpu-optimizer",
     "megatron/model/gpt_model_pipe.py": "PipelineModule and LayerSpec of the pipeline engine",
     "megatron/model/moe.py": "DeepSpeed's MoE layer",
+    "megatron/model/ulysses.py": "DeepSpeed-Ulysses' DistributedAttention",
     "megatron/model/distributed.py": "the expert-data-parallel groups of MoE parameters",
     "megatron/model/utils.py": "GatheredParameters to initialise ZeRO-3 partitions",
 }
