@@ -38,6 +38,7 @@ from .checkpointing import (
     LoadOptions,
     adopt_lineage,
     agree,
+    check_checkpoint_args,
     check_save_folder,
     check_weights_finite,
     checkpoint_header,
@@ -891,12 +892,49 @@ def load_deepspeed_checkpoint(
     return iteration
 
 
+def load_deepspeed_module_weights(module: torch.nn.Module, load_dir: str, model_args) -> int:
+    """Into `module` (not wrapped in an engine: a distillation teacher), the weights of
+    load_dir's DeepSpeed checkpoint that `latest` names, the experts of an MoE model from
+    their own files as DeepSpeed's engine reads them; model_args holds the shape the
+    checkpoint must have. Returns its iteration."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from .model.moe import moe_layers
+    from .utils import unwrap_model
+
+    with open(os.path.join(load_dir, "latest"), encoding="utf-8") as f:
+        tag = f.read().strip()
+    path = os.path.join(load_dir, tag,
+                        f"mp_rank_{mpu.get_tensor_model_parallel_rank():02d}_model_states.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{os.path.join(load_dir, 'latest')} names {tag!r} but {path} "
+                              "is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - name the file whatever went wrong
+        raise CheckpointError(f"could not read checkpoint file {path}: {exc}") from exc
+    if "args" in state:
+        check_checkpoint_args(state["args"], model_args, load_dir)
+    module = unwrap_model([module])[0]
+    weights = dict(state["module"])
+    layers = moe_layers(module)
+    if layers:
+        for layer in layers:  # expert groups, as the engine sets them up for its model
+            layer.set_deepspeed_parallelism()
+        DeepSpeedEngine.load_moe_state_dict(load_dir, tag, state_dict=weights,
+                                            old_moe_load=False, model=module, mpu=mpu,
+                                            num_experts=list(model_args.num_experts))
+    module.load_state_dict(weights, strict=True)
+    return int(state.get("iteration", state.get("global_steps", 0)) or 0)
+
+
 __all__ = [
     "prepare_deepspeed",
     "zero3_init_context",
     "DeepSpeedBackend",
     "setup_deepspeed_model_and_optimizer",
     "save_deepspeed_checkpoint",
+    "load_deepspeed_module_weights",
     "load_deepspeed_checkpoint",
     "SamplesLR",
 ]

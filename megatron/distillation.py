@@ -179,39 +179,10 @@ def _is_deepspeed_checkpoint(load_dir: str) -> bool:
 
 
 def _load_deepspeed_teacher(teacher: torch.nn.Module, load_dir: str, t_args) -> int:
-    """The weights of the DeepSpeed checkpoint `latest` names (the experts of an MoE
-    teacher from their own files, as DeepSpeed's engine reads them); returns its
-    iteration."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
+    """The weights of the DeepSpeed checkpoint `latest` names; returns its iteration."""
+    from .deepspeed_engine import load_deepspeed_module_weights
 
-    from .checkpointing import CheckpointError, check_checkpoint_args
-    from .model.moe import moe_layers
-    from .utils import unwrap_model
-
-    with open(os.path.join(load_dir, "latest"), encoding="utf-8") as f:
-        tag = f.read().strip()
-    path = os.path.join(load_dir, tag,
-                        f"mp_rank_{mpu.get_tensor_model_parallel_rank():02d}_model_states.pt")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{os.path.join(load_dir, 'latest')} names {tag!r} but {path} "
-                              "is missing")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - name the file whatever went wrong
-        raise CheckpointError(f"could not read checkpoint file {path}: {exc}") from exc
-    if "args" in state:
-        check_checkpoint_args(state["args"], t_args, load_dir)
-    module = unwrap_model([teacher])[0]
-    weights = dict(state["module"])
-    layers = moe_layers(module)
-    if layers:
-        for layer in layers:  # expert groups, as the engine sets them up for its model
-            layer.set_deepspeed_parallelism()
-        DeepSpeedEngine.load_moe_state_dict(load_dir, tag, state_dict=weights,
-                                            old_moe_load=False, model=module, mpu=mpu,
-                                            num_experts=list(t_args.num_experts))
-    module.load_state_dict(weights, strict=True)
-    return int(state.get("iteration", state.get("global_steps", 0)) or 0)
+    return load_deepspeed_module_weights(teacher, load_dir, t_args)
 
 
 _TEACHER: list[torch.nn.Module] = []
