@@ -13,9 +13,10 @@ calls them with the same names.
 from __future__ import annotations
 
 import time
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `import megatron` stays torch-free
+    import torch
 
 MAX_LOG_LEVEL = 2
 LOG_OPTIONS = ("max", "minmax", "all")
@@ -140,6 +141,8 @@ class Timers:
 
     def _times_all_ranks(self, names: Sequence[str], reset: bool) -> torch.Tensor:
         """[world, len(names)] seconds, 0 where a rank has no such timer (all-gathered)."""
+        import torch
+
         from .accelerator import current_device
 
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -197,6 +200,8 @@ class Timers:
             rank: int | None = None) -> str | None:
         """Print the timers, reduced over the ranks as --timing-log-option says, on `rank`
         (the last rank if None); returns the text. Every rank must call it."""
+        import torch
+
         text = self.log_string(list(names), normalizer, reset)
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         me = torch.distributed.get_rank() if dist else 0
